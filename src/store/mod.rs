@@ -1,0 +1,336 @@
+//! Persistent state: DHCP leases and the node inventory, in an embedded SQLite database (WAL) under the
+//! state directory.
+//!
+//! The store is the only place state outlives the process. Rooms call its typed methods; nothing outside this
+//! module writes SQL, so a distributed backend (etcd) can later sit behind the same methods. Commits use WAL
+//! with `synchronous=NORMAL`: a committed lease survives a crash of corral (the process), and the last few
+//! commits may be lost only if the whole machine loses power — the same promise Kea's memfile backend makes.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use crate::mac::Mac;
+
+/// A DHCP lease as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaseRecord {
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+    /// DHCP option 61, when the client sent one.
+    pub client_id: Option<Vec<u8>>,
+    pub hostname: Option<String>,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+/// What iPXE told us about a node when it asked for its script.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NodeFacts {
+    pub uuid: Option<String>,
+    pub serial: Option<String>,
+    pub manufacturer: Option<String>,
+    pub product: Option<String>,
+    /// iPXE `buildarch` (`i386`, `x86_64`, `arm64`).
+    pub buildarch: Option<String>,
+    /// iPXE `platform` (`pcbios`, `efi`).
+    pub platform: Option<String>,
+    /// Memory in MiB as iPXE reports it.
+    pub memsize: Option<u64>,
+    /// The address the request came from.
+    pub ip: Option<String>,
+}
+
+/// A node in the inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeRecord {
+    pub mac: Mac,
+    pub facts: NodeFacts,
+    /// Unix seconds.
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub boot_count: u64,
+}
+
+/// Handle to the database; cheap to clone, safe to share across tasks.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+pub type Result<T> = std::result::Result<T, rusqlite::Error>;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS lease (
+    ip        TEXT PRIMARY KEY,
+    mac       TEXT NOT NULL,
+    client_id BLOB,
+    hostname  TEXT,
+    expires   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS lease_mac ON lease(mac);
+CREATE TABLE IF NOT EXISTS node (
+    mac          TEXT PRIMARY KEY,
+    uuid         TEXT,
+    serial       TEXT,
+    manufacturer TEXT,
+    product      TEXT,
+    buildarch    TEXT,
+    platform     TEXT,
+    memsize      INTEGER,
+    ip           TEXT,
+    first_seen   INTEGER NOT NULL,
+    last_seen    INTEGER NOT NULL,
+    boot_count   INTEGER NOT NULL
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) `corral.db` in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create state directory {}: {e}", dir.display()))?;
+        let path = dir.join("corral.db");
+        let conn = Connection::open(&path)
+            .map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+        Self::init(conn)
+    }
+
+    /// A private in-memory database, for tests.
+    pub fn in_memory() -> anyhow::Result<Store> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> anyhow::Result<Store> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut c)
+    }
+
+    /// Every stored lease, expired ones included (the DHCP core decides what expiry means).
+    pub fn leases(&self) -> Result<Vec<LeaseRecord>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT ip, mac, client_id, hostname, expires FROM lease ORDER BY ip",
+            )?;
+            let rows = st.query_map([], |r| {
+                let ip: String = r.get(0)?;
+                let mac: String = r.get(1)?;
+                Ok((ip, mac, r.get(2)?, r.get(3)?, r.get::<_, i64>(4)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (ip, mac, client_id, hostname, expires) = row?;
+                // A row we cannot read is skipped rather than taking the server down.
+                if let (Ok(ip), Some(mac)) = (ip.parse(), Mac::parse(&mac)) {
+                    out.push(LeaseRecord {
+                        ip,
+                        mac,
+                        client_id,
+                        hostname,
+                        expires: expires.max(0) as u64,
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Inserts or replaces the lease for `lease.ip`; any other lease of the same MAC is removed, since a
+    /// client holds one address at a time.
+    pub fn put_lease(&self, lease: &LeaseRecord) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.prepare_cached("DELETE FROM lease WHERE mac = ?1 AND ip <> ?2")?
+                .execute(params![lease.mac.to_string(), lease.ip.to_string()])?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO lease (ip, mac, client_id, hostname, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                lease.ip.to_string(),
+                lease.mac.to_string(),
+                lease.client_id,
+                lease.hostname,
+                lease.expires as i64
+            ])?;
+            tx.commit()
+        })
+    }
+
+    /// Removes the lease on `ip` (RELEASE, DECLINE, expiry clean-up).
+    pub fn delete_lease(&self, ip: Ipv4Addr) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached("DELETE FROM lease WHERE ip = ?1")?
+                .execute([ip.to_string()])
+                .map(|_| ())
+        })
+    }
+
+    /// Records one boot-script request per node, in one transaction. Facts that iPXE did not report keep
+    /// their stored value.
+    pub fn record_boots(&self, seen: &[(Mac, NodeFacts, u64)]) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO node (mac, uuid, serial, manufacturer, product, buildarch, platform, memsize, ip,
+                                       first_seen, last_seen, boot_count)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, 1)
+                     ON CONFLICT(mac) DO UPDATE SET
+                        uuid = COALESCE(excluded.uuid, uuid),
+                        serial = COALESCE(excluded.serial, serial),
+                        manufacturer = COALESCE(excluded.manufacturer, manufacturer),
+                        product = COALESCE(excluded.product, product),
+                        buildarch = COALESCE(excluded.buildarch, buildarch),
+                        platform = COALESCE(excluded.platform, platform),
+                        memsize = COALESCE(excluded.memsize, memsize),
+                        ip = COALESCE(excluded.ip, ip),
+                        last_seen = excluded.last_seen,
+                        boot_count = boot_count + 1",
+                )?;
+                for (mac, f, now) in seen {
+                    st.execute(params![
+                        mac.to_string(),
+                        f.uuid,
+                        f.serial,
+                        f.manufacturer,
+                        f.product,
+                        f.buildarch,
+                        f.platform,
+                        f.memsize.map(|m| m as i64),
+                        f.ip,
+                        *now as i64
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// One node, if known.
+    pub fn node(&self, mac: Mac) -> Result<Option<NodeRecord>> {
+        self.with(|c| {
+            c.prepare_cached(&format!("{NODE_SELECT} WHERE mac = ?1"))?
+                .query_row([mac.to_string()], node_row)
+                .optional()
+                .map(|o| o.flatten())
+        })
+    }
+
+    /// The whole inventory, ordered by MAC.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(&format!("{NODE_SELECT} ORDER BY mac"))?;
+            let rows = st.query_map([], node_row)?;
+            Ok(rows.filter_map(|r| r.ok().flatten()).collect())
+        })
+    }
+}
+
+const NODE_SELECT: &str =
+    "SELECT mac, uuid, serial, manufacturer, product, buildarch, platform, memsize, ip,
+                                  first_seen, last_seen, boot_count FROM node";
+
+fn node_row(r: &rusqlite::Row<'_>) -> Result<Option<NodeRecord>> {
+    let mac: String = r.get(0)?;
+    let Some(mac) = Mac::parse(&mac) else {
+        return Ok(None);
+    };
+    Ok(Some(NodeRecord {
+        mac,
+        facts: NodeFacts {
+            uuid: r.get(1)?,
+            serial: r.get(2)?,
+            manufacturer: r.get(3)?,
+            product: r.get(4)?,
+            buildarch: r.get(5)?,
+            platform: r.get(6)?,
+            memsize: r.get::<_, Option<i64>>(7)?.map(|m| m.max(0) as u64),
+            ip: r.get(8)?,
+        },
+        first_seen: r.get::<_, i64>(9)?.max(0) as u64,
+        last_seen: r.get::<_, i64>(10)?.max(0) as u64,
+        boot_count: r.get::<_, i64>(11)?.max(0) as u64,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(n: u8) -> Mac {
+        Mac([0x52, 0x54, 0, 0, 0, n])
+    }
+
+    #[test]
+    fn leases_survive_reopen_and_one_per_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let l = LeaseRecord {
+                ip: "10.0.0.5".parse().unwrap(),
+                mac: mac(1),
+                client_id: None,
+                hostname: Some("a".into()),
+                expires: 99,
+            };
+            s.put_lease(&l).unwrap();
+            // Same client moves to another address: the old lease goes.
+            s.put_lease(&LeaseRecord {
+                ip: "10.0.0.6".parse().unwrap(),
+                ..l.clone()
+            })
+            .unwrap();
+            s.put_lease(&LeaseRecord {
+                ip: "10.0.0.7".parse().unwrap(),
+                mac: mac(2),
+                ..l
+            })
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let ls = s.leases().unwrap();
+        assert_eq!(
+            ls.iter().map(|l| l.ip.to_string()).collect::<Vec<_>>(),
+            ["10.0.0.6", "10.0.0.7"]
+        );
+        s.delete_lease("10.0.0.6".parse().unwrap()).unwrap();
+        assert_eq!(s.leases().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn inventory_counts_boots_and_keeps_known_facts() {
+        let s = Store::in_memory().unwrap();
+        let f = NodeFacts {
+            uuid: Some("u-1".into()),
+            buildarch: Some("x86_64".into()),
+            ..Default::default()
+        };
+        s.record_boots(&[(mac(1), f, 100)]).unwrap();
+        s.record_boots(&[(
+            mac(1),
+            NodeFacts {
+                platform: Some("efi".into()),
+                ..Default::default()
+            },
+            160,
+        )])
+        .unwrap();
+        let n = s.node(mac(1)).unwrap().unwrap();
+        assert_eq!((n.first_seen, n.last_seen, n.boot_count), (100, 160, 2));
+        assert_eq!(n.facts.uuid.as_deref(), Some("u-1"));
+        assert_eq!(n.facts.platform.as_deref(), Some("efi"));
+        assert_eq!(s.nodes().unwrap().len(), 1);
+    }
+}
