@@ -1,1 +1,89 @@
-fn main() {}
+//! The `corral` command: `serve` runs the boot server, `check` validates a config, `lab` runs corral on an
+//! isolated namespace network with VMs netbooting from it.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod serve;
+
+#[derive(Parser)]
+#[command(
+    name = "corral",
+    version,
+    about = "Network boot appliance: DHCP/ProxyDHCP, TFTP and HTTP boot server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the boot server (DHCP, TFTP, HTTP) until stopped; SIGHUP reloads images, templates and mappings.
+    Serve {
+        #[arg(long, default_value = "/etc/corral/corral.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config (and the images and templates it names); print every error as file:line:column.
+    Check {
+        #[arg(long, default_value = "/etc/corral/corral.toml")]
+        config: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve::main(config),
+        Command::Check { config, json } => check(config, json),
+    }
+}
+
+fn check(path: PathBuf, json: bool) -> ExitCode {
+    let result = corral::config::Config::load(&path).and_then(corral::controller::BootState::load);
+    match result {
+        Ok(state) => {
+            let missing: Vec<String> = state
+                .catalog
+                .images
+                .values()
+                .flat_map(|i| {
+                    i.missing_files()
+                        .into_iter()
+                        .map(move |f| format!("image {}: {} is missing", i.name, f))
+                })
+                .collect();
+            if json {
+                let v = serde_json::json!({ "ok": true, "errors": [], "warnings": missing, "images": state.catalog.images.keys().collect::<Vec<_>>() });
+                println!("{v}");
+            } else {
+                for w in &missing {
+                    println!("warning: {w}");
+                }
+                println!(
+                    "{}: ok ({} images)",
+                    path.display(),
+                    state.catalog.images.len()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(diags) => {
+            if json {
+                let errs: Vec<_> = diags
+                    .0
+                    .iter()
+                    .map(|d| serde_json::json!({"file": d.file, "line": d.line, "column": d.column, "message": d.message}))
+                    .collect();
+                println!("{}", serde_json::json!({ "ok": false, "errors": errs }));
+            } else {
+                eprintln!("{diags}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,444 @@
-//! boot
+//! Boot images and iPXE scripts: the image catalog (`images/<name>/image.toml`) and the script templates in
+//! `boot-scripts/` that turn a boot decision into the text iPXE runs.
+//!
+//! Templates use `{{name}}` placeholders so that iPXE's own `${setting}` syntax passes through untouched.
+//! Every placeholder a template uses is checked when the templates load, so a typo in a template is an error
+//! at start or reload, not a broken script handed to a node at 3 a.m.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::diag::{parse_toml, Diagnostics};
+
+/// One boot image as described by its `image.toml`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    #[serde(default)]
+    pub description: String,
+    /// CPU architecture the image runs on (`x86_64`, `arm64`, `i386`), or `any`.
+    #[serde(default = "any_arch")]
+    pub arch: String,
+    /// Kernel file, relative to the image's folder.
+    pub kernel: String,
+    /// Initrd files, relative to the image's folder, loaded in order.
+    #[serde(default)]
+    pub initrds: Vec<String>,
+    /// Kernel command line; `{{mac}}`, `{{image}}`, `{{hostname}}`, `{{base_url}}`, `{{server}}` are filled in.
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+fn any_arch() -> String {
+    "any".into()
+}
+
+/// An image in the catalog: its spec and where its files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub name: String,
+    pub dir: PathBuf,
+    pub spec: ImageSpec,
+}
+
+/// The images under the catalog directory, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub images: BTreeMap<String, Arc<Image>>,
+}
+
+/// Placeholders an image's cmdline may use.
+const CMDLINE_VARS: &[&str] = &["mac", "image", "hostname", "base_url", "server"];
+
+impl Catalog {
+    /// Loads every `*/image.toml` under `dir`. A missing directory is an empty catalog; a broken image file
+    /// is an error naming its file, line and column. Images whose files are missing still load (the files
+    /// may be built later) but [`Image::missing_files`] reports them.
+    pub fn load(dir: &Path) -> Result<Catalog, Diagnostics> {
+        let mut images = BTreeMap::new();
+        let mut errors = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Catalog::default()),
+            Err(e) => {
+                return Err(Diagnostics::single(
+                    dir,
+                    format!("cannot read image catalog: {e}"),
+                ))
+            }
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        for d in dirs {
+            let file = d.join("image.toml");
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            let name = d
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            match parse_toml::<ImageSpec>(&text, &file) {
+                Ok(spec) => {
+                    let mut errs = Vec::new();
+                    for (key, val) in [
+                        ("kernel", std::slice::from_ref(&spec.kernel)),
+                        ("initrds", &spec.initrds[..]),
+                    ] {
+                        for f in val {
+                            if !is_plain_relative(f) {
+                                errs.push((
+                                    vec![key.to_string()],
+                                    format!("`{f}` must be a path inside the image folder"),
+                                ));
+                            }
+                        }
+                    }
+                    if let Err(e) = check_placeholders(&spec.cmdline, CMDLINE_VARS) {
+                        errs.push((vec!["cmdline".to_string()], e));
+                    }
+                    if errs.is_empty() {
+                        images.insert(
+                            name.clone(),
+                            Arc::new(Image {
+                                name,
+                                dir: d.clone(),
+                                spec,
+                            }),
+                        );
+                    } else {
+                        errors.extend(Diagnostics::from_paths(&text, &file, errs).0);
+                    }
+                }
+                Err(e) => errors.extend(e.0),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Catalog { images })
+        } else {
+            Err(Diagnostics(errors))
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Image>> {
+        self.images.get(name)
+    }
+}
+
+impl Image {
+    /// Files the spec names that are not on disk.
+    pub fn missing_files(&self) -> Vec<String> {
+        std::iter::once(&self.spec.kernel)
+            .chain(&self.spec.initrds)
+            .filter(|f| !self.dir.join(f).is_file())
+            .cloned()
+            .collect()
+    }
+
+    /// Whether a node reporting iPXE `buildarch` can run this image.
+    pub fn runs_on(&self, buildarch: Option<&str>) -> bool {
+        let a = self.spec.arch.as_str();
+        match buildarch {
+            _ if a == "any" => true,
+            None => true,
+            // 32-bit iPXE (undionly on BIOS) runs on 64-bit machines: it says nothing against x86_64.
+            Some("i386") => a == "x86_64" || a == "i386",
+            Some(b) => b == a,
+        }
+    }
+}
+
+/// A relative path with no `..`, no root and no empty parts: a file inside the image folder.
+fn is_plain_relative(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// The four script templates.
+#[derive(Debug, Clone)]
+pub struct Templates {
+    pub entry: String,
+    pub node: String,
+    pub parked: String,
+    pub error: String,
+}
+
+/// Placeholders each template may use.
+const ENTRY_VARS: &[&str] = &["base_url"];
+const NODE_VARS: &[&str] = &[
+    "base_url",
+    "mac",
+    "image",
+    "kernel_url",
+    "cmdline",
+    "initrd_commands",
+    "hostname",
+];
+const PARKED_VARS: &[&str] = &["base_url", "mac", "poll"];
+const ERROR_VARS: &[&str] = &["base_url", "mac", "poll", "message"];
+
+impl Templates {
+    /// Loads `entry.ipxe`, `node.ipxe`, `parked.ipxe` and `error.ipxe` from `dir`, checking placeholders.
+    pub fn load(dir: &Path) -> Result<Templates, Diagnostics> {
+        let mut errors = Vec::new();
+        let mut read = |name: &str, vars: &[&str]| -> String {
+            let file = dir.join(name);
+            match std::fs::read_to_string(&file) {
+                Ok(t) => {
+                    if !t.starts_with("#!ipxe") {
+                        errors.push(
+                            Diagnostics::single(
+                                &file,
+                                "an iPXE script must start with #!ipxe".into(),
+                            )
+                            .0
+                            .remove(0),
+                        );
+                    }
+                    if let Err(e) = check_placeholders(&t, vars) {
+                        errors.push(Diagnostics::single(&file, e).0.remove(0));
+                    }
+                    t
+                }
+                Err(e) => {
+                    errors.push(
+                        Diagnostics::single(&file, format!("cannot read template: {e}"))
+                            .0
+                            .remove(0),
+                    );
+                    String::new()
+                }
+            }
+        };
+        let t = Templates {
+            entry: read("entry.ipxe", ENTRY_VARS),
+            node: read("node.ipxe", NODE_VARS),
+            parked: read("parked.ipxe", PARKED_VARS),
+            error: read("error.ipxe", ERROR_VARS),
+        };
+        if errors.is_empty() {
+            Ok(t)
+        } else {
+            Err(Diagnostics(errors))
+        }
+    }
+}
+
+/// Fails on a `{{name}}` that is not in `allowed`, or an unclosed `{{`.
+pub fn check_placeholders(template: &str, allowed: &[&str]) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(i) = rest.find("{{") {
+        let after = &rest[i + 2..];
+        let Some(j) = after.find("}}") else {
+            return Err("unclosed `{{` placeholder".into());
+        };
+        let name = after[..j].trim();
+        if !allowed.contains(&name) {
+            let hint = crate::config::diag::nearest(name, allowed)
+                .map(|n| format!(", did you mean `{{{{{n}}}}}`?"))
+                .unwrap_or_default();
+            return Err(format!(
+                "unknown placeholder `{{{{{name}}}}}`{hint} (known: {})",
+                allowed.join(", ")
+            ));
+        }
+        rest = &after[j + 2..];
+    }
+    Ok(())
+}
+
+/// Replaces each `{{name}}` with its value (placeholders were checked at load; an unknown one renders empty).
+pub fn render(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(template.len() + 256);
+    let mut rest = template;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        match after.find("}}") {
+            Some(j) => {
+                let name = after[..j].trim();
+                if let Some((_, v)) = vars.iter().find(|(k, _)| *k == name) {
+                    out.push_str(v);
+                }
+                rest = &after[j + 2..];
+            }
+            None => {
+                out.push_str(&rest[i..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Makes a value safe to place in an iPXE script line: no line breaks, and `${` cannot start an expansion.
+pub fn ipxe_safe(s: &str) -> String {
+    s.replace(['\n', '\r'], " ").replace("${", "$ {")
+}
+
+/// What a node's script needs to know about the node.
+pub struct NodeVars<'a> {
+    pub base_url: &'a str,
+    pub server: &'a str,
+    pub mac: &'a str,
+    pub hostname: &'a str,
+}
+
+/// Renders the script that boots `image` on a node.
+pub fn node_script(t: &Templates, image: &Image, v: &NodeVars<'_>) -> String {
+    let cmd_vars = [
+        ("mac", v.mac),
+        ("image", image.name.as_str()),
+        ("hostname", v.hostname),
+        ("base_url", v.base_url),
+        ("server", v.server),
+    ];
+    let mut cmdline = render(&image.spec.cmdline, &cmd_vars);
+    // iPXE on EFI hands initrds to the kernel's EFI stub only when the command line names them.
+    for i in &image.spec.initrds {
+        cmdline.push_str(&format!(" initrd={}", file_name(i)));
+    }
+    let url = |f: &str| format!("{}/images/{}/{}", v.base_url, image.name, f);
+    let initrds: Vec<String> = image
+        .spec
+        .initrds
+        .iter()
+        .map(|i| {
+            format!(
+                "initrd --name {} {} || goto corral-retry",
+                file_name(i),
+                url(i)
+            )
+        })
+        .collect();
+    render(
+        &t.node,
+        &[
+            ("base_url", v.base_url),
+            ("mac", v.mac),
+            ("image", &image.name),
+            ("hostname", v.hostname),
+            ("kernel_url", &url(&image.spec.kernel)),
+            ("cmdline", &ipxe_safe(cmdline.trim())),
+            ("initrd_commands", &initrds.join("\n")),
+        ],
+    )
+}
+
+fn file_name(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_templates() -> Templates {
+        Templates::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("boot-scripts")).unwrap()
+    }
+
+    #[test]
+    fn render_fills_known_and_keeps_ipxe_settings() {
+        let out = render("a {{x}} ${mac} {{ y }}", &[("x", "1"), ("y", "2")]);
+        assert_eq!(out, "a 1 ${mac} 2");
+    }
+
+    #[test]
+    fn placeholders_are_checked() {
+        assert!(check_placeholders("{{base_url}}/x", ENTRY_VARS).is_ok());
+        let e = check_placeholders("{{base_ulr}}", ENTRY_VARS).unwrap_err();
+        assert!(e.contains("did you mean `{{base_url}}`"), "{e}");
+        assert!(check_placeholders("{{base_url", ENTRY_VARS).is_err());
+    }
+
+    #[test]
+    fn repository_templates_load() {
+        let t = repo_templates();
+        assert!(t.entry.contains("/boot/${netX/mac:hexhyp}"));
+    }
+
+    #[test]
+    fn node_script_names_initrds_and_renders_cmdline() {
+        let t = repo_templates();
+        let image = Image {
+            name: "testos".into(),
+            dir: PathBuf::from("/nonexistent"),
+            spec: ImageSpec {
+                description: String::new(),
+                arch: "x86_64".into(),
+                kernel: "vmlinuz".into(),
+                initrds: vec!["boot/initrd.img".into()],
+                cmdline: "console=ttyS0 node={{mac}} img={{image}}".into(),
+            },
+        };
+        let v = NodeVars {
+            base_url: "http://10.0.0.1",
+            server: "10.0.0.1",
+            mac: "52:54:00:00:00:01",
+            hostname: "n1",
+        };
+        let s = node_script(&t, &image, &v);
+        assert!(s.starts_with("#!ipxe"));
+        assert!(
+            s.contains("kernel http://10.0.0.1/images/testos/vmlinuz console=ttyS0 node=52:54:00:00:00:01 img=testos initrd=initrd.img || goto corral-retry"),
+            "{s}"
+        );
+        assert!(s.contains("initrd --name initrd.img http://10.0.0.1/images/testos/boot/initrd.img || goto corral-retry"), "{s}");
+        assert!(!s.contains("{{"), "{s}");
+    }
+
+    #[test]
+    fn catalog_rejects_paths_outside_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("bad")).unwrap();
+        std::fs::write(
+            dir.path().join("bad/image.toml"),
+            "kernel = \"../../etc/shadow\"\n",
+        )
+        .unwrap();
+        let e = Catalog::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("image.toml:1:10"), "{e}");
+        std::fs::create_dir(dir.path().join("good")).unwrap();
+        std::fs::write(
+            dir.path().join("good/image.toml"),
+            "kernel = \"vmlinuz\"\ncmdline = \"x={{mac}}\"\n",
+        )
+        .unwrap();
+        std::fs::remove_dir_all(dir.path().join("bad")).unwrap();
+        let c = Catalog::load(dir.path()).unwrap();
+        assert_eq!(
+            c.get("good").unwrap().missing_files(),
+            vec!["vmlinuz".to_string()]
+        );
+    }
+
+    #[test]
+    fn arch_matching() {
+        let mut spec = ImageSpec {
+            description: String::new(),
+            arch: "x86_64".into(),
+            kernel: "k".into(),
+            initrds: vec![],
+            cmdline: String::new(),
+        };
+        let img = |s: &ImageSpec| Image {
+            name: "i".into(),
+            dir: PathBuf::new(),
+            spec: s.clone(),
+        };
+        assert!(img(&spec).runs_on(Some("x86_64")));
+        assert!(img(&spec).runs_on(Some("i386")));
+        assert!(!img(&spec).runs_on(Some("arm64")));
+        spec.arch = "any".into();
+        assert!(img(&spec).runs_on(Some("arm64")));
+    }
+}

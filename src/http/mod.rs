@@ -1,1 +1,430 @@
-//! http
+//! HTTP: the iPXE entry script, each node's own script, boot files (kernels, initrds, iPXE binaries for UEFI
+//! HTTP boot), the read-only API and metrics. hyper (HTTP/1.1) on tokio.
+//!
+//! Routes:
+//! - `GET /boot.ipxe` — entry script; chains to `/boot/<mac>` with iPXE's facts in the query string.
+//! - `GET /boot/<mac>?uuid=&serial=&manufacturer=&product=&buildarch=&platform=&memsize=` — the node's script
+//!   (image, parked or error), and the node is recorded in the inventory.
+//! - `GET|HEAD /images/<image>/<file>` — files of a catalog image.
+//! - `GET|HEAD /ipxe/<file>` — files of the TFTP root (iPXE binaries for UEFI HTTP-boot clients).
+//! - `GET /api/v1/nodes` — inventory as JSON. `GET /metrics` — Prometheus text. `GET /healthz`.
+
+pub mod files;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+use crate::boot::{self, NodeVars};
+use crate::controller::{BootDecision, Controller};
+use crate::mac::Mac;
+use crate::metrics::{write_counter, Counter, Registry, Report};
+use crate::store::NodeFacts;
+
+/// Every response body: whole buffers or streamed files.
+pub type HttpBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// Request counters.
+#[derive(Default)]
+pub struct HttpStats {
+    pub requests: Counter,
+    pub scripts: Counter,
+    pub files: Counter,
+    pub not_found: Counter,
+    pub bad_requests: Counter,
+}
+
+impl Report for HttpStats {
+    fn report(&self, out: &mut String) {
+        write_counter(
+            out,
+            "corral_http_requests_total",
+            "HTTP requests received",
+            self.requests.get(),
+        );
+        write_counter(
+            out,
+            "corral_http_node_scripts_total",
+            "Per-node iPXE scripts served",
+            self.scripts.get(),
+        );
+        write_counter(
+            out,
+            "corral_http_files_total",
+            "Boot file responses",
+            self.files.get(),
+        );
+        write_counter(
+            out,
+            "corral_http_not_found_total",
+            "Responses 404",
+            self.not_found.get(),
+        );
+        write_counter(
+            out,
+            "corral_http_bad_requests_total",
+            "Responses 400",
+            self.bad_requests.get(),
+        );
+    }
+}
+
+struct Ctx {
+    controller: Arc<Controller>,
+    cache: files::FileCache,
+    stats: Arc<HttpStats>,
+    metrics: std::sync::OnceLock<Registry>,
+}
+
+/// The bound HTTP server.
+pub struct HttpServer {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+}
+
+/// Bytes of boot files kept in memory.
+const CACHE_BUDGET: u64 = 1 << 30;
+
+impl HttpServer {
+    pub async fn bind(addr: SocketAddr, controller: Arc<Controller>) -> anyhow::Result<HttpServer> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on http {addr}: {e}"))?;
+        let ctx = Ctx {
+            controller,
+            cache: files::FileCache::new(CACHE_BUDGET),
+            stats: Arc::default(),
+            metrics: Default::default(),
+        };
+        Ok(HttpServer {
+            listener,
+            ctx: Arc::new(ctx),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound socket has an address")
+    }
+
+    pub fn stats(&self) -> Arc<HttpStats> {
+        self.ctx.stats.clone()
+    }
+
+    /// Serves until the task is dropped. `metrics` is the registry `/metrics` renders.
+    pub async fn run(self, metrics: Registry) -> anyhow::Result<()> {
+        let _ = self.ctx.metrics.set(metrics);
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors and the like: keep serving the connections we have.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let ctx = ctx.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req, peer).await) }
+                });
+                if let Err(e) = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "http connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+pub(crate) fn empty() -> HttpBody {
+    Full::new(Bytes::new()).map_err(|n| match n {}).boxed()
+}
+
+pub(crate) fn text(status: StatusCode, body: &str) -> Response<HttpBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::copy_from_slice(body.as_bytes()))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn typed(body: String, content_type: &'static str) -> Response<HttpBody> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Scripts are decisions of the moment: never cached.
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn handle(ctx: &Ctx, req: Request<Incoming>, peer: SocketAddr) -> Response<HttpBody> {
+    ctx.stats.requests.inc();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let resp = route(ctx, &method, &path, &query, &req, peer).await;
+    match resp.status() {
+        StatusCode::NOT_FOUND => ctx.stats.not_found.inc(),
+        StatusCode::BAD_REQUEST => ctx.stats.bad_requests.inc(),
+        _ => {}
+    }
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        tracing::info!(%peer, %method, %path, status = resp.status().as_u16(), "http request refused");
+    }
+    resp
+}
+
+async fn route(
+    ctx: &Ctx,
+    method: &Method,
+    path: &str,
+    query: &str,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<HttpBody> {
+    let is_get = method == Method::GET || method == Method::HEAD;
+    if !is_get {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and HEAD are served here\n",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let state = ctx.controller.state();
+    let base_url = state.config.public_url();
+    if path == "/boot.ipxe" {
+        return typed(
+            boot::render(&state.templates.entry, &[("base_url", &base_url)]),
+            "text/plain; charset=utf-8",
+        );
+    }
+    if let Some(mac) = path.strip_prefix("/boot/") {
+        let Some(mac) = Mac::parse(mac) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("`{mac}` is not a MAC address; expected /boot/aa-bb-cc-dd-ee-ff\n"),
+            );
+        };
+        return node_script(ctx, mac, query, peer);
+    }
+    if let Some(rest) = path.strip_prefix("/images/") {
+        let Some((name, file)) = rest.split_once('/') else {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        };
+        let Some(image) = state.catalog.get(name) else {
+            return text(StatusCode::NOT_FOUND, &format!("no image named `{name}`\n"));
+        };
+        let Some(full) = files::confine(&image.dir, &percent_decode(file)) else {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        };
+        ctx.stats.files.inc();
+        return files::serve(&ctx.cache, full, method, req.headers()).await;
+    }
+    if let Some(file) = path.strip_prefix("/ipxe/") {
+        let Some(full) = files::confine(&state.config.tftp.root, &percent_decode(file)) else {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        };
+        ctx.stats.files.inc();
+        return files::serve(&ctx.cache, full, method, req.headers()).await;
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/metrics" => typed(
+            ctx.metrics.get().map(|m| m.render()).unwrap_or_default(),
+            "text/plain; version=0.0.4",
+        ),
+        "/api/v1/nodes" => {
+            let store = ctx.controller.store().clone();
+            let ctl = ctx.controller.clone();
+            match tokio::task::spawn_blocking(move || {
+                ctl.flush()?;
+                Ok::<_, anyhow::Error>(store.nodes()?)
+            })
+            .await
+            {
+                Ok(Ok(nodes)) => typed(
+                    serde_json::to_string_pretty(&nodes).unwrap_or_default() + "\n",
+                    "application/json",
+                ),
+                _ => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot read the inventory\n",
+                ),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<HttpBody> {
+    let facts = facts_from_query(query, peer);
+    let state = ctx.controller.state();
+    let decision = state.decide(mac, &facts);
+    ctx.controller.node_seen(mac, facts, crate::unix_now());
+    ctx.stats.scripts.inc();
+    let base_url = state.config.public_url();
+    let mac_s = mac.to_string();
+    let poll = state.config.boot.park_poll.to_string();
+    let body = match &decision {
+        BootDecision::Image(image) => {
+            let hostname = hostname_for(&state.config, mac);
+            let server = state.config.server.address.to_string();
+            let v = NodeVars {
+                base_url: &base_url,
+                server: &server,
+                mac: &mac_s,
+                hostname: &hostname,
+            };
+            tracing::debug!(%mac, image = %image.name, "node script: image");
+            boot::node_script(&state.templates, image, &v)
+        }
+        BootDecision::Park => {
+            tracing::debug!(%mac, "node script: parked");
+            boot::render(
+                &state.templates.parked,
+                &[("base_url", &base_url), ("mac", &mac_s), ("poll", &poll)],
+            )
+        }
+        BootDecision::Error(msg) => {
+            tracing::warn!(%mac, reason = %msg, "node script: cannot boot");
+            let msg = boot::ipxe_safe(msg);
+            boot::render(
+                &state.templates.error,
+                &[
+                    ("base_url", &base_url),
+                    ("mac", &mac_s),
+                    ("poll", &poll),
+                    ("message", &msg),
+                ],
+            )
+        }
+    };
+    typed(body, "text/plain; charset=utf-8")
+}
+
+/// The node's hostname: its DHCP reservation's, else one derived from its MAC.
+pub fn hostname_for(cfg: &crate::config::Config, mac: Mac) -> String {
+    cfg.dhcp
+        .reservation
+        .iter()
+        .find(|r| Mac::parse(&r.mac) == Some(mac))
+        .and_then(|r| r.hostname.clone())
+        .unwrap_or_else(|| format!("node-{}", mac.to_string().replace(':', "")))
+}
+
+/// Reads iPXE's facts from the query string. Empty values (iPXE expands unknown settings to nothing) are
+/// absent facts; overlong ones are cut so a hostile client cannot bloat the inventory.
+pub fn facts_from_query(query: &str, peer: SocketAddr) -> NodeFacts {
+    let mut f = NodeFacts {
+        ip: Some(peer.ip().to_string()),
+        ..Default::default()
+    };
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        let v: String = v.chars().filter(|c| !c.is_control()).take(128).collect();
+        if v.is_empty() {
+            continue;
+        }
+        match k {
+            "uuid" => f.uuid = Some(v),
+            "serial" => f.serial = Some(v),
+            "manufacturer" => f.manufacturer = Some(v),
+            "product" => f.product = Some(v),
+            "buildarch" => f.buildarch = Some(v),
+            "platform" => f.platform = Some(v),
+            "memsize" => f.memsize = v.parse().ok(),
+            _ => {}
+        }
+    }
+    f
+}
+
+/// Decodes `%XX` escapes and `+` (iPXE's `uristring` escapes spaces as `%20`, forms use `+`).
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_parse_and_sanitise() {
+        let peer: SocketAddr = "10.0.0.9:1234".parse().unwrap();
+        let f = facts_from_query(
+            "uuid=abc&serial=S%201&memsize=512&platform=&buildarch=x86_64&junk=1",
+            peer,
+        );
+        assert_eq!(f.uuid.as_deref(), Some("abc"));
+        assert_eq!(f.serial.as_deref(), Some("S 1"));
+        assert_eq!(f.memsize, Some(512));
+        assert_eq!(f.platform, None);
+        assert_eq!(f.buildarch.as_deref(), Some("x86_64"));
+        assert_eq!(f.ip.as_deref(), Some("10.0.0.9"));
+        let long = format!("serial={}", "x".repeat(1000));
+        assert_eq!(facts_from_query(&long, peer).serial.unwrap().len(), 128);
+    }
+
+    #[test]
+    fn percent_decoding_tolerates_garbage() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

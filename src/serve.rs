@@ -1,0 +1,146 @@
+//! `corral serve`: binds every listener, tells systemd it is ready only then, and runs until SIGTERM.
+//! SIGHUP re-reads the config file and swaps the boot state (images, templates, node mappings); a file with
+//! errors is rejected, logged with every position, and the running state stays. Listener addresses and the
+//! DHCP mode are read at start only: changing them needs a restart.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral::config::Config;
+use corral::controller::{BootState, Controller};
+use corral::metrics::Registry;
+use corral::store::Store;
+
+pub fn main(config_path: PathBuf) -> ExitCode {
+    init_tracing();
+    let config = match Config::load(&config_path) {
+        Ok(c) => c,
+        Err(d) => {
+            eprintln!("{d}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(config_path, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("corral: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// journald adds its own timestamps and levels; a terminal wants both.
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    if under_journal {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.with_ansi(ansi).init();
+    }
+}
+
+async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let store = Store::open(&config.server.state_dir)?;
+    let state = BootState::load(config.clone()).map_err(|d| anyhow::anyhow!("{d}"))?;
+    let controller = Controller::new(state, store.clone());
+    let mut metrics = Registry::default();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let http = corral::http::HttpServer::bind(config.http.listen, controller.clone()).await?;
+    metrics.add(http.stats());
+    tracing::info!(listen = %http.local_addr(), url = %config.public_url(), "http ready");
+
+    // @@SERVERS@@
+    tasks.spawn(async move { http.run(metrics).await.map_err(|e| e.context("http")) });
+    {
+        let c = controller.clone();
+        tasks.spawn(async move {
+            c.run_flusher(Duration::from_millis(250)).await;
+            Ok(())
+        });
+    }
+    notify_systemd("READY=1");
+    tracing::info!(config = %config_path.display(), "corral is serving");
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&controller, &config_path),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            Some(done) = tasks.join_next() => {
+                // A server task never ends on its own: treat it as fatal so systemd restarts us.
+                let err = match done {
+                    Ok(Ok(())) => anyhow::anyhow!("a server task stopped"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("a server task panicked: {e}"),
+                };
+                let _ = controller.flush();
+                return Err(err);
+            }
+        }
+    }
+    notify_systemd("STOPPING=1");
+    tracing::info!("stopping");
+    tasks.abort_all();
+    let c = controller.clone();
+    tokio::task::spawn_blocking(move || c.flush()).await??;
+    Ok(())
+}
+
+fn reload(controller: &Arc<Controller>, path: &PathBuf) {
+    notify_systemd("RELOADING=1");
+    let result = Config::load(path).and_then(|c| controller.reload(c));
+    match result {
+        Ok(()) => tracing::info!(config = %path.display(), "reloaded"),
+        Err(d) => {
+            tracing::error!(config = %path.display(), errors = %d, "reload rejected; the running configuration stays")
+        }
+    }
+    notify_systemd("READY=1");
+}
+
+/// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET (path or abstract `@name`).
+fn notify_systemd(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let sent = if let Some(name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
