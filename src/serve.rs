@@ -112,7 +112,7 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reload(controller: &Arc<Controller>, path: &PathBuf) {
+fn reload(controller: &Arc<Controller>, path: &std::path::Path) {
     notify_systemd("RELOADING=1");
     let result = Config::load(path).and_then(|c| controller.reload(c));
     match result {
