@@ -453,6 +453,25 @@ mod tests {
     }
 
     #[test]
+    fn documented_example_is_valid_and_complete() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/corral.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.dhcp.mode, DhcpMode::Full);
+        assert_eq!(c.dhcp.reservation.len(), 1);
+        // Every key the structs know appears in the documented example (commented or not).
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in [
+            "interface", "address", "state_dir", "images_dir", "scripts_dir", "mode", "port", "proxy_port", "subnet",
+            "range", "router", "dns", "domain", "lease_time", "offer_hold", "no_pxedhcp", "reservation", "hostname",
+            "router_advertisement", "prefix", "interval", "enabled", "listen", "root", "max_blksize",
+            "max_windowsize", "timeout", "retries", "public_url", "bios", "efi_x64", "efi_ia32", "efi_arm64",
+            "default_image", "park_poll", "node",
+        ] {
+            assert!(text.contains(&format!("{key} =")) || text.contains(&format!(".{key}]")), "{key} undocumented");
+        }
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let c = parse("").unwrap();
         assert_eq!(c.dhcp.mode, DhcpMode::Off);
