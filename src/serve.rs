@@ -67,7 +67,8 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let mut metrics = Registry::default();
     let mut tasks = tokio::task::JoinSet::new();
 
-    let http = corral::http::HttpServer::bind(config.http.listen, controller.clone()).await?;
+    let http =
+        corral::http::HttpServer::bind(config.http.listen, controller.clone(), workers()).await?;
     metrics.add(http.stats());
     tracing::info!(listen = %http.local_addr(), url = %config.public_url(), "http ready");
 
@@ -110,6 +111,13 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let c = controller.clone();
     tokio::task::spawn_blocking(move || c.flush()).await??;
     Ok(())
+}
+
+/// One HTTP worker per core.
+fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 
 fn reload(controller: &Arc<Controller>, path: &std::path::Path) {

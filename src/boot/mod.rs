@@ -36,11 +36,29 @@ fn any_arch() -> String {
 }
 
 /// An image in the catalog: its spec and where its files are.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Image {
     pub name: String,
     pub dir: PathBuf,
     pub spec: ImageSpec,
+    /// `spec.cmdline`, compiled.
+    pub cmdline: Template,
+    /// When the files were last looked for (unix seconds) and what was missing then.
+    checked: std::sync::Mutex<(u64, Vec<String>)>,
+}
+
+impl Image {
+    /// An image from its spec; fails when the cmdline has an unknown placeholder.
+    pub fn new(name: String, dir: PathBuf, spec: ImageSpec) -> Result<Image, String> {
+        let cmdline = Template::compile(&spec.cmdline, CMDLINE_VARS)?;
+        Ok(Image {
+            name,
+            dir,
+            spec,
+            cmdline,
+            checked: std::sync::Mutex::new((u64::MAX, Vec::new())),
+        })
+    }
 }
 
 /// The images under the catalog directory, by name.
@@ -50,7 +68,7 @@ pub struct Catalog {
 }
 
 /// Placeholders an image's cmdline may use.
-const CMDLINE_VARS: &[&str] = &["mac", "image", "hostname", "base_url", "server"];
+const CMDLINE_VARS: &[&str; 5] = &["mac", "image", "hostname", "base_url", "server"];
 
 impl Catalog {
     /// Loads every `*/image.toml` under `dir`. A missing directory is an empty catalog; a broken image file
@@ -101,19 +119,14 @@ impl Catalog {
                             }
                         }
                     }
-                    if let Err(e) = check_placeholders(&spec.cmdline, CMDLINE_VARS) {
-                        errs.push((vec!["cmdline".to_string()], e));
+                    match Image::new(name.clone(), d.clone(), spec) {
+                        Ok(image) if errs.is_empty() => {
+                            images.insert(name, Arc::new(image));
+                        }
+                        Ok(_) => {}
+                        Err(e) => errs.push((vec!["cmdline".to_string()], e)),
                     }
-                    if errs.is_empty() {
-                        images.insert(
-                            name.clone(),
-                            Arc::new(Image {
-                                name,
-                                dir: d.clone(),
-                                spec,
-                            }),
-                        );
-                    } else {
+                    if !errs.is_empty() {
                         errors.extend(Diagnostics::from_paths(&text, &file, errs).0);
                     }
                 }
@@ -142,6 +155,16 @@ impl Image {
             .collect()
     }
 
+    /// [`Image::missing_files`], looked up at most once per second: a booting rack asks thousands of times
+    /// a second and the answer changes only when an operator builds or removes files.
+    pub fn missing_files_at(&self, now: u64) -> Vec<String> {
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if checked.0 != now {
+            *checked = (now, self.missing_files());
+        }
+        checked.1.clone()
+    }
+
     /// Whether a node reporting iPXE `buildarch` can run this image.
     pub fn runs_on(&self, buildarch: Option<&str>) -> bool {
         let a = self.spec.arch.as_str();
@@ -165,10 +188,10 @@ fn is_plain_relative(p: &str) -> bool {
 /// The four script templates.
 #[derive(Debug, Clone)]
 pub struct Templates {
-    pub entry: String,
-    pub node: String,
-    pub parked: String,
-    pub error: String,
+    pub entry: Template,
+    pub node: Template,
+    pub parked: Template,
+    pub error: Template,
 }
 
 /// Placeholders each template may use.
@@ -189,7 +212,7 @@ impl Templates {
     /// Loads `entry.ipxe`, `node.ipxe`, `parked.ipxe` and `error.ipxe` from `dir`, checking placeholders.
     pub fn load(dir: &Path) -> Result<Templates, Diagnostics> {
         let mut errors = Vec::new();
-        let mut read = |name: &str, vars: &[&str]| -> String {
+        let mut read = |name: &str, vars: &[&'static str]| -> Template {
             let file = dir.join(name);
             match std::fs::read_to_string(&file) {
                 Ok(t) => {
@@ -203,10 +226,10 @@ impl Templates {
                             .remove(0),
                         );
                     }
-                    if let Err(e) = check_placeholders(&t, vars) {
+                    Template::compile(&t, vars).unwrap_or_else(|e| {
                         errors.push(Diagnostics::single(&file, e).0.remove(0));
-                    }
-                    t
+                        Template::empty()
+                    })
                 }
                 Err(e) => {
                     errors.push(
@@ -214,7 +237,7 @@ impl Templates {
                             .0
                             .remove(0),
                     );
-                    String::new()
+                    Template::empty()
                 }
             }
         };
@@ -232,56 +255,89 @@ impl Templates {
     }
 }
 
-/// Fails on a `{{name}}` that is not in `allowed`, or an unclosed `{{`.
-pub fn check_placeholders(template: &str, allowed: &[&str]) -> Result<(), String> {
-    let mut rest = template;
-    while let Some(i) = rest.find("{{") {
-        let after = &rest[i + 2..];
-        let Some(j) = after.find("}}") else {
-            return Err("unclosed `{{` placeholder".into());
-        };
-        let name = after[..j].trim();
-        if !allowed.contains(&name) {
-            let hint = crate::config::diag::nearest(name, allowed)
-                .map(|n| format!(", did you mean `{{{{{n}}}}}`?"))
-                .unwrap_or_default();
-            return Err(format!(
-                "unknown placeholder `{{{{{name}}}}}`{hint} (known: {})",
-                allowed.join(", ")
-            ));
-        }
-        rest = &after[j + 2..];
-    }
-    Ok(())
+/// A template split once, at load, into literal text and placeholders, so rendering a script for a node is
+/// a few copies rather than a search through the text on every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    source: String,
+    parts: Vec<Part>,
 }
 
-/// Replaces each `{{name}}` with its value (placeholders were checked at load; an unknown one renders empty).
-pub fn render(template: &str, vars: &[(&str, &str)]) -> String {
-    let mut out = String::with_capacity(template.len() + 256);
-    let mut rest = template;
-    while let Some(i) = rest.find("{{") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 2..];
-        match after.find("}}") {
-            Some(j) => {
-                let name = after[..j].trim();
-                if let Some((_, v)) = vars.iter().find(|(k, _)| *k == name) {
-                    out.push_str(v);
-                }
-                rest = &after[j + 2..];
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(std::ops::Range<usize>),
+    Var(&'static str),
+}
+
+impl Template {
+    /// Compiles `text`; fails on a `{{name}}` that is not in `allowed`, or an unclosed `{{`.
+    pub fn compile(text: &str, allowed: &[&'static str]) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut pos = 0;
+        while let Some(i) = text[pos..].find("{{").map(|i| i + pos) {
+            if i > pos {
+                parts.push(Part::Lit(pos..i));
             }
-            None => {
-                out.push_str(&rest[i..]);
-                rest = "";
-            }
+            let Some(j) = text[i + 2..].find("}}").map(|j| j + i + 2) else {
+                return Err("unclosed `{{` placeholder".into());
+            };
+            let name = text[i + 2..j].trim();
+            let Some(known) = allowed.iter().find(|a| **a == name) else {
+                let hint = crate::config::diag::nearest(name, allowed)
+                    .map(|n| format!(", did you mean `{{{{{n}}}}}`?"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "unknown placeholder `{{{{{name}}}}}`{hint} (known: {})",
+                    allowed.join(", ")
+                ));
+            };
+            parts.push(Part::Var(known));
+            pos = j + 2;
+        }
+        if pos < text.len() {
+            parts.push(Part::Lit(pos..text.len()));
+        }
+        Ok(Template {
+            source: text.to_string(),
+            parts,
+        })
+    }
+
+    /// A template that renders nothing (stands in for one that failed to load).
+    pub fn empty() -> Template {
+        Template {
+            source: String::new(),
+            parts: Vec::new(),
         }
     }
-    out.push_str(rest);
-    out
+
+    /// The template's text as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Fills each placeholder with its value (a placeholder with no value renders empty).
+    pub fn render(&self, vars: &[(&str, &str)]) -> String {
+        let mut out = String::with_capacity(self.source.len() + 256);
+        for p in &self.parts {
+            match p {
+                Part::Lit(r) => out.push_str(&self.source[r.clone()]),
+                Part::Var(name) => {
+                    if let Some((_, v)) = vars.iter().find(|(k, _)| k == name) {
+                        out.push_str(v);
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Makes a value safe to place in an iPXE script line: no line breaks, and `${` cannot start an expansion.
 pub fn ipxe_safe(s: &str) -> String {
+    if !s.contains(['\n', '\r']) && !s.contains("${") {
+        return s.to_string();
+    }
     s.replace(['\n', '\r'], " ").replace("${", "$ {")
 }
 
@@ -302,7 +358,7 @@ pub fn node_script(t: &Templates, image: &Image, v: &NodeVars<'_>) -> String {
         ("base_url", v.base_url),
         ("server", v.server),
     ];
-    let mut cmdline = render(&image.spec.cmdline, &cmd_vars);
+    let mut cmdline = image.cmdline.render(&cmd_vars);
     // iPXE on EFI hands initrds to the kernel's EFI stub only when the command line names them.
     for i in &image.spec.initrds {
         cmdline.push_str(&format!(" initrd={}", file_name(i)));
@@ -320,18 +376,15 @@ pub fn node_script(t: &Templates, image: &Image, v: &NodeVars<'_>) -> String {
             )
         })
         .collect();
-    render(
-        &t.node,
-        &[
-            ("base_url", v.base_url),
-            ("mac", v.mac),
-            ("image", &image.name),
-            ("hostname", v.hostname),
-            ("kernel_url", &url(&image.spec.kernel)),
-            ("cmdline", &ipxe_safe(cmdline.trim())),
-            ("initrd_commands", &initrds.join("\n")),
-        ],
-    )
+    t.node.render(&[
+        ("base_url", v.base_url),
+        ("mac", v.mac),
+        ("image", &image.name),
+        ("hostname", v.hostname),
+        ("kernel_url", &url(&image.spec.kernel)),
+        ("cmdline", &ipxe_safe(cmdline.trim())),
+        ("initrd_commands", &initrds.join("\n")),
+    ])
 }
 
 fn file_name(p: &str) -> &str {
@@ -348,38 +401,40 @@ mod tests {
 
     #[test]
     fn render_fills_known_and_keeps_ipxe_settings() {
-        let out = render("a {{x}} ${mac} {{ y }}", &[("x", "1"), ("y", "2")]);
+        let t = Template::compile("a {{x}} ${mac} {{ y }}", &["x", "y"]).unwrap();
+        let out = t.render(&[("x", "1"), ("y", "2")]);
         assert_eq!(out, "a 1 ${mac} 2");
     }
 
     #[test]
     fn placeholders_are_checked() {
-        assert!(check_placeholders("{{base_url}}/x", ENTRY_VARS).is_ok());
-        let e = check_placeholders("{{base_ulr}}", ENTRY_VARS).unwrap_err();
+        assert!(Template::compile("{{base_url}}/x", ENTRY_VARS).is_ok());
+        let e = Template::compile("{{base_ulr}}", ENTRY_VARS).unwrap_err();
         assert!(e.contains("did you mean `{{base_url}}`"), "{e}");
-        assert!(check_placeholders("{{base_url", ENTRY_VARS).is_err());
+        assert!(Template::compile("{{base_url", ENTRY_VARS).is_err());
     }
 
     #[test]
     fn repository_templates_load() {
         let t = repo_templates();
-        assert!(t.entry.contains("/boot/${netX/mac:hexhyp}"));
+        assert!(t.entry.source().contains("/boot/${netX/mac:hexhyp}"));
     }
 
     #[test]
     fn node_script_names_initrds_and_renders_cmdline() {
         let t = repo_templates();
-        let image = Image {
-            name: "testos".into(),
-            dir: PathBuf::from("/nonexistent"),
-            spec: ImageSpec {
+        let image = Image::new(
+            "testos".into(),
+            PathBuf::from("/nonexistent"),
+            ImageSpec {
                 description: String::new(),
                 arch: "x86_64".into(),
                 kernel: "vmlinuz".into(),
                 initrds: vec!["boot/initrd.img".into()],
                 cmdline: "console=ttyS0 node={{mac}} img={{image}}".into(),
             },
-        };
+        )
+        .unwrap();
         let v = NodeVars {
             base_url: "http://10.0.0.1",
             server: "10.0.0.1",
@@ -430,11 +485,7 @@ mod tests {
             initrds: vec![],
             cmdline: String::new(),
         };
-        let img = |s: &ImageSpec| Image {
-            name: "i".into(),
-            dir: PathBuf::new(),
-            spec: s.clone(),
-        };
+        let img = |s: &ImageSpec| Image::new("i".into(), PathBuf::new(), s.clone()).unwrap();
         assert!(img(&spec).runs_on(Some("x86_64")));
         assert!(img(&spec).runs_on(Some("i386")));
         assert!(!img(&spec).runs_on(Some("arm64")));

@@ -461,13 +461,47 @@ mod tests {
         // Every key the structs know appears in the documented example (commented or not).
         let text = std::fs::read_to_string(&path).unwrap();
         for key in [
-            "interface", "address", "state_dir", "images_dir", "scripts_dir", "mode", "port", "proxy_port", "subnet",
-            "range", "router", "dns", "domain", "lease_time", "offer_hold", "no_pxedhcp", "reservation", "hostname",
-            "router_advertisement", "prefix", "interval", "enabled", "listen", "root", "max_blksize",
-            "max_windowsize", "timeout", "retries", "public_url", "bios", "efi_x64", "efi_ia32", "efi_arm64",
-            "default_image", "park_poll", "node",
+            "interface",
+            "address",
+            "state_dir",
+            "images_dir",
+            "scripts_dir",
+            "mode",
+            "port",
+            "proxy_port",
+            "subnet",
+            "range",
+            "router",
+            "dns",
+            "domain",
+            "lease_time",
+            "offer_hold",
+            "no_pxedhcp",
+            "reservation",
+            "hostname",
+            "router_advertisement",
+            "prefix",
+            "interval",
+            "enabled",
+            "listen",
+            "root",
+            "max_blksize",
+            "max_windowsize",
+            "timeout",
+            "retries",
+            "public_url",
+            "bios",
+            "efi_x64",
+            "efi_ia32",
+            "efi_arm64",
+            "default_image",
+            "park_poll",
+            "node",
         ] {
-            assert!(text.contains(&format!("{key} =")) || text.contains(&format!(".{key}]")), "{key} undocumented");
+            assert!(
+                text.contains(&format!("{key} =")) || text.contains(&format!(".{key}]")),
+                "{key} undocumented"
+            );
         }
     }
 

@@ -14,10 +14,10 @@ use std::time::Duration;
 use crate::boot::{Catalog, Image, Templates};
 use crate::config::{Config, Diagnostics};
 use crate::mac::Mac;
-use crate::store::{NodeFacts, Store};
+use crate::store::{BootsSeen, NodeFacts, Store};
 
 /// What a node boots, decided at the moment it asks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum BootDecision {
     /// Boot this image.
     Image(Arc<Image>),
@@ -93,7 +93,7 @@ impl BootState {
     }
 
     /// The decision for one node, given what iPXE reported.
-    pub fn decide(&self, mac: Mac, facts: &NodeFacts) -> BootDecision {
+    pub fn decide(&self, mac: Mac, facts: &NodeFacts, now: u64) -> BootDecision {
         let name = self
             .node_images
             .get(&mac)
@@ -111,12 +111,34 @@ impl BootState {
                 facts.buildarch.as_deref().unwrap_or("?")
             ));
         }
-        let missing = image.missing_files();
+        let missing = image.missing_files_at(now);
         if !missing.is_empty() {
             return BootDecision::Error(format!("image {name} is missing {}", missing.join(", ")));
         }
         BootDecision::Image(image.clone())
     }
+}
+
+/// Newer reported facts replace older ones; facts a request did not carry keep their value.
+fn merge_facts(into: &mut NodeFacts, newer: NodeFacts) {
+    let NodeFacts {
+        uuid,
+        serial,
+        manufacturer,
+        product,
+        buildarch,
+        platform,
+        memsize,
+        ip,
+    } = newer;
+    into.uuid = uuid.or(into.uuid.take());
+    into.serial = serial.or(into.serial.take());
+    into.manufacturer = manufacturer.or(into.manufacturer.take());
+    into.product = product.or(into.product.take());
+    into.buildarch = buildarch.or(into.buildarch.take());
+    into.platform = platform.or(into.platform.take());
+    into.memsize = memsize.or(into.memsize.take());
+    into.ip = ip.or(into.ip.take());
 }
 
 fn unknown_image(name: &str, catalog: &Catalog) -> String {
@@ -134,7 +156,8 @@ fn unknown_image(name: &str, catalog: &Catalog) -> String {
 pub struct Controller {
     state: RwLock<Arc<BootState>>,
     store: Store,
-    seen: Mutex<Vec<(Mac, NodeFacts, u64)>>,
+    /// Requests since the last commit, merged per node: a node asking a thousand times costs one row.
+    seen: Mutex<HashMap<Mac, BootsSeen>>,
 }
 
 impl Controller {
@@ -142,7 +165,7 @@ impl Controller {
         Arc::new(Controller {
             state: RwLock::new(Arc::new(state)),
             store,
-            seen: Mutex::new(Vec::new()),
+            seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -164,15 +187,34 @@ impl Controller {
 
     /// Records that a node asked for its script (committed by [`Controller::flush`]).
     pub fn node_seen(&self, mac: Mac, facts: NodeFacts, now: u64) {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((mac, facts, now));
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get_mut(&mac) {
+            Some(b) => {
+                b.last = now;
+                b.count += 1;
+                merge_facts(&mut b.facts, facts);
+            }
+            None => {
+                seen.insert(
+                    mac,
+                    BootsSeen {
+                        mac,
+                        facts,
+                        first: now,
+                        last: now,
+                        count: 1,
+                    },
+                );
+            }
+        }
     }
 
     /// Commits queued inventory updates in one transaction.
     pub fn flush(&self) -> anyhow::Result<()> {
-        let batch = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()));
+        let batch: Vec<BootsSeen> =
+            std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_values()
+                .collect();
         if !batch.is_empty() {
             self.store.record_boots(&batch)?;
         }

@@ -84,20 +84,45 @@ struct Ctx {
     metrics: std::sync::OnceLock<Registry>,
 }
 
-/// The bound HTTP server.
+/// The bound HTTP server: one listener per worker thread.
+///
+/// Each worker is an OS thread with its own single-threaded runtime and its own `SO_REUSEPORT` listener (the
+/// kernel spreads connections across them), so a request is parsed, decided and answered on one thread with
+/// no cross-thread wake-ups — the same shape as nginx's worker processes. That was worth about a fifth of the
+/// per-node script rate over tokio's work-stealing runtime on two cores.
 pub struct HttpServer {
-    listener: TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     ctx: Arc<Ctx>,
 }
 
 /// Bytes of boot files kept in memory.
 const CACHE_BUDGET: u64 = 1 << 30;
 
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
 impl HttpServer {
-    pub async fn bind(addr: SocketAddr, controller: Arc<Controller>) -> anyhow::Result<HttpServer> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on http {addr}: {e}"))?;
+    /// Binds `workers` listeners on `addr` (port 0 picks one port for all).
+    pub async fn bind(
+        addr: SocketAddr,
+        controller: Arc<Controller>,
+        workers: usize,
+    ) -> anyhow::Result<HttpServer> {
+        let err = |e| anyhow::anyhow!("cannot listen on http {addr}: {e}");
+        let first = reuseport_listener(addr).map_err(err)?;
+        let actual = first.local_addr().map_err(err)?;
+        let mut listeners = vec![first];
+        for _ in 1..workers.max(1) {
+            listeners.push(reuseport_listener(actual).map_err(err)?);
+        }
         let ctx = Ctx {
             controller,
             cache: files::FileCache::new(CACHE_BUDGET),
@@ -105,13 +130,13 @@ impl HttpServer {
             metrics: Default::default(),
         };
         Ok(HttpServer {
-            listener,
+            listeners,
             ctx: Arc::new(ctx),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
+        self.listeners[0]
             .local_addr()
             .expect("bound socket has an address")
     }
@@ -120,35 +145,64 @@ impl HttpServer {
         self.ctx.stats.clone()
     }
 
-    /// Serves until the task is dropped. `metrics` is the registry `/metrics` renders.
+    /// Serves until the task is dropped (or a worker dies, which is returned as an error). `metrics` is the
+    /// registry `/metrics` renders.
     pub async fn run(self, metrics: Registry) -> anyhow::Result<()> {
         let _ = self.ctx.metrics.set(metrics);
-        loop {
-            let (stream, peer) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of descriptors and the like: keep serving the connections we have.
-                    tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        let (dead_tx, mut dead_rx) = tokio::sync::mpsc::channel::<String>(1);
+        for (i, listener) in self.listeners.into_iter().enumerate() {
             let ctx = self.ctx.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let ctx = ctx.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req, peer).await) }
-                });
-                if let Err(e) = http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    tracing::debug!(%peer, error = %e, "http connection ended with an error");
-                }
-            });
+            let dead = dead_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("http-{i}"))
+                .spawn(move || {
+                    let outcome = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())
+                        .and_then(|rt| {
+                            rt.block_on(serve_worker(ctx, listener))
+                                .map_err(|e| e.to_string())
+                        });
+                    let _ = dead.blocking_send(format!("http worker {i} stopped: {outcome:?}"));
+                })?;
         }
+        drop(dead_tx);
+        let why = dead_rx
+            .recv()
+            .await
+            .unwrap_or_else(|| "http workers stopped".into());
+        Err(anyhow::anyhow!(why))
+    }
+}
+
+async fn serve_worker(ctx: Arc<Ctx>, listener: std::net::TcpListener) -> std::io::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: keep serving the connections we have.
+                tracing::warn!(error = %e, "http accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        tokio::task::spawn(async move {
+            let svc = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req, peer).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            }
+        });
     }
 }
 
@@ -219,7 +273,7 @@ async fn route(
     let base_url = state.config.public_url();
     if path == "/boot.ipxe" {
         return typed(
-            boot::render(&state.templates.entry, &[("base_url", &base_url)]),
+            state.templates.entry.render(&[("base_url", &base_url)]),
             "text/plain; charset=utf-8",
         );
     }
@@ -284,8 +338,9 @@ async fn route(
 fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<HttpBody> {
     let facts = facts_from_query(query, peer);
     let state = ctx.controller.state();
-    let decision = state.decide(mac, &facts);
-    ctx.controller.node_seen(mac, facts, crate::unix_now());
+    let now = crate::unix_now();
+    let decision = state.decide(mac, &facts, now);
+    ctx.controller.node_seen(mac, facts, now);
     ctx.stats.scripts.inc();
     let base_url = state.config.public_url();
     let mac_s = mac.to_string();
@@ -305,23 +360,21 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
         }
         BootDecision::Park => {
             tracing::debug!(%mac, "node script: parked");
-            boot::render(
-                &state.templates.parked,
-                &[("base_url", &base_url), ("mac", &mac_s), ("poll", &poll)],
-            )
+            state.templates.parked.render(&[
+                ("base_url", &base_url),
+                ("mac", &mac_s),
+                ("poll", &poll),
+            ])
         }
         BootDecision::Error(msg) => {
             tracing::warn!(%mac, reason = %msg, "node script: cannot boot");
             let msg = boot::ipxe_safe(msg);
-            boot::render(
-                &state.templates.error,
-                &[
-                    ("base_url", &base_url),
-                    ("mac", &mac_s),
-                    ("poll", &poll),
-                    ("message", &msg),
-                ],
-            )
+            state.templates.error.render(&[
+                ("base_url", &base_url),
+                ("mac", &mac_s),
+                ("poll", &poll),
+                ("message", &msg),
+            ])
         }
     };
     typed(body, "text/plain; charset=utf-8")

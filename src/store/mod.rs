@@ -54,6 +54,18 @@ pub struct NodeRecord {
     pub boot_count: u64,
 }
 
+/// Boot-script requests of one node since the last commit, merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootsSeen {
+    pub mac: Mac,
+    /// The newest non-empty value of each fact.
+    pub facts: NodeFacts,
+    /// Unix seconds of the first and last request in the batch.
+    pub first: u64,
+    pub last: u64,
+    pub count: u64,
+}
+
 /// Handle to the database; cheap to clone, safe to share across tasks.
 #[derive(Clone)]
 pub struct Store {
@@ -177,16 +189,16 @@ impl Store {
         })
     }
 
-    /// Records one boot-script request per node, in one transaction. Facts that iPXE did not report keep
+    /// Records batches of boot-script requests, in one transaction. Facts that iPXE did not report keep
     /// their stored value.
-    pub fn record_boots(&self, seen: &[(Mac, NodeFacts, u64)]) -> Result<()> {
+    pub fn record_boots(&self, seen: &[BootsSeen]) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
             {
                 let mut st = tx.prepare_cached(
                     "INSERT INTO node (mac, uuid, serial, manufacturer, product, buildarch, platform, memsize, ip,
                                        first_seen, last_seen, boot_count)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, 1)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT(mac) DO UPDATE SET
                         uuid = COALESCE(excluded.uuid, uuid),
                         serial = COALESCE(excluded.serial, serial),
@@ -197,11 +209,12 @@ impl Store {
                         memsize = COALESCE(excluded.memsize, memsize),
                         ip = COALESCE(excluded.ip, ip),
                         last_seen = excluded.last_seen,
-                        boot_count = boot_count + 1",
+                        boot_count = boot_count + excluded.boot_count",
                 )?;
-                for (mac, f, now) in seen {
+                for b in seen {
+                    let f = &b.facts;
                     st.execute(params![
-                        mac.to_string(),
+                        b.mac.to_string(),
                         f.uuid,
                         f.serial,
                         f.manufacturer,
@@ -210,7 +223,9 @@ impl Store {
                         f.platform,
                         f.memsize.map(|m| m as i64),
                         f.ip,
-                        *now as i64
+                        b.first as i64,
+                        b.last as i64,
+                        b.count as i64
                     ])?;
                 }
             }
@@ -317,18 +332,21 @@ mod tests {
             buildarch: Some("x86_64".into()),
             ..Default::default()
         };
-        s.record_boots(&[(mac(1), f, 100)]).unwrap();
-        s.record_boots(&[(
-            mac(1),
-            NodeFacts {
-                platform: Some("efi".into()),
-                ..Default::default()
-            },
-            160,
-        )])
-        .unwrap();
+        let seen = |facts, first, last, count| BootsSeen {
+            mac: mac(1),
+            facts,
+            first,
+            last,
+            count,
+        };
+        s.record_boots(&[seen(f, 100, 100, 1)]).unwrap();
+        let efi = NodeFacts {
+            platform: Some("efi".into()),
+            ..Default::default()
+        };
+        s.record_boots(&[seen(efi, 150, 160, 3)]).unwrap();
         let n = s.node(mac(1)).unwrap().unwrap();
-        assert_eq!((n.first_seen, n.last_seen, n.boot_count), (100, 160, 2));
+        assert_eq!((n.first_seen, n.last_seen, n.boot_count), (100, 160, 4));
         assert_eq!(n.facts.uuid.as_deref(), Some("u-1"));
         assert_eq!(n.facts.platform.as_deref(), Some("efi"));
         assert_eq!(s.nodes().unwrap().len(), 1);
