@@ -12,6 +12,7 @@ pub mod http;
 pub mod lab;
 pub mod mac;
 pub mod metrics;
+pub mod policy;
 pub mod store;
 pub mod tftp;
 

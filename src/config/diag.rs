@@ -98,6 +98,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Finds the span of the value at a key path; falls back to the deepest part of the path that exists.
+/// Numeric parts index arrays (of tables, or inline arrays).
 pub fn span_of_path(item: &toml_edit::Item, path: &[String]) -> Option<Range<usize>> {
     let Some((first, rest)) = path.split_first() else {
         return item.span();
@@ -107,6 +108,7 @@ pub fn span_of_path(item: &toml_edit::Item, path: &[String]) -> Option<Range<usi
             let t = a.get(first.parse().ok()?)?;
             span_in_table(t, rest).or_else(|| t.span())
         }
+        toml_edit::Item::Value(v) => span_in_value(v, path),
         _ => {
             let (key, value) = item.as_table_like()?.get_key_value(first)?;
             span_of_path(value, rest)
@@ -114,6 +116,18 @@ pub fn span_of_path(item: &toml_edit::Item, path: &[String]) -> Option<Range<usi
                 .or_else(|| key.span())
         }
     }
+}
+
+fn span_in_value(v: &toml_edit::Value, path: &[String]) -> Option<Range<usize>> {
+    let Some((first, rest)) = path.split_first() else {
+        return v.span();
+    };
+    let inner = match v {
+        toml_edit::Value::Array(a) => a.get(first.parse().ok()?)?,
+        toml_edit::Value::InlineTable(t) => t.get(first)?,
+        _ => return None,
+    };
+    span_in_value(inner, rest).or_else(|| inner.span())
 }
 
 fn span_in_table(t: &toml_edit::Table, path: &[String]) -> Option<Range<usize>> {
@@ -128,6 +142,18 @@ fn span_in_table(t: &toml_edit::Table, path: &[String]) -> Option<Range<usize>> 
 
 /// Deserialises TOML, collecting every error with its position.
 pub fn parse_toml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, Diagnostics> {
+    match parse_toml_lenient(text, file) {
+        (Some(v), errs) if errs.is_empty() => Ok(v),
+        (_, errs) => Err(Diagnostics(errs)),
+    }
+}
+
+/// Like [`parse_toml`], but also returns the value parsed once the offending entries were blanked, so the
+/// caller can run its semantic checks too and report those problems in the same pass.
+pub fn parse_toml_lenient<T: DeserializeOwned>(
+    text: &str,
+    file: &Path,
+) -> (Option<T>, Vec<Diagnostic>) {
     let mut buf = text.to_string();
     let mut found: Vec<Diagnostic> = Vec::new();
     let at = |offset: usize, message: String| {
@@ -142,8 +168,7 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, Dia
     // Each round removes one offending key; a file has far fewer bad keys than this.
     for _ in 0..256 {
         let err = match toml::from_str::<T>(&buf) {
-            Ok(v) if found.is_empty() => return Ok(v),
-            Ok(_) => break,
+            Ok(v) => return (Some(v), found),
             Err(e) => e,
         };
         let span = err.span();
@@ -163,7 +188,7 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, Dia
         }
     }
     found.dedup();
-    Err(Diagnostics(found))
+    (None, found)
 }
 
 /// Rewrites serde/toml messages into operator language, adding a suggestion for unknown keys.

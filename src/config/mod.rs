@@ -245,7 +245,10 @@ impl Config {
 
     /// Parses config text (`path` names it in diagnostics and anchors relative paths).
     pub fn parse(text: &str, path: &Path) -> Result<Config, Diagnostics> {
-        let mut cfg: Config = diag::parse_toml(text, path)?;
+        let (cfg, mut found) = diag::parse_toml_lenient::<Config>(text, path);
+        let Some(mut cfg) = cfg else {
+            return Err(Diagnostics(found));
+        };
         cfg.source = Some(path.to_path_buf());
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
@@ -258,11 +261,12 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        let errs = cfg.validate();
-        if errs.is_empty() {
+        found.extend(Diagnostics::from_paths(text, path, cfg.validate()).0);
+        if found.is_empty() {
             Ok(cfg)
         } else {
-            Err(Diagnostics::from_paths(text, path, errs))
+            found.sort_by_key(|d| (d.line, d.column));
+            Err(Diagnostics(found))
         }
     }
 

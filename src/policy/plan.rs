@@ -1,0 +1,431 @@
+//! The planner: a pure function from (policy, state, now) to actions. No I/O, no clock inside, so every
+//! decision can be replayed in a test from a state and a time.
+//!
+//! Order of work, each step deterministic (sorted by priority, then name; nodes by size, then MAC):
+//! 1. Assignments that no longer fit the policy (cluster gone, slot beyond max) are released.
+//! 2. Desired count per cluster: a scale-rule target if one is set, else the first matching schedule
+//!    window, else `default`; clamped to `[min, max]`.
+//! 3. Clusters above desired release their highest slots, never a node that reports busy.
+//! 4. Clusters below desired, highest priority first, fill their lowest empty slots: with the smallest idle
+//!    compatible node (best fit), else — if the cluster may preempt — with a node of a lower-priority
+//!    cluster that stays at or above its own min, is not busy and was not moved within the cooldown
+//!    (least utilised first, then lowest priority). A cluster still short raises an alert.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Cluster, Policy};
+use crate::mac::Mac;
+
+/// What the planner knows about one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeState {
+    pub mac: Mac,
+    pub arch: Option<String>,
+    pub cpus: Option<u32>,
+    /// MiB.
+    pub memory: Option<u64>,
+    pub tags: BTreeSet<String>,
+    /// The node (its agent) says its work must not be interrupted.
+    pub busy: bool,
+    /// 0.0 (idle) ..= 1.0 (saturated), from heartbeats.
+    pub utilisation: f64,
+    /// Failed or quarantined nodes get no work.
+    pub healthy: bool,
+    /// When the node last changed assignment (unix seconds).
+    pub last_moved: Option<u64>,
+}
+
+impl NodeState {
+    pub fn new(mac: Mac) -> NodeState {
+        NodeState {
+            mac,
+            arch: None,
+            cpus: None,
+            memory: None,
+            tags: BTreeSet::new(),
+            busy: false,
+            utilisation: 0.0,
+            healthy: true,
+            last_moved: None,
+        }
+    }
+}
+
+/// A slot of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct SlotRef {
+    pub cluster: String,
+    pub slot: u32,
+}
+
+/// Everything the planner looks at.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    pub nodes: BTreeMap<Mac, NodeState>,
+    /// Node → the slot it fills.
+    pub assignments: BTreeMap<Mac, SlotRef>,
+    /// Desired counts set by scale rules (the health/metrics side computes them).
+    pub scale_targets: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Alert {
+    /// Fewer nodes than desired and none could be found.
+    Short { desired: u32, current: u32 },
+    /// Fewer nodes than the cluster's minimum.
+    BelowMin { min: u32, current: u32 },
+}
+
+/// A decision.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    Assign {
+        node: Mac,
+        to: SlotRef,
+        image: String,
+    },
+    Release {
+        node: Mac,
+        from: SlotRef,
+    },
+    /// Release from a lower-priority cluster and assign to a higher one.
+    Preempt {
+        node: Mac,
+        from: SlotRef,
+        to: SlotRef,
+        image: String,
+    },
+    Alert {
+        cluster: String,
+        alert: Alert,
+    },
+}
+
+/// Desired count of one cluster at `now`.
+pub fn desired(c: &Cluster, state: &State, now: u64, utc_offset_minutes: i32) -> u32 {
+    let base = state
+        .scale_targets
+        .get(&c.spec.name)
+        .copied()
+        .or_else(|| {
+            c.windows
+                .iter()
+                .find(|(cr, _)| cr.matches(now as i64, utc_offset_minutes))
+                .map(|(_, n)| *n)
+        })
+        .unwrap_or(c.default);
+    base.clamp(c.spec.min, c.spec.max)
+}
+
+/// Whether `n` meets the cluster's requirements.
+pub fn compatible(c: &Cluster, n: &NodeState) -> bool {
+    let r = &c.spec.requires;
+    if !c.only_nodes.is_empty() && !c.only_nodes.contains(&n.mac) {
+        return false;
+    }
+    if let Some(a) = &r.arch {
+        match n.arch.as_deref() {
+            Some(na) if na == a => {}
+            // 32-bit iPXE (undionly) reports i386 on x86-64 hardware.
+            Some("i386") if a == "x86_64" => {}
+            _ => return false,
+        }
+    }
+    if r.min_cpus.is_some_and(|m| n.cpus.is_none_or(|c| c < m)) {
+        return false;
+    }
+    if r.min_memory
+        .is_some_and(|m| n.memory.is_none_or(|mm| mm < m))
+    {
+        return false;
+    }
+    r.tags.iter().all(|t| n.tags.contains(t))
+}
+
+/// Best-fit order: the smallest node first, MAC as the tie-break.
+fn size_key(n: &NodeState) -> (u32, u64, Mac) {
+    (n.cpus.unwrap_or(0), n.memory.unwrap_or(0), n.mac)
+}
+
+fn in_cooldown(n: &NodeState, now: u64, cooldown: u64) -> bool {
+    n.last_moved
+        .is_some_and(|t| now < t.saturating_add(cooldown))
+}
+
+/// Plans the actions that bring `state` in line with `policy` at `now`.
+pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let index: BTreeMap<&str, usize> = policy
+        .clusters
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.spec.name.as_str(), i))
+        .collect();
+    // slots[c]: slot → node, for every cluster.
+    let mut slots: Vec<BTreeMap<u32, Mac>> = vec![BTreeMap::new(); policy.clusters.len()];
+    let mut assigned: BTreeMap<Mac, (usize, u32)> = BTreeMap::new();
+
+    let node = |m: &Mac| state.nodes.get(m);
+    let busy = |m: &Mac| node(m).is_some_and(|n| n.busy);
+
+    // 1. Assignments the policy no longer has room for, and failed nodes (their slot is refilled below,
+    //    keeping its identity).
+    for (mac, s) in &state.assignments {
+        let healthy = node(mac).is_some_and(|n| n.healthy);
+        match index.get(s.cluster.as_str()) {
+            Some(&ci)
+                if healthy
+                    && s.slot < policy.clusters[ci].spec.max
+                    && !slots[ci].contains_key(&s.slot) =>
+            {
+                slots[ci].insert(s.slot, *mac);
+                assigned.insert(*mac, (ci, s.slot));
+            }
+            _ => actions.push(Action::Release {
+                node: *mac,
+                from: s.clone(),
+            }),
+        }
+    }
+    // 2. Desired counts.
+    let want: Vec<u32> = policy
+        .clusters
+        .iter()
+        .map(|c| desired(c, state, now, policy.utc_offset_minutes))
+        .collect();
+
+    // 3. Scale down: highest slots first, busy nodes stay.
+    for (ci, c) in policy.clusters.iter().enumerate() {
+        let mut excess = slots[ci].len().saturating_sub(want[ci] as usize);
+        let highest: Vec<(u32, Mac)> = slots[ci].iter().rev().map(|(s, m)| (*s, *m)).collect();
+        for (slot, mac) in highest {
+            if excess == 0 {
+                break;
+            }
+            if busy(&mac) {
+                continue;
+            }
+            slots[ci].remove(&slot);
+            assigned.remove(&mac);
+            actions.push(Action::Release {
+                node: mac,
+                from: SlotRef {
+                    cluster: c.spec.name.clone(),
+                    slot,
+                },
+            });
+            excess -= 1;
+        }
+    }
+
+    // 4. Fill, highest priority first: idle nodes for every cluster, then preemption for the clusters still
+    //    short, and again while preemption changed anything (a victim may refill from the idle pool, which
+    //    can lift it above its min again).
+    let mut order: Vec<usize> = (0..policy.clusters.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (ca, cb) = (&policy.clusters[a].spec, &policy.clusters[b].spec);
+        cb.priority
+            .cmp(&ca.priority)
+            .then_with(|| ca.name.cmp(&cb.name))
+    });
+    // Idle pool in best-fit order, computed once; `taken` marks nodes used during this plan.
+    let mut idle: Vec<&NodeState> = state
+        .nodes
+        .values()
+        .filter(|n| n.healthy && !assigned.contains_key(&n.mac))
+        .collect();
+    idle.sort_by_key(|n| size_key(n));
+    let mut f = Fill {
+        policy,
+        state,
+        now,
+        slots,
+        assigned,
+        want,
+        taken: BTreeSet::new(),
+        moved: BTreeSet::new(),
+        actions,
+    };
+    loop {
+        for &ci in &order {
+            f.fill_from_idle(ci, &idle);
+        }
+        let mut preempted = false;
+        for &ci in &order {
+            preempted |= f.preempt(ci);
+        }
+        if !preempted {
+            break;
+        }
+    }
+    for &ci in &order {
+        let c = &policy.clusters[ci];
+        let current = f.slots[ci].len() as u32;
+        if current < f.want[ci] {
+            let alert = Alert::Short {
+                desired: f.want[ci],
+                current,
+            };
+            f.actions.push(Action::Alert {
+                cluster: c.spec.name.clone(),
+                alert,
+            });
+        }
+        if current < c.spec.min {
+            let alert = Alert::BelowMin {
+                min: c.spec.min,
+                current,
+            };
+            f.actions.push(Action::Alert {
+                cluster: c.spec.name.clone(),
+                alert,
+            });
+        }
+    }
+    f.actions
+}
+
+/// The planner's working state while it fills clusters.
+struct Fill<'a> {
+    policy: &'a Policy,
+    state: &'a State,
+    now: u64,
+    /// Per cluster: slot → node.
+    slots: Vec<BTreeMap<u32, Mac>>,
+    /// Node → (cluster index, slot).
+    assigned: BTreeMap<Mac, (usize, u32)>,
+    want: Vec<u32>,
+    /// Idle nodes handed out in this plan.
+    taken: BTreeSet<Mac>,
+    /// Nodes that changed place in this plan: none moves twice.
+    moved: BTreeSet<Mac>,
+    actions: Vec<Action>,
+}
+
+impl Fill<'_> {
+    fn deficit(&self, ci: usize) -> usize {
+        (self.want[ci] as usize).saturating_sub(self.slots[ci].len())
+    }
+
+    fn lowest_free_slot(&self, ci: usize) -> Option<u32> {
+        (0..self.policy.clusters[ci].spec.max).find(|s| !self.slots[ci].contains_key(s))
+    }
+
+    fn place(&mut self, ci: usize, slot: u32, mac: Mac) -> SlotRef {
+        self.slots[ci].insert(slot, mac);
+        self.assigned.insert(mac, (ci, slot));
+        self.moved.insert(mac);
+        SlotRef {
+            cluster: self.policy.clusters[ci].spec.name.clone(),
+            slot,
+        }
+    }
+
+    /// Fills the cluster's lowest empty slots with the smallest idle compatible nodes.
+    fn fill_from_idle(&mut self, ci: usize, idle: &[&NodeState]) {
+        let c = &self.policy.clusters[ci];
+        for n in idle {
+            if self.deficit(ci) == 0 {
+                return;
+            }
+            if self.taken.contains(&n.mac) || !compatible(c, n) {
+                continue;
+            }
+            let Some(slot) = self.lowest_free_slot(ci) else {
+                return;
+            };
+            self.taken.insert(n.mac);
+            let to = self.place(ci, slot, n.mac);
+            let image = c.slot_images[slot as usize].clone();
+            self.actions.push(Action::Assign {
+                node: n.mac,
+                to,
+                image,
+            });
+        }
+    }
+
+    /// Takes nodes from lower-priority clusters while short; returns whether any was taken.
+    fn preempt(&mut self, ci: usize) -> bool {
+        let (policy, now) = (self.policy, self.now);
+        let c = &policy.clusters[ci];
+        let mut any = false;
+        while self.deficit(ci) > 0 && c.spec.preempt {
+            let victim = self
+                .assigned
+                .iter()
+                .filter_map(|(mac, &(vi, vslot))| {
+                    let v = &policy.clusters[vi];
+                    let n = self.state.nodes.get(mac)?;
+                    let ok = v.spec.priority < c.spec.priority
+                        && self.slots[vi].len() > v.spec.min as usize
+                        && !n.busy
+                        && n.healthy
+                        && !self.moved.contains(mac)
+                        && !in_cooldown(n, now, policy.cooldown)
+                        && compatible(c, n);
+                    ok.then_some((n, vi, vslot))
+                })
+                .min_by(|(a, ai, _), (b, bi, _)| {
+                    a.utilisation
+                        .total_cmp(&b.utilisation)
+                        .then_with(|| {
+                            policy.clusters[*ai]
+                                .spec
+                                .priority
+                                .cmp(&policy.clusters[*bi].spec.priority)
+                        })
+                        .then_with(|| a.mac.cmp(&b.mac))
+                });
+            let Some((n, vi, vslot)) = victim else { break };
+            let Some(slot) = self.lowest_free_slot(ci) else {
+                break;
+            };
+            let mac = n.mac;
+            self.slots[vi].remove(&vslot);
+            let from = SlotRef {
+                cluster: policy.clusters[vi].spec.name.clone(),
+                slot: vslot,
+            };
+            let to = self.place(ci, slot, mac);
+            let image = c.slot_images[slot as usize].clone();
+            self.actions.push(Action::Preempt {
+                node: mac,
+                from,
+                to,
+                image,
+            });
+            any = true;
+        }
+        any
+    }
+}
+
+/// The state after `actions` are carried out at `now` (moved nodes get `last_moved = now`).
+pub fn apply(state: &State, actions: &[Action], now: u64) -> State {
+    let mut s = state.clone();
+    let touch = |s: &mut State, m: &Mac| {
+        if let Some(n) = s.nodes.get_mut(m) {
+            n.last_moved = Some(now);
+        }
+    };
+    for a in actions {
+        match a {
+            Action::Assign { node, to, .. } | Action::Preempt { node, to, .. } => {
+                s.assignments.insert(*node, to.clone());
+                touch(&mut s, node);
+            }
+            Action::Release { node, .. } => {
+                s.assignments.remove(node);
+                touch(&mut s, node);
+            }
+            Action::Alert { .. } => {}
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;
