@@ -246,16 +246,19 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
         moved: HashSet::new(),
         actions,
     };
-    while short {
-        for &ci in &order {
-            f.fill_from_idle(ci, &mut pool);
-        }
-        let mut preempted = false;
-        for &ci in &order {
-            preempted |= f.preempt(ci);
-        }
-        if !preempted {
-            break;
+    // With nobody short there is nothing to hand out: skip building the pool.
+    if short {
+        loop {
+            for &ci in &order {
+                f.fill_from_idle(ci, &mut pool);
+            }
+            let mut preempted = false;
+            for &ci in &order {
+                preempted |= f.preempt(ci);
+            }
+            if !preempted {
+                break;
+            }
         }
     }
     for &ci in &order {
