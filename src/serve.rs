@@ -63,7 +63,7 @@ fn init_tracing() {
 async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.server.state_dir)?;
     let state = BootState::load(config.clone()).map_err(|d| anyhow::anyhow!("{d}"))?;
-    let controller = Controller::new(state, store.clone());
+    let controller = Controller::new(state, store.clone())?;
     let mut metrics = Registry::default();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -78,6 +78,11 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         let c = controller.clone();
         tasks.spawn(async move {
             c.run_flusher(Duration::from_millis(250)).await;
+            Ok(())
+        });
+        let c = controller.clone();
+        tasks.spawn(async move {
+            c.run_planner(Duration::from_secs(2)).await;
             Ok(())
         });
     }

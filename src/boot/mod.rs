@@ -26,7 +26,8 @@ pub struct ImageSpec {
     /// Initrd files, relative to the image's folder, loaded in order.
     #[serde(default)]
     pub initrds: Vec<String>,
-    /// Kernel command line; `{{mac}}`, `{{image}}`, `{{hostname}}`, `{{base_url}}`, `{{server}}` are filled in.
+    /// Kernel command line; `{{mac}}`, `{{image}}`, `{{hostname}}`, `{{base_url}}`, `{{server}}`, and under a
+    /// policy `{{cluster}}`, `{{slot}}`, `{{address}}` (the slot's identity) are filled in.
     #[serde(default)]
     pub cmdline: String,
 }
@@ -68,7 +69,9 @@ pub struct Catalog {
 }
 
 /// Placeholders an image's cmdline may use.
-const CMDLINE_VARS: &[&str; 5] = &["mac", "image", "hostname", "base_url", "server"];
+const CMDLINE_VARS: &[&str] = &[
+    "mac", "image", "hostname", "base_url", "server", "cluster", "slot", "address",
+];
 
 impl Catalog {
     /// Loads every `*/image.toml` under `dir`. A missing directory is an empty catalog; a broken image file
@@ -347,6 +350,10 @@ pub struct NodeVars<'a> {
     pub server: &'a str,
     pub mac: &'a str,
     pub hostname: &'a str,
+    /// The slot's cluster, slot number and address (empty without a policy or identity address).
+    pub cluster: &'a str,
+    pub slot: &'a str,
+    pub address: &'a str,
 }
 
 /// Renders the script that boots `image` on a node.
@@ -357,6 +364,9 @@ pub fn node_script(t: &Templates, image: &Image, v: &NodeVars<'_>) -> String {
         ("hostname", v.hostname),
         ("base_url", v.base_url),
         ("server", v.server),
+        ("cluster", v.cluster),
+        ("slot", v.slot),
+        ("address", v.address),
     ];
     let mut cmdline = image.cmdline.render(&cmd_vars);
     // iPXE on EFI hands initrds to the kernel's EFI stub only when the command line names them.
@@ -440,6 +450,9 @@ mod tests {
             server: "10.0.0.1",
             mac: "52:54:00:00:00:01",
             hostname: "n1",
+            cluster: "",
+            slot: "",
+            address: "",
         };
         let s = node_script(&t, &image, &v);
         assert!(s.starts_with("#!ipxe"));

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub images_dir: PathBuf,
     /// iPXE script templates (`entry.ipxe`, `node.ipxe`, `parked.ipxe`, `error.ipxe`).
     pub scripts_dir: PathBuf,
+    /// Cluster policy (`policy.toml`). When set, nodes boot what their cluster slot says and `[boot]`
+    /// mappings are not used.
+    pub policy: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +53,7 @@ impl Default for ServerConfig {
             state_dir: PathBuf::from("/var/lib/corral"),
             images_dir: PathBuf::from("/var/lib/corral/images"),
             scripts_dir: PathBuf::from("/usr/share/corral/boot-scripts"),
+            policy: None,
         }
     }
 }
@@ -251,6 +255,11 @@ impl Config {
         };
         cfg.source = Some(path.to_path_buf());
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(p) = cfg.server.policy.as_mut() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         for p in [
             &mut cfg.server.state_dir,
             &mut cfg.server.images_dir,

@@ -1,12 +1,17 @@
 //! The controller ties the rooms together: it owns the running boot state (config, image catalog, script
 //! templates), answers "what does this node boot?" for the HTTP room, and records every node that asks.
 //!
-//! Until the policy engine lands, a node's image comes from `[boot]` in corral.toml (per-MAC, then the
-//! default); a node with neither is parked. Inventory writes are batched: a script request updates an
-//! in-memory queue that a background task commits to the store every few hundred milliseconds, so a burst of
-//! booting nodes costs one transaction, not one fsync per request.
+//! With a policy (`server.policy`), a node boots the image link of the cluster slot it is assigned to, with
+//! that slot's identity; unassigned nodes are parked and discovered into the free pool the first time they
+//! ask. The planner runs when a node is discovered, on reload, and every few seconds (schedules move with
+//! the clock); its actions are stored with their events in one transaction. Without a policy, a node's image
+//! comes from `[boot]` in corral.toml (per-MAC, then the default).
+//!
+//! Inventory writes are batched: a script request updates an in-memory queue that a background task
+//! commits to the store every few hundred milliseconds, so a burst of booting nodes costs one transaction,
+//! not one fsync per request.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -14,13 +19,22 @@ use std::time::Duration;
 use crate::boot::{Catalog, Image, Templates};
 use crate::config::{Config, Diagnostics};
 use crate::mac::Mac;
-use crate::store::{BootsSeen, NodeFacts, Store};
+use crate::policy::plan::{self, Action, NodeState, SlotRef};
+use crate::policy::{Identity, Policy};
+use crate::store::{AssignmentChange, AssignmentRecord, BootsSeen, NewEvent, NodeFacts, Store};
+
+/// A node's role: the cluster slot it fills and that slot's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    pub slot: SlotRef,
+    pub identity: Identity,
+}
 
 /// What a node boots, decided at the moment it asks.
 #[derive(Debug, Clone)]
 pub enum BootDecision {
-    /// Boot this image.
-    Image(Arc<Image>),
+    /// Boot this image (in this role, under a policy).
+    Image(Arc<Image>, Option<Role>),
     /// No work for this node: wait and ask again.
     Park,
     /// The node should boot something it cannot (unknown image, missing files, wrong architecture).
@@ -32,6 +46,8 @@ pub struct BootState {
     pub config: Config,
     pub catalog: Catalog,
     pub templates: Templates,
+    /// The cluster policy, when `server.policy` names one.
+    pub policy: Option<Arc<Policy>>,
     node_images: HashMap<Mac, String>,
 }
 
@@ -84,22 +100,62 @@ impl BootState {
         if !errs.is_empty() {
             return Err(Diagnostics::from_paths(&text, &src, errs));
         }
+        let policy = match &config.server.policy {
+            None => None,
+            Some(path) => {
+                let exists = |name: &str, arch: Option<&str>| {
+                    catalog.get(name).is_some_and(|i| i.runs_on(arch))
+                };
+                Some(Arc::new(Policy::load(path, &exists)?))
+            }
+        };
         Ok(BootState {
             config,
             catalog,
             templates,
+            policy,
             node_images,
         })
     }
 
     /// The decision for one node, given what iPXE reported.
-    pub fn decide(&self, mac: Mac, facts: &NodeFacts, now: u64) -> BootDecision {
-        let name = self
-            .node_images
-            .get(&mac)
-            .or(self.config.boot.default_image.as_ref());
-        let Some(name) = name else {
-            return BootDecision::Park;
+    pub fn decide(
+        &self,
+        mac: Mac,
+        facts: &NodeFacts,
+        now: u64,
+        slot: Option<&SlotRef>,
+    ) -> BootDecision {
+        let (name, role) = match &self.policy {
+            Some(policy) => {
+                let Some(slot) = slot else {
+                    return BootDecision::Park;
+                };
+                let Some(c) = policy.cluster(&slot.cluster) else {
+                    return BootDecision::Park;
+                };
+                let (Some(name), Some(identity)) = (
+                    c.slot_images.get(slot.slot as usize),
+                    c.identities.get(slot.slot as usize),
+                ) else {
+                    return BootDecision::Park;
+                };
+                (
+                    name,
+                    Some(Role {
+                        slot: slot.clone(),
+                        identity: identity.clone(),
+                    }),
+                )
+            }
+            None => match self
+                .node_images
+                .get(&mac)
+                .or(self.config.boot.default_image.as_ref())
+            {
+                Some(name) => (name, None),
+                None => return BootDecision::Park,
+            },
         };
         let Some(image) = self.catalog.get(name) else {
             return BootDecision::Error(format!("image {name} is not in the catalog"));
@@ -115,7 +171,7 @@ impl BootState {
         if !missing.is_empty() {
             return BootDecision::Error(format!("image {name} is missing {}", missing.join(", ")));
         }
-        BootDecision::Image(image.clone())
+        BootDecision::Image(image.clone(), role)
     }
 }
 
@@ -141,6 +197,37 @@ fn merge_facts(into: &mut NodeFacts, newer: NodeFacts) {
     into.ip = ip.or(into.ip.take());
 }
 
+/// One line saying what a reload changed in the policy.
+fn describe_change(old: Option<&Policy>, new: Option<&Policy>) -> String {
+    let summary = |p: Option<&Policy>| -> Vec<String> {
+        p.map(|p| {
+            p.clusters
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{}(prio {}, {}..{}, default {})",
+                        c.spec.name, c.spec.priority, c.spec.min, c.spec.max, c.default
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    let (a, b) = (summary(old), summary(new));
+    let added: Vec<&String> = b.iter().filter(|x| !a.contains(x)).collect();
+    let removed: Vec<&String> = a.iter().filter(|x| !b.contains(x)).collect();
+    if added.is_empty() && removed.is_empty() {
+        "configuration reloaded; clusters unchanged".into()
+    } else {
+        let fmt = |v: Vec<&String>| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+        format!(
+            "configuration reloaded; now: [{}]; before: [{}]",
+            fmt(added),
+            fmt(removed)
+        )
+    }
+}
+
 fn unknown_image(name: &str, catalog: &Catalog) -> String {
     let names: Vec<&str> = catalog.images.keys().map(|s| s.as_str()).collect();
     match crate::config::diag::nearest(name, &names) {
@@ -158,15 +245,80 @@ pub struct Controller {
     store: Store,
     /// Requests since the last commit, merged per node: a node asking a thousand times costs one row.
     seen: Mutex<HashMap<Mac, BootsSeen>>,
+    /// What the planner works on: known nodes and assignments (mirrors the store).
+    fleet: Mutex<Fleet>,
+}
+
+#[derive(Default)]
+struct Fleet {
+    state: plan::State,
+    /// Alerts raised by the last plan, so each is recorded once when it starts.
+    alerts: BTreeSet<String>,
+    /// Nodes whose assignment changed while they may be running the old role: they need a reboot (power
+    /// control acts on this; a parked node picks its new script up at its next poll).
+    reboot: BTreeSet<Mac>,
+}
+
+/// What the planner knows of a node: iPXE's facts, overridden by the policy's `[[node]]` entry.
+fn node_state(mac: Mac, facts: &NodeFacts, policy: Option<&Policy>) -> NodeState {
+    let mut n = NodeState::new(mac);
+    n.arch = facts.buildarch.clone();
+    n.memory = facts.memsize;
+    if let Some(spec) = policy.and_then(|p| p.nodes.get(&mac)) {
+        n.tags = spec.tags.iter().cloned().collect();
+        n.cpus = spec.facts.cpus.or(n.cpus);
+        n.memory = spec.facts.memory.or(n.memory);
+        n.arch = spec.facts.arch.clone().or(n.arch);
+    }
+    n
 }
 
 impl Controller {
-    pub fn new(state: BootState, store: Store) -> Arc<Controller> {
-        Arc::new(Controller {
+    /// Builds the controller from the boot state and what the store remembers (inventory, assignments).
+    pub fn new(state: BootState, store: Store) -> anyhow::Result<Arc<Controller>> {
+        let mut fleet = Fleet::default();
+        let policy = state.policy.clone();
+        for rec in store.nodes()? {
+            fleet
+                .state
+                .nodes
+                .insert(rec.mac, node_state(rec.mac, &rec.facts, policy.as_deref()));
+        }
+        if let Some(p) = &policy {
+            // Known nodes are in the pool before they ever boot.
+            for mac in p.nodes.keys() {
+                fleet
+                    .state
+                    .nodes
+                    .entry(*mac)
+                    .or_insert_with(|| node_state(*mac, &NodeFacts::default(), Some(p)));
+            }
+        }
+        for a in store.assignments()? {
+            fleet
+                .state
+                .nodes
+                .entry(a.mac)
+                .or_insert_with(|| NodeState::new(a.mac));
+            if let Some(n) = fleet.state.nodes.get_mut(&a.mac) {
+                n.last_moved = Some(a.since);
+            }
+            fleet.state.assignments.insert(
+                a.mac,
+                SlotRef {
+                    cluster: a.cluster,
+                    slot: a.slot,
+                },
+            );
+        }
+        let c = Arc::new(Controller {
             state: RwLock::new(Arc::new(state)),
             store,
             seen: Mutex::new(HashMap::new()),
-        })
+            fleet: Mutex::new(fleet),
+        });
+        c.replan(crate::unix_now())?;
+        Ok(c)
     }
 
     /// The current boot state (a cheap snapshot; a reload swaps it whole).
@@ -178,15 +330,211 @@ impl Controller {
         &self.store
     }
 
-    /// Replaces the boot state, e.g. after SIGHUP. On error the running state stays.
+    fn fleet(&self) -> std::sync::MutexGuard<'_, Fleet> {
+        self.fleet.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The slot a node fills, if any.
+    pub fn slot_of(&self, mac: Mac) -> Option<SlotRef> {
+        self.fleet().state.assignments.get(&mac).cloned()
+    }
+
+    /// Nodes waiting for a reboot into a new role.
+    pub fn reboot_pending(&self) -> Vec<Mac> {
+        self.fleet().reboot.iter().copied().collect()
+    }
+
+    /// The planner's view: nodes and assignments.
+    pub fn fleet_state(&self) -> plan::State {
+        self.fleet().state.clone()
+    }
+
+    /// Replaces the boot state, e.g. after SIGHUP or a file change. On error the running state stays and
+    /// the error is recorded as an event.
     pub fn reload(&self, config: Config) -> Result<(), Diagnostics> {
-        let next = BootState::load(config)?;
+        let now = crate::unix_now();
+        let next = match BootState::load(config) {
+            Ok(n) => n,
+            Err(d) => {
+                let _ = self
+                    .store
+                    .apply(&[], &[NewEvent::new(now, "reload-rejected", d.to_string())]);
+                return Err(d);
+            }
+        };
+        let summary = describe_change(self.state().policy.as_deref(), next.policy.as_deref());
+        {
+            let mut fleet = self.fleet();
+            let policy = next.policy.clone();
+            for (mac, n) in fleet.state.nodes.iter_mut() {
+                let facts = NodeFacts {
+                    buildarch: n.arch.clone(),
+                    memsize: n.memory,
+                    ..Default::default()
+                };
+                let fresh = node_state(*mac, &facts, policy.as_deref());
+                n.tags = fresh.tags;
+                n.cpus = fresh.cpus.or(n.cpus);
+            }
+        }
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        let _ = self
+            .store
+            .apply(&[], &[NewEvent::new(now, "reload", summary)]);
+        if let Err(e) = self.replan(now) {
+            tracing::error!(error = %e, "planning after reload failed");
+        }
         Ok(())
+    }
+
+    /// Runs the planner and carries out its decisions: assignments stored (with their events) before
+    /// anyone is told, nodes that must restart marked, alerts recorded once when they start.
+    pub fn replan(&self, now: u64) -> anyhow::Result<Vec<Action>> {
+        let Some(policy) = self.state().policy.clone() else {
+            return Ok(Vec::new());
+        };
+        let mut fleet = self.fleet();
+        let actions = plan::plan(&policy, &fleet.state, now);
+        let mut changes = Vec::new();
+        let mut events: Vec<NewEvent> = Vec::new();
+        let ev = |kind, cluster: &str, node: Option<&Mac>, message| NewEvent {
+            at: now,
+            kind,
+            cluster: Some(cluster.to_string()),
+            node: node.map(|n| n.to_string()),
+            message,
+        };
+        let mut alerts = BTreeSet::new();
+        for a in &actions {
+            match a {
+                Action::Assign { node, to, image } => {
+                    changes.push(AssignmentChange::Set(AssignmentRecord {
+                        mac: *node,
+                        cluster: to.cluster.clone(),
+                        slot: to.slot,
+                        since: now,
+                    }));
+                    events.push(ev(
+                        "assign",
+                        &to.cluster,
+                        Some(node),
+                        format!("{node} fills {}/{} with image {image}", to.cluster, to.slot),
+                    ));
+                }
+                Action::Release { node, from } => {
+                    changes.push(AssignmentChange::Remove(*node));
+                    events.push(ev(
+                        "release",
+                        &from.cluster,
+                        Some(node),
+                        format!("{node} leaves {}/{}", from.cluster, from.slot),
+                    ));
+                }
+                Action::Preempt {
+                    node,
+                    from,
+                    to,
+                    image,
+                } => {
+                    changes.push(AssignmentChange::Set(AssignmentRecord {
+                        mac: *node,
+                        cluster: to.cluster.clone(),
+                        slot: to.slot,
+                        since: now,
+                    }));
+                    events.push(ev(
+                        "preempt",
+                        &to.cluster,
+                        Some(node),
+                        format!(
+                            "{node} moves from {}/{} to {}/{} with image {image}",
+                            from.cluster, from.slot, to.cluster, to.slot
+                        ),
+                    ));
+                }
+                Action::Alert { cluster, alert } => {
+                    let text = match alert {
+                        plan::Alert::Short { desired, current } => {
+                            format!("cluster {cluster} is short: {current} of {desired} nodes")
+                        }
+                        plan::Alert::BelowMin { min, current } => format!(
+                            "cluster {cluster} is below its minimum: {current} of {min} nodes"
+                        ),
+                    };
+                    if !fleet.alerts.contains(&text) {
+                        tracing::warn!("{text}");
+                        events.push(ev("alert", cluster, None, text.clone()));
+                    }
+                    alerts.insert(text);
+                }
+            }
+        }
+        if !changes.is_empty() || !events.is_empty() {
+            self.store.apply(&changes, &events)?;
+        }
+        for e in &events {
+            if e.kind != "alert" {
+                tracing::info!(kind = e.kind, "{}", e.message);
+            }
+        }
+        let before = fleet.state.assignments.clone();
+        fleet.state = plan::apply(&fleet.state, &actions, now);
+        for a in &actions {
+            match a {
+                // A node that was serving another role is running it still: it must restart.
+                Action::Release { node, .. } | Action::Preempt { node, .. }
+                    if before.contains_key(node) =>
+                {
+                    fleet.reboot.insert(*node);
+                }
+                _ => {}
+            }
+        }
+        fleet.alerts = alerts;
+        Ok(actions)
+    }
+
+    /// Plans every `period` (schedule windows follow the clock) until the task is dropped.
+    pub async fn run_planner(self: Arc<Self>, period: Duration) {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let me = self.clone();
+            if let Ok(Err(e)) =
+                tokio::task::spawn_blocking(move || me.replan(crate::unix_now())).await
+            {
+                tracing::error!(error = %e, "planning failed");
+            }
+        }
     }
 
     /// Records that a node asked for its script (committed by [`Controller::flush`]).
     pub fn node_seen(&self, mac: Mac, facts: NodeFacts, now: u64) {
+        if let Some(policy) = self.state().policy.clone() {
+            let mut fleet = self.fleet();
+            let known = fleet
+                .state
+                .nodes
+                .get(&mac)
+                .is_some_and(|n| n.arch.is_some() || facts.buildarch.is_none());
+            // A node that boots into its role has done its restart.
+            fleet.reboot.remove(&mac);
+            if !known {
+                // Discovered (or first facts for a listed node): into the pool, and plan at once so its first
+                // request already gets its role.
+                let prior = fleet.state.nodes.get(&mac).cloned();
+                let mut n = node_state(mac, &facts, Some(&policy));
+                if let Some(p) = prior {
+                    n.last_moved = p.last_moved;
+                    n.busy = p.busy;
+                }
+                fleet.state.nodes.insert(mac, n);
+                drop(fleet);
+                if let Err(e) = self.replan(now) {
+                    tracing::error!(error = %e, "planning after discovery failed");
+                }
+            }
+        }
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         match seen.get_mut(&mac) {
             Some(b) => {

@@ -339,21 +339,49 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
     let facts = facts_from_query(query, peer);
     let state = ctx.controller.state();
     let now = crate::unix_now();
-    let decision = state.decide(mac, &facts, now);
-    ctx.controller.node_seen(mac, facts, now);
+    let slot = if state.policy.is_some() {
+        // Discovery (and planning for a new node) happens here, so its first request gets its role.
+        ctx.controller.node_seen(mac, facts.clone(), now);
+        ctx.controller.slot_of(mac)
+    } else {
+        None
+    };
+    let decision = state.decide(mac, &facts, now, slot.as_ref());
+    if state.policy.is_none() {
+        ctx.controller.node_seen(mac, facts, now);
+    }
     ctx.stats.scripts.inc();
     let base_url = state.config.public_url();
     let mac_s = mac.to_string();
     let poll = state.config.boot.park_poll.to_string();
     let body = match &decision {
-        BootDecision::Image(image) => {
-            let hostname = hostname_for(&state.config, mac);
+        BootDecision::Image(image, role) => {
             let server = state.config.server.address.to_string();
+            let (hostname, cluster, slot, address) = match role {
+                Some(r) => (
+                    r.identity.hostname.clone(),
+                    r.slot.cluster.clone(),
+                    r.slot.slot.to_string(),
+                    r.identity
+                        .address
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                ),
+                None => (
+                    hostname_for(&state.config, mac),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ),
+            };
             let v = NodeVars {
                 base_url: &base_url,
                 server: &server,
                 mac: &mac_s,
                 hostname: &hostname,
+                cluster: &cluster,
+                slot: &slot,
+                address: &address,
             };
             tracing::debug!(%mac, image = %image.name, "node script: image");
             boot::node_script(&state.templates, image, &v)

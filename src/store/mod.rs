@@ -83,6 +83,21 @@ CREATE TABLE IF NOT EXISTS lease (
     expires   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS lease_mac ON lease(mac);
+CREATE TABLE IF NOT EXISTS assignment (
+    mac     TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    slot    INTEGER NOT NULL,
+    since   INTEGER NOT NULL,
+    UNIQUE (cluster, slot)
+);
+CREATE TABLE IF NOT EXISTS event (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      INTEGER NOT NULL,
+    kind    TEXT NOT NULL,
+    cluster TEXT,
+    node    TEXT,
+    message TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS node (
     mac          TEXT PRIMARY KEY,
     uuid         TEXT,
@@ -253,6 +268,134 @@ impl Store {
     }
 }
 
+/// A node's place in a cluster, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AssignmentRecord {
+    pub mac: Mac,
+    pub cluster: String,
+    pub slot: u32,
+    /// Unix seconds.
+    pub since: u64,
+}
+
+/// Something that happened, for operators (`corral events`, `/api/v1/events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventRecord {
+    pub id: i64,
+    pub at: u64,
+    pub kind: String,
+    pub cluster: Option<String>,
+    pub node: Option<String>,
+    pub message: String,
+}
+
+/// An event to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub at: u64,
+    pub kind: &'static str,
+    pub cluster: Option<String>,
+    pub node: Option<String>,
+    pub message: String,
+}
+
+impl NewEvent {
+    pub fn new(at: u64, kind: &'static str, message: String) -> NewEvent {
+        NewEvent {
+            at,
+            kind,
+            cluster: None,
+            node: None,
+            message,
+        }
+    }
+}
+
+/// One change to assignments, applied with others in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignmentChange {
+    Set(AssignmentRecord),
+    Remove(Mac),
+}
+
+impl Store {
+    /// Every assignment.
+    pub fn assignments(&self) -> Result<Vec<AssignmentRecord>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT mac, cluster, slot, since FROM assignment ORDER BY cluster, slot",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (mac, cluster, slot, since) = row?;
+                if let Some(mac) = Mac::parse(&mac) {
+                    out.push(AssignmentRecord {
+                        mac,
+                        cluster,
+                        slot: slot.max(0) as u32,
+                        since: since.max(0) as u64,
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Applies assignment changes and records events, all in one transaction: a crash never leaves a
+    /// half-applied plan.
+    pub fn apply(&self, changes: &[AssignmentChange], events: &[NewEvent]) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for ch in changes {
+                match ch {
+                    AssignmentChange::Remove(mac) => {
+                        tx.prepare_cached("DELETE FROM assignment WHERE mac = ?1")?.execute([mac.to_string()])?;
+                    }
+                    AssignmentChange::Set(a) => {
+                        tx.prepare_cached("DELETE FROM assignment WHERE (cluster = ?1 AND slot = ?2) OR mac = ?3")?
+                            .execute(params![a.cluster, a.slot as i64, a.mac.to_string()])?;
+                        tx.prepare_cached("INSERT INTO assignment (mac, cluster, slot, since) VALUES (?1, ?2, ?3, ?4)")?
+                            .execute(params![a.mac.to_string(), a.cluster, a.slot as i64, a.since as i64])?;
+                    }
+                }
+            }
+            for e in events {
+                tx.prepare_cached("INSERT INTO event (at, kind, cluster, node, message) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                    .execute(params![e.at as i64, e.kind, e.cluster, e.node, e.message])?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// The newest events first, at most `limit`.
+    pub fn events(&self, limit: u32) -> Result<Vec<EventRecord>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, at, kind, cluster, node, message FROM event ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = st.query_map([limit as i64], |r| {
+                Ok(EventRecord {
+                    id: r.get(0)?,
+                    at: r.get::<_, i64>(1)?.max(0) as u64,
+                    kind: r.get(2)?,
+                    cluster: r.get(3)?,
+                    node: r.get(4)?,
+                    message: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+}
+
 const NODE_SELECT: &str =
     "SELECT mac, uuid, serial, manufacturer, product, buildarch, platform, memsize, ip,
                                   first_seen, last_seen, boot_count FROM node";
@@ -322,6 +465,46 @@ mod tests {
         );
         s.delete_lease("10.0.0.6".parse().unwrap()).unwrap();
         assert_eq!(s.leases().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn assignments_and_events_persist_together() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let a = |m, c: &str, slot| AssignmentRecord {
+                mac: mac(m),
+                cluster: c.into(),
+                slot,
+                since: 5,
+            };
+            s.apply(
+                &[
+                    AssignmentChange::Set(a(1, "web", 0)),
+                    AssignmentChange::Set(a(2, "web", 1)),
+                ],
+                &[NewEvent::new(5, "assign", "two".into())],
+            )
+            .unwrap();
+            // Moving node 2 into slot 0 of db and node 1 out: one slot per node, one node per slot.
+            s.apply(
+                &[
+                    AssignmentChange::Remove(mac(1)),
+                    AssignmentChange::Set(a(2, "db", 0)),
+                ],
+                &[],
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let all = s.assignments().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (all[0].mac, all[0].cluster.as_str(), all[0].slot),
+            (mac(2), "db", 0)
+        );
+        let ev = s.events(10).unwrap();
+        assert_eq!(ev[0].message, "two");
     }
 
     #[test]
