@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod cli;
 mod serve;
 
 // Serving a script is a burst of small allocations; mimalloc's per-thread pools keep them off a shared
@@ -38,6 +39,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Clusters: desired, current, min, max, short or not (from a running corral).
+    Status(ApiArgs),
+    /// Nodes: state, cluster, slot, image, hostname, address (from a running corral).
+    Nodes(ApiArgs),
+    /// Recent events, oldest first (from a running corral).
+    Events {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// How many events.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// corral's HTTP address; default: from the config's http.listen.
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, default_value = "/etc/corral/corral.toml")]
+    config: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ApiArgs {
+    fn base(&self) -> String {
+        if let Some(u) = &self.url {
+            return u.clone();
+        }
+        let listen = corral::config::Config::load(&self.config)
+            .map(|c| c.http.listen)
+            .unwrap_or_else(|_| "127.0.0.1:80".parse().unwrap());
+        // A wildcard listener is reached on loopback.
+        let host = if listen.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            listen.ip().to_string()
+        };
+        format!("http://{host}:{}", listen.port())
+    }
 }
 
 fn main() -> ExitCode {
@@ -45,6 +88,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve::main(config),
         Command::Check { config, json } => check(config, json),
+        Command::Status(a) => cli::status(&a.base(), a.json),
+        Command::Nodes(a) => cli::nodes(&a.base(), a.json),
+        Command::Events { api, limit } => cli::events(&api.base(), api.json, limit),
     }
 }
 

@@ -85,6 +85,11 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             c.run_planner(Duration::from_secs(2)).await;
             Ok(())
         });
+        let (c, path) = (controller.clone(), config_path.clone());
+        tasks.spawn(async move {
+            watch_files(c, path).await;
+            Ok(())
+        });
     }
     notify_systemd("READY=1");
     tracing::info!(config = %config_path.display(), "corral is serving");
@@ -116,6 +121,38 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let c = controller.clone();
     tokio::task::spawn_blocking(move || c.flush()).await??;
     Ok(())
+}
+
+/// Size and mtime of the config and policy files: a change to either reloads.
+fn stamps(
+    controller: &Controller,
+    config_path: &std::path::Path,
+) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    let policy = controller.state().config.server.policy.clone();
+    [Some(config_path.to_path_buf()), policy]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+        })
+        .collect()
+}
+
+/// Reloads when the config or policy file changes on disk (editors and config management rarely send
+/// SIGHUP). Polling every two seconds costs two stat calls and needs no inotify permissions.
+async fn watch_files(controller: Arc<Controller>, config_path: PathBuf) {
+    let mut last = stamps(&controller, &config_path);
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = stamps(&controller, &config_path);
+        if now != last {
+            reload(&controller, &config_path);
+            // The reload may have pointed at another policy file: look at what is in force now.
+            last = stamps(&controller, &config_path);
+        }
+    }
 }
 
 /// One HTTP worker per core.

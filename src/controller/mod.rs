@@ -11,6 +11,8 @@
 //! commits to the store every few hundred milliseconds, so a burst of booting nodes costs one transaction,
 //! not one fsync per request.
 
+pub mod views;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};

@@ -313,26 +313,38 @@ async fn route(
             "text/plain; version=0.0.4",
         ),
         "/api/v1/nodes" => {
-            let store = ctx.controller.store().clone();
             let ctl = ctx.controller.clone();
-            match tokio::task::spawn_blocking(move || {
-                ctl.flush()?;
-                Ok::<_, anyhow::Error>(store.nodes()?)
-            })
-            .await
-            {
-                Ok(Ok(nodes)) => typed(
-                    serde_json::to_string_pretty(&nodes).unwrap_or_default() + "\n",
-                    "application/json",
-                ),
+            match tokio::task::spawn_blocking(move || ctl.nodes_view()).await {
+                Ok(Ok(nodes)) => json(&nodes),
                 _ => text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "cannot read the inventory\n",
                 ),
             }
         }
+        "/api/v1/clusters" => json(&ctx.controller.clusters_view(crate::unix_now())),
+        "/api/v1/events" => {
+            let limit = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("limit="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100u32)
+                .min(10_000);
+            let store = ctx.controller.store().clone();
+            match tokio::task::spawn_blocking(move || store.events(limit)).await {
+                Ok(Ok(events)) => json(&events),
+                _ => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot read events\n"),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response<HttpBody> {
+    typed(
+        serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
+        "application/json",
+    )
 }
 
 fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<HttpBody> {

@@ -789,6 +789,17 @@ identity = { hostname = \"db-{n}\", addresses = \"10.0.0.5-10.0.0.6\" }
     }
 
     #[test]
+    fn documented_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/policy.example.toml");
+        let pol = Policy::load(&path, &|n, _| n == "testos").unwrap();
+        let web = pol.cluster("web").unwrap();
+        assert_eq!(web.slot_images[0], "testos");
+        assert_eq!(web.identities[7].hostname, "web-08");
+        assert_eq!(web.windows.len(), 1);
+        assert_eq!(pol.nodes.len(), 1);
+    }
+
+    #[test]
     fn hostnames() {
         assert_eq!(hostname("{cluster}-{slot}", "db", 0).unwrap(), "db-0");
         assert_eq!(hostname("n{n:03}", "db", 4).unwrap(), "n005");

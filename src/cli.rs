@@ -1,0 +1,163 @@
+//! Operator commands that read a running corral through its HTTP API: `status`, `nodes`, `events`.
+//! Tables for people, `--json` for scripts.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// GET `path` from `base` (http://host:port), returning the body of a 200 response.
+pub fn get(base: &str, path: &str) -> Result<String, String> {
+    let rest = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("`{base}` is not an http:// URL"))?;
+    let host = rest.trim_end_matches('/');
+    let addr = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:80")
+    };
+    let mut s =
+        TcpStream::connect(&addr).map_err(|e| format!("cannot reach corral at {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(format!("{path}: HTTP {status}: {}", body.trim()));
+    }
+    // hyper answers small bodies with Content-Length; decode chunked just in case.
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok(dechunk(body));
+    }
+    Ok(body.to_string())
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn fetch(base: &str, path: &str) -> Result<serde_json::Value, ExitCode> {
+    let body = get(base, path).map_err(|e| {
+        eprintln!("corral: {e}");
+        ExitCode::from(1)
+    })?;
+    serde_json::from_str(&body).map_err(|e| {
+        eprintln!("corral: bad answer from {path}: {e}");
+        ExitCode::from(1)
+    })
+}
+
+fn s(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn status(base: &str, json: bool) -> ExitCode {
+    let v = match fetch(base, "/api/v1/clusters") {
+        Ok(v) => v,
+        Err(c) => return c,
+    };
+    if json {
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<16} {:>8} {:>7} {:>7} {:>4} {:>4}  {}",
+        "CLUSTER", "PRIORITY", "DESIRED", "CURRENT", "MIN", "MAX", "STATE"
+    );
+    for c in v.as_array().into_iter().flatten() {
+        let state = if c["below_min"] == true {
+            "BELOW MIN"
+        } else if c["short"] == true {
+            "short"
+        } else {
+            "ok"
+        };
+        println!(
+            "{:<16} {:>8} {:>7} {:>7} {:>4} {:>4}  {}",
+            s(&c["name"]),
+            s(&c["priority"]),
+            s(&c["desired"]),
+            s(&c["current"]),
+            s(&c["min"]),
+            s(&c["max"]),
+            state
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn nodes(base: &str, json: bool) -> ExitCode {
+    let v = match fetch(base, "/api/v1/nodes") {
+        Ok(v) => v,
+        Err(c) => return c,
+    };
+    if json {
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<17} {:<14} {:<12} {:>4} {:<14} {:<16} {}",
+        "NODE", "STATE", "CLUSTER", "SLOT", "IMAGE", "HOSTNAME", "ADDRESS"
+    );
+    for n in v.as_array().into_iter().flatten() {
+        println!(
+            "{:<17} {:<14} {:<12} {:>4} {:<14} {:<16} {}",
+            s(&n["mac"]),
+            s(&n["state"]),
+            s(&n["cluster"]),
+            s(&n["slot"]),
+            s(&n["image"]),
+            s(&n["hostname"]),
+            s(&n["address"])
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn events(base: &str, json: bool, limit: u32) -> ExitCode {
+    let v = match fetch(base, &format!("/api/v1/events?limit={limit}")) {
+        Ok(v) => v,
+        Err(c) => return c,
+    };
+    if json {
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    let mut rows: Vec<&serde_json::Value> = v.as_array().into_iter().flatten().collect();
+    rows.reverse();
+    for e in rows {
+        println!(
+            "{:>12}  {:<16} {}",
+            s(&e["at"]),
+            s(&e["kind"]),
+            s(&e["message"])
+        );
+    }
+    ExitCode::SUCCESS
+}
