@@ -87,8 +87,8 @@ pub fn status(base: &str, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!(
-        "{:<16} {:>8} {:>7} {:>7} {:>4} {:>4}  {}",
-        "CLUSTER", "PRIORITY", "DESIRED", "CURRENT", "MIN", "MAX", "STATE"
+        "{:<16} {:>8} {:>7} {:>7} {:>4} {:>4}  STATE",
+        "CLUSTER", "PRIORITY", "DESIRED", "CURRENT", "MIN", "MAX"
     );
     for c in v.as_array().into_iter().flatten() {
         let state = if c["below_min"] == true {
@@ -122,8 +122,8 @@ pub fn nodes(base: &str, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!(
-        "{:<17} {:<14} {:<12} {:>4} {:<14} {:<16} {}",
-        "NODE", "STATE", "CLUSTER", "SLOT", "IMAGE", "HOSTNAME", "ADDRESS"
+        "{:<17} {:<14} {:<12} {:>4} {:<14} {:<16} ADDRESS",
+        "NODE", "STATE", "CLUSTER", "SLOT", "IMAGE", "HOSTNAME"
     );
     for n in v.as_array().into_iter().flatten() {
         println!(
