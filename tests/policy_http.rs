@@ -262,3 +262,65 @@ fn discovery_priority_links_reload_and_restart() {
         5
     );
 }
+
+#[test]
+fn metrics_feed_scale_rules_behind_a_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    image(dir, "web-a");
+    let port = free_port();
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("boot-scripts");
+    std::fs::write(
+        dir.join("corral.toml"),
+        format!(
+            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}\"\npolicy = \"policy.toml\"\n[http]\nlisten = \"127.0.0.1:{port}\"\napi_token = \"s3cret\"\n[tftp]\nenabled = false\n",
+            scripts.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[[cluster]]\nname = \"web\"\nmin = 1\nmax = 4\ndefault = 1\nimages = [\"web-a\"]\nscale = [{ metric = \"rt_ms\", above = 500.0, for = 0, add = 2, cooldown = \"1h\" }]\n",
+    )
+    .unwrap();
+    let _srv = start(dir, port);
+    let url = format!("http://127.0.0.1:{port}/api/v1/metrics");
+    let post = |auth: &str, body: &str| -> String {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "-H",
+                auth,
+                "--data",
+                body,
+                &url,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let sample = r#"{"cluster": "web", "metric": "rt_ms", "value": 900.0}"#;
+    assert_eq!(post("X-None: 1", sample), "401");
+    assert_eq!(post("Authorization: Bearer wrong", sample), "401");
+    assert_eq!(
+        post(
+            "Authorization: Bearer s3cret",
+            r#"{"cluster": "nope", "metric": "rt_ms", "value": 1}"#
+        ),
+        "400"
+    );
+    assert_eq!(post("Authorization: Bearer s3cret", "not json"), "400");
+    assert_eq!(post("Authorization: Bearer s3cret", sample), "200");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_for("the scale rule", || {
+        get(&format!("{base}/api/v1/clusters")).contains("\"desired\": 3")
+    });
+    assert!(get(&format!("{base}/api/v1/events"))
+        .contains("scale rule on rt_ms adds 2 node(s): desired now 3"));
+}

@@ -187,6 +187,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// The base URL nodes use to reach this server; defaults to `http://<server.address>:<port>`.
     pub public_url: Option<String>,
+    /// Bearer token that write endpoints (`POST /api/v1/metrics`) require; unset, writes are refused.
+    pub api_token: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -194,6 +196,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "0.0.0.0:80".parse().unwrap(),
             public_url: None,
+            api_token: None,
         }
     }
 }

@@ -249,6 +249,8 @@ pub struct Controller {
     seen: Mutex<HashMap<Mac, BootsSeen>>,
     /// What the planner works on: known nodes and assignments (mirrors the store).
     fleet: Mutex<Fleet>,
+    /// Scale-rule samples and what the rules decided.
+    scale: Mutex<crate::policy::scale::ScaleState>,
 }
 
 #[derive(Default)]
@@ -318,6 +320,7 @@ impl Controller {
             store,
             seen: Mutex::new(HashMap::new()),
             fleet: Mutex::new(fleet),
+            scale: Mutex::new(Default::default()),
         });
         c.replan(crate::unix_now())?;
         Ok(c)
@@ -396,9 +399,31 @@ impl Controller {
             return Ok(Vec::new());
         };
         let mut fleet = self.fleet();
+        let mut events: Vec<NewEvent> = Vec::new();
+        {
+            let base =
+                |c: &crate::policy::Cluster| plan::base_count(c, now, policy.utc_offset_minutes);
+            let mut scale = self.scale.lock().unwrap_or_else(|p| p.into_inner());
+            for f in scale.evaluate(&policy, &base, now) {
+                let verb = if f.delta > 0 { "adds" } else { "removes" };
+                let msg = format!(
+                    "scale rule on {} {verb} {} node(s): desired now {}",
+                    f.metric,
+                    f.delta.abs(),
+                    f.target
+                );
+                events.push(NewEvent {
+                    at: now,
+                    kind: "scale",
+                    cluster: Some(f.cluster.clone()),
+                    node: None,
+                    message: msg,
+                });
+            }
+            fleet.state.scale_targets = scale.targets(&policy, &base);
+        }
         let actions = plan::plan(&policy, &fleet.state, now);
         let mut changes = Vec::new();
-        let mut events: Vec<NewEvent> = Vec::new();
         let ev = |kind, cluster: &str, node: Option<&Mac>, message| NewEvent {
             at: now,
             kind,
@@ -494,6 +519,31 @@ impl Controller {
         }
         fleet.alerts = alerts;
         Ok(actions)
+    }
+
+    /// Records one sample of a cluster metric for its scale rules; planning picks it up.
+    pub fn record_metric(
+        &self,
+        cluster: &str,
+        metric: &str,
+        value: f64,
+        now: u64,
+    ) -> Result<(), String> {
+        let state = self.state();
+        let Some(policy) = &state.policy else {
+            return Err("no policy is loaded".into());
+        };
+        if policy.cluster(cluster).is_none() {
+            return Err(format!("no cluster named `{cluster}`"));
+        }
+        if !value.is_finite() {
+            return Err("value must be a finite number".into());
+        }
+        self.scale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(policy, cluster, metric, value, now);
+        Ok(())
     }
 
     /// Plans every `period` (schedule windows follow the clock) until the task is dropped.

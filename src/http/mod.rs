@@ -239,7 +239,11 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>, peer: SocketAddr) -> Response
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    let resp = route(ctx, &method, &path, &query, &req, peer).await;
+    let resp = if method == Method::POST && path == "/api/v1/metrics" {
+        post_metrics(ctx, req).await
+    } else {
+        route(ctx, &method, &path, &query, &req, peer).await
+    };
     match resp.status() {
         StatusCode::NOT_FOUND => ctx.stats.not_found.inc(),
         StatusCode::BAD_REQUEST => ctx.stats.bad_requests.inc(),
@@ -263,7 +267,7 @@ async fn route(
     if !is_get {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET and HEAD are served here\n",
+            "only GET and HEAD are served here (and POST /api/v1/metrics)\n",
         );
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -338,6 +342,70 @@ async fn route(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `POST /api/v1/metrics` with `{"cluster": "web", "metric": "rt_ms", "value": 640.0}` (or a list of such):
+/// samples for the cluster's scale rules. Needs `Authorization: Bearer <http.api_token>`.
+async fn post_metrics(ctx: &Ctx, req: Request<Incoming>) -> Response<HttpBody> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Sample {
+        cluster: String,
+        metric: String,
+        value: f64,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Body {
+        One(Sample),
+        Many(Vec<Sample>),
+    }
+    let state = ctx.controller.state();
+    let Some(token) = state.config.http.api_token.as_deref() else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "writes are disabled: set http.api_token\n",
+        );
+    };
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if auth.strip_prefix("Bearer ").map(str::trim) != Some(token) {
+        return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+    }
+    // Samples are small; a larger body is a mistake or an attack.
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB\n"),
+    };
+    let samples = match serde_json::from_slice::<Body>(&body) {
+        Ok(Body::One(s)) => vec![s],
+        Ok(Body::Many(v)) => v,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"cluster\", \"metric\", \"value\"}}: {e}\n"),
+            )
+        }
+    };
+    let now = crate::unix_now();
+    for s in &samples {
+        if let Err(e) = ctx
+            .controller
+            .record_metric(&s.cluster, &s.metric, s.value, now)
+        {
+            return text(StatusCode::BAD_REQUEST, &format!("{e}\n"));
+        }
+    }
+    text(
+        StatusCode::OK,
+        &format!("{} sample(s) recorded\n", samples.len()),
+    )
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Response<HttpBody> {

@@ -8,6 +8,7 @@
 
 pub mod cron;
 pub mod plan;
+pub mod scale;
 
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};

@@ -103,19 +103,22 @@ pub enum Action {
     },
 }
 
-/// Desired count of one cluster at `now`.
+/// A cluster's count before scale rules: the first schedule window matching `now`, else its default.
+pub fn base_count(c: &Cluster, now: u64, utc_offset_minutes: i32) -> u32 {
+    c.windows
+        .iter()
+        .find(|(cr, _)| cr.matches(now as i64, utc_offset_minutes))
+        .map(|(_, n)| *n)
+        .unwrap_or(c.default)
+}
+
+/// Desired count of one cluster at `now`: a scale-rule target, else the base count; within [min, max].
 pub fn desired(c: &Cluster, state: &State, now: u64, utc_offset_minutes: i32) -> u32 {
     let base = state
         .scale_targets
         .get(&c.spec.name)
         .copied()
-        .or_else(|| {
-            c.windows
-                .iter()
-                .find(|(cr, _)| cr.matches(now as i64, utc_offset_minutes))
-                .map(|(_, n)| *n)
-        })
-        .unwrap_or(c.default);
+        .unwrap_or_else(|| base_count(c, now, utc_offset_minutes));
     base.clamp(c.spec.min, c.spec.max)
 }
 
