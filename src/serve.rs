@@ -65,6 +65,9 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let state = BootState::load(config.clone()).map_err(|d| anyhow::anyhow!("{d}"))?;
     let controller = Controller::new(state, store.clone())?;
     let mut metrics = Registry::default();
+    metrics.add(Arc::new(corral::controller::views::ControllerMetrics(
+        controller.clone(),
+    )));
     let mut tasks = tokio::task::JoinSet::new();
 
     let http =

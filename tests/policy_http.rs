@@ -185,6 +185,13 @@ fn discovery_priority_links_reload_and_restart() {
         (Some("web"), Some(3))
     );
 
+    let metrics = get(&format!("{base}/metrics"));
+    assert!(
+        metrics.contains("corral_cluster_nodes{cluster=\"web\",kind=\"current\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("corral_nodes_known 5"), "{metrics}");
+
     // Raise db's desired count: the idle fifth node is taken first (no preemption needed)...
     std::fs::write(
         dir.join("policy.toml"),

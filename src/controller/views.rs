@@ -153,3 +153,49 @@ impl Controller {
             .collect())
     }
 }
+
+/// Cluster and node gauges for `/metrics`.
+pub struct ControllerMetrics(pub std::sync::Arc<Controller>);
+
+impl crate::metrics::Report for ControllerMetrics {
+    fn report(&self, out: &mut String) {
+        use std::fmt::Write;
+        let clusters = self.0.clusters_view(crate::unix_now());
+        if !clusters.is_empty() {
+            let _ = writeln!(out, "# HELP corral_cluster_nodes Nodes per cluster: desired, current, min, max.\n# TYPE corral_cluster_nodes gauge");
+            for c in &clusters {
+                for (kind, v) in [
+                    ("desired", c.desired),
+                    ("current", c.current),
+                    ("min", c.min),
+                    ("max", c.max),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "corral_cluster_nodes{{cluster=\"{}\",kind=\"{kind}\"}} {v}",
+                        c.name
+                    );
+                }
+            }
+        }
+        let fleet = self.0.fleet_state();
+        crate::metrics::write_gauge(
+            out,
+            "corral_nodes_known",
+            "Nodes the planner knows",
+            fleet.nodes.len() as u64,
+        );
+        crate::metrics::write_gauge(
+            out,
+            "corral_nodes_assigned",
+            "Nodes filling a cluster slot",
+            fleet.assignments.len() as u64,
+        );
+        crate::metrics::write_gauge(
+            out,
+            "corral_nodes_reboot_pending",
+            "Nodes moved while running their old role",
+            self.0.reboot_pending().len() as u64,
+        );
+    }
+}
