@@ -234,6 +234,12 @@ fn scripts_files_and_errors() {
     assert_eq!(n["facts"]["uuid"], "abcd");
     assert_eq!(n["facts"]["serial"], "S 1");
     assert_eq!(n["boot_count"], 2);
+    let (code, head, page) = curl(&[&format!("{base}/")]);
+    assert_eq!(code, 200);
+    assert!(head.contains("content-type: text/html"));
+    assert!(String::from_utf8(page)
+        .unwrap()
+        .contains("/api/v1/clusters"));
     let (_, _, metrics) = curl(&[&format!("{base}/metrics")]);
     assert!(String::from_utf8(metrics)
         .unwrap()

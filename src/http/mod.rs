@@ -7,7 +7,9 @@
 //!   (image, parked or error), and the node is recorded in the inventory.
 //! - `GET|HEAD /images/<image>/<file>` — files of a catalog image.
 //! - `GET|HEAD /ipxe/<file>` — files of the TFTP root (iPXE binaries for UEFI HTTP-boot clients).
-//! - `GET /api/v1/nodes` — inventory as JSON. `GET /metrics` — Prometheus text. `GET /healthz`.
+//! - `GET /` — the dashboard (clusters, nodes, events; refreshes itself from the API).
+//! - `GET /api/v1/nodes`, `/api/v1/clusters`, `/api/v1/events` — JSON. `POST /api/v1/metrics` — scale-rule
+//!   samples (bearer token). `GET /metrics` — Prometheus text. `GET /healthz`.
 
 pub mod files;
 
@@ -28,6 +30,9 @@ use crate::controller::{BootDecision, Controller};
 use crate::mac::Mac;
 use crate::metrics::{write_counter, Counter, Registry, Report};
 use crate::store::NodeFacts;
+
+/// The operator dashboard: one static page that reads the API.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Every response body: whole buffers or streamed files.
 pub type HttpBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -311,6 +316,12 @@ async fn route(
         return files::serve(&ctx.cache, full, method, req.headers()).await;
     }
     match path {
+        "/" | "/dashboard" => {
+            let mut r = typed(DASHBOARD.to_string(), "text/html; charset=utf-8");
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/metrics" => typed(
             ctx.metrics.get().map(|m| m.render()).unwrap_or_default(),
