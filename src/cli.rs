@@ -69,6 +69,16 @@ fn fetch(base: &str, path: &str) -> Result<serde_json::Value, ExitCode> {
     })
 }
 
+/// Fetches `path`; with `--json` prints it and returns None (done), else returns it for a table.
+fn fetch_table(base: &str, path: &str, json: bool) -> Result<Option<serde_json::Value>, ExitCode> {
+    let v = fetch(base, path)?;
+    if json {
+        println!("{v}");
+        return Ok(None);
+    }
+    Ok(Some(v))
+}
+
 fn s(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Null => "-".into(),
@@ -78,14 +88,11 @@ fn s(v: &serde_json::Value) -> String {
 }
 
 pub fn status(base: &str, json: bool) -> ExitCode {
-    let v = match fetch(base, "/api/v1/clusters") {
-        Ok(v) => v,
+    let v = match fetch_table(base, "/api/v1/clusters", json) {
+        Ok(Some(v)) => v,
+        Ok(None) => return ExitCode::SUCCESS,
         Err(c) => return c,
     };
-    if json {
-        println!("{v}");
-        return ExitCode::SUCCESS;
-    }
     println!(
         "{:<16} {:>8} {:>7} {:>7} {:>4} {:>4}  STATE",
         "CLUSTER", "PRIORITY", "DESIRED", "CURRENT", "MIN", "MAX"
@@ -113,14 +120,11 @@ pub fn status(base: &str, json: bool) -> ExitCode {
 }
 
 pub fn nodes(base: &str, json: bool) -> ExitCode {
-    let v = match fetch(base, "/api/v1/nodes") {
-        Ok(v) => v,
+    let v = match fetch_table(base, "/api/v1/nodes", json) {
+        Ok(Some(v)) => v,
+        Ok(None) => return ExitCode::SUCCESS,
         Err(c) => return c,
     };
-    if json {
-        println!("{v}");
-        return ExitCode::SUCCESS;
-    }
     println!(
         "{:<17} {:<14} {:<12} {:>4} {:<14} {:<16} ADDRESS",
         "NODE", "STATE", "CLUSTER", "SLOT", "IMAGE", "HOSTNAME"
@@ -141,14 +145,11 @@ pub fn nodes(base: &str, json: bool) -> ExitCode {
 }
 
 pub fn events(base: &str, json: bool, limit: u32) -> ExitCode {
-    let v = match fetch(base, &format!("/api/v1/events?limit={limit}")) {
-        Ok(v) => v,
+    let v = match fetch_table(base, &format!("/api/v1/events?limit={limit}"), json) {
+        Ok(Some(v)) => v,
+        Ok(None) => return ExitCode::SUCCESS,
         Err(c) => return c,
     };
-    if json {
-        println!("{v}");
-        return ExitCode::SUCCESS;
-    }
     let mut rows: Vec<&serde_json::Value> = v.as_array().into_iter().flatten().collect();
     rows.reverse();
     for e in rows {

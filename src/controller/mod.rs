@@ -177,6 +177,25 @@ impl BootState {
     }
 }
 
+/// Runs a blocking job every `period`, on the blocking pool so the servers' threads never wait on the
+/// database; failures are logged and the next tick tries again.
+async fn every<F>(period: Duration, what: &'static str, job: F)
+where
+    F: Fn() -> anyhow::Result<()> + Send + Sync + 'static,
+{
+    let job = Arc::new(job);
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let j = job.clone();
+        match tokio::task::spawn_blocking(move || j()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "{what} failed"),
+            Err(e) => tracing::error!(error = %e, "{what} panicked"),
+        }
+    }
+}
+
 /// Newer reported facts replace older ones; facts a request did not carry keep their value.
 fn merge_facts(into: &mut NodeFacts, newer: NodeFacts) {
     let NodeFacts {
@@ -548,16 +567,10 @@ impl Controller {
 
     /// Plans every `period` (schedule windows follow the clock) until the task is dropped.
     pub async fn run_planner(self: Arc<Self>, period: Duration) {
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tick.tick().await;
-            let me = self.clone();
-            if let Ok(Err(e)) =
-                tokio::task::spawn_blocking(move || me.replan(crate::unix_now())).await
-            {
-                tracing::error!(error = %e, "planning failed");
-            }
-        }
+        every(period, "planning", move || {
+            self.replan(crate::unix_now()).map(|_| ())
+        })
+        .await
     }
 
     /// Records that a node asked for its script (committed by [`Controller::flush`]).
@@ -621,17 +634,8 @@ impl Controller {
         Ok(())
     }
 
-    /// Flushes the inventory queue every `period` until the task is dropped.
+    /// Commits the inventory queue every `period` until the task is dropped.
     pub async fn run_flusher(self: Arc<Self>, period: Duration) {
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tick.tick().await;
-            let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.flush()).await {
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot record node inventory"),
-                Err(e) => tracing::error!(error = %e, "inventory flush task failed"),
-                Ok(Ok(())) => {}
-            }
-        }
+        every(period, "recording node inventory", move || self.flush()).await
     }
 }
