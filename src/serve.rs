@@ -75,7 +75,13 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     metrics.add(http.stats());
     tracing::info!(listen = %http.local_addr(), url = %config.public_url(), "http ready");
 
-    // @@SERVERS@@
+    if config.tftp.enabled {
+        let tftp = corral::tftp::TftpServer::bind(&config.tftp).await?;
+        metrics.add(tftp.stats());
+        tracing::info!(listen = %tftp.local_addr(), root = %config.tftp.root.display(), "tftp ready");
+        tasks.spawn(async move { tftp.run().await.map_err(|e| e.context("tftp")) });
+    }
+    // @@DHCP@@
     tasks.spawn(async move { http.run(metrics).await.map_err(|e| e.context("http")) });
     {
         let c = controller.clone();

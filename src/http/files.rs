@@ -67,7 +67,12 @@ impl FileCache {
         }
     }
 
-    fn get(&self, path: &Path, len: u64, mtime: SystemTime) -> Option<Bytes> {
+    /// Bytes the cache may hold.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    pub(crate) fn get(&self, path: &Path, len: u64, mtime: SystemTime) -> Option<Bytes> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let c = entries.get(path)?;
         if c.len != len || c.mtime != mtime {
@@ -80,7 +85,7 @@ impl FileCache {
         Some(c.bytes.clone())
     }
 
-    fn insert(&self, path: PathBuf, bytes: Bytes, mtime: SystemTime) {
+    pub(crate) fn insert(&self, path: PathBuf, bytes: Bytes, mtime: SystemTime) {
         let len = bytes.len() as u64;
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.remove(&path);
