@@ -81,7 +81,29 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         tracing::info!(listen = %tftp.local_addr(), root = %config.tftp.root.display(), "tftp ready");
         tasks.spawn(async move { tftp.run().await.map_err(|e| e.context("tftp")) });
     }
-    // @@DHCP@@
+    if config.dhcp.mode != corral::config::DhcpMode::Off {
+        // Nodes in cluster slots get their slot's address.
+        let c = controller.clone();
+        let fixed: corral::dhcp::server::FixedAddress = Arc::new(move |mac| c.slot_address(mac));
+        let dhcp = corral::dhcp::DhcpServer::bind(&config, store.clone())
+            .await?
+            .with_fixed_addresses(fixed);
+        metrics.add(dhcp.stats());
+        tracing::info!(mode = ?config.dhcp.mode, interface = ?config.server.interface, "dhcp ready");
+        tasks.spawn(async move { dhcp.run().await.map_err(|e| e.context("dhcp")) });
+    }
+    let ra = &config.dhcp.router_advertisement;
+    if ra.enabled {
+        let iface = config.server.interface.clone().unwrap_or_default();
+        let prefix = corral::config::parse_prefix6(&ra.prefix).map_err(|e| anyhow::anyhow!(e))?;
+        let interval = ra.interval;
+        tasks.spawn(async move {
+            tokio::task::spawn_blocking(move || corral::dhcp::ra::run(&iface, prefix, interval))
+                .await
+                .map_err(|e| anyhow::anyhow!("router advertisements: {e}"))?
+                .map_err(|e| e.context("router advertisements"))
+        });
+    }
     tasks.spawn(async move { http.run(metrics).await.map_err(|e| e.context("http")) });
     {
         let c = controller.clone();

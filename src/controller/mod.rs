@@ -363,6 +363,19 @@ impl Controller {
         self.fleet().state.assignments.get(&mac).cloned()
     }
 
+    /// The address of the slot a node fills, when its cluster's identities name addresses.
+    pub fn slot_address(&self, mac: Mac) -> Option<std::net::Ipv4Addr> {
+        let slot = self.slot_of(mac)?;
+        let state = self.state();
+        state
+            .policy
+            .as_ref()?
+            .cluster(&slot.cluster)?
+            .identities
+            .get(slot.slot as usize)?
+            .address
+    }
+
     /// Nodes waiting for a reboot into a new role.
     pub fn reboot_pending(&self) -> Vec<Mac> {
         self.fleet().reboot.iter().copied().collect()

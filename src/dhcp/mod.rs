@@ -1,6 +1,13 @@
-//! DHCP: full (authoritative) and ProxyDHCP service on the boot interface, PXE/iPXE client handling, leases.
+//! DHCP on the boot network: full (authoritative, with leases) or ProxyDHCP (boot information beside the
+//! site's own server), PXE/iPXE/HTTP-boot client handling, and IPv6 router advertisements that spare iPXE
+//! its IPv6 wait.
 //!
-//! Interface contract used by `main`/`controller` (to be implemented in this room):
-//! - `DhcpServer::bind(cfg: &Config, store: Store) -> anyhow::Result<DhcpServer>` (async): opens every socket.
-//! - `DhcpServer::run(self) -> anyhow::Result<()>` (async): serves until the task is dropped.
-//! - `DhcpServer::stats(&self) -> Arc<DhcpStats>` where `DhcpStats: crate::metrics::Report`.
+//! `core` and `leases` decide, sans IO; `server` is the thin socket shell, bound to the configured interface
+//! and nothing else; `ra` builds and sends router advertisements.
+
+pub mod core;
+pub mod leases;
+pub mod ra;
+pub mod server;
+
+pub use server::{DhcpServer, DhcpStats};
