@@ -218,8 +218,8 @@ fn dhclient(net: &Net, dir: &Path) -> Option<String> {
     let leases = std::fs::read_to_string(&lf).ok()?;
     leases
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("fixed-address "))
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("fixed-address "))
         .map(|s| s.trim_end_matches(';').to_string())
 }
 
