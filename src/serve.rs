@@ -32,12 +32,16 @@ pub fn main(config_path: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(config_path, config)) {
+    let result = rt.block_on(run(config_path, config));
+    // The DHCP threads block in recv and never finish on their own: do not wait for them.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("corral: {e:#}");
-            ExitCode::from(1)
+            // HTTP workers are OS threads of their own: end the process, not just main's runtime.
+            std::process::exit(1)
         }
     }
 }

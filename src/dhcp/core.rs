@@ -475,8 +475,9 @@ impl Responder {
         } else if k.pxe {
             o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
         }
-        if proxy && k.pxe && !k.ipxe {
-            // PXE discovery control 8: "the boot file in this offer is all you need".
+        if k.pxe && !k.ipxe && !k.http {
+            // PXE discovery control 8: "the boot file in this offer is all you need". Without option 43 EDK2
+            // takes the offer for a BINL one and asks port 4011 for boot information instead of loading it.
             o.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
         }
         if !proxy && k.ipxe && s.no_pxedhcp {

@@ -39,8 +39,23 @@ fn interface_mac(iface: &str) -> Option<[u8; 6]> {
     crate::mac::Mac::parse(s.trim()).map(|m| m.0)
 }
 
-/// Sends advertisements until an error; blocking (runs on its own thread).
+/// Sends advertisements forever; blocking (runs on its own thread). Advertisements are a convenience, so
+/// a failure (the interface's link-local address still tentative, the interface gone for a while) is
+/// logged and retried rather than taking the boot server down.
 pub fn run(iface: &str, prefix: Ipv6Addr, interval: u64) -> anyhow::Result<()> {
+    let mut logged = false;
+    loop {
+        if let Err(e) = advertise(iface, prefix, interval) {
+            if !logged {
+                tracing::warn!(error = %e, iface, "router advertisements failed; retrying");
+                logged = true;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
+fn advertise(iface: &str, prefix: Ipv6Addr, interval: u64) -> anyhow::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let index = nix::net::if_::if_nametoindex(iface)
         .map_err(|e| anyhow::anyhow!("interface {iface}: {e}"))?;
