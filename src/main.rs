@@ -39,6 +39,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run corral on an isolated namespace network with VMs netbooting from it (root; QEMU, OVMF, iPXE, and
+    /// the test OS built by tests/testos/build.sh).
+    Lab {
+        /// How many VMs (BIOS, UEFI PXE and UEFI iPXE in turn).
+        #[arg(long, default_value_t = 3)]
+        vms: u32,
+        /// DHCP mode: full, or proxy beside dnsmasq as the site DHCP server.
+        #[arg(long, default_value = "full")]
+        mode: String,
+        /// Image catalog with the test OS.
+        #[arg(long, default_value = "images")]
+        images: PathBuf,
+        /// iPXE script templates.
+        #[arg(long, default_value = "boot-scripts")]
+        scripts: PathBuf,
+    },
     /// Clusters: desired, current, min, max, short or not (from a running corral).
     Status(ApiArgs),
     /// Nodes: state, cluster, slot, image, hostname, address (from a running corral).
@@ -88,6 +104,30 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve::main(config),
         Command::Check { config, json } => check(config, json),
+        Command::Lab {
+            vms,
+            mode,
+            images,
+            scripts,
+        } => {
+            let run = || -> anyhow::Result<()> {
+                let exe = std::env::current_exe()?;
+                corral::lab::demo(
+                    &exe,
+                    &std::fs::canonicalize(&images)?,
+                    &std::fs::canonicalize(&scripts)?,
+                    vms,
+                    &mode,
+                )
+            };
+            match run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("corral lab: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Status(a) => cli::status(&a.base(), a.json),
         Command::Nodes(a) => cli::nodes(&a.base(), a.json),
         Command::Events { api, limit } => cli::events(&api.base(), api.json, limit),

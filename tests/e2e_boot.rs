@@ -24,38 +24,14 @@ fn images_dir() -> std::path::PathBuf {
 
 /// Starts corral in the lab's server namespace.
 fn corral(lab: &mut Lab, mode: &str) {
-    let s = lab.server_ip();
-    let n = lab.subnet;
-    let cfg = lab.dir.join("corral.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\ninterface = \"{iface}\"\naddress = \"{s}\"\nstate_dir = \"{state}\"\nimages_dir = \"{images}\"\nscripts_dir = \"{scripts}\"\n\
-             [dhcp]\nmode = \"{mode}\"\nsubnet = \"10.{n}.0.0/24\"\nrange = [\"10.{n}.0.100\", \"10.{n}.0.199\"]\nlease_time = 600\n\
-             [dhcp.router_advertisement]\nenabled = true\nprefix = \"fd00:{n}::/64\"\n\
-             [tftp]\nlisten = \"0.0.0.0:69\"\nroot = \"/usr/lib/ipxe\"\n[http]\nlisten = \"0.0.0.0:80\"\n[boot]\ndefault_image = \"testos\"\n",
-            iface = lab.server_if,
-            state = lab.dir.join("state").display(),
-            images = images_dir().display(),
-            scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("boot-scripts").display(),
-        ),
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("boot-scripts");
+    lab.start_corral(
+        Path::new(env!("CARGO_BIN_EXE_corral")),
+        mode,
+        &images_dir(),
+        &scripts,
     )
-    .unwrap();
-    let ns = lab.server_ns.clone();
-    lab.spawn_in(
-        &ns,
-        env!("CARGO_BIN_EXE_corral"),
-        &["serve", "--config", cfg.to_str().unwrap()],
-        "corral.log",
-    )
-    .unwrap();
-    lab.wait_http(&format!("http://{s}/healthz"), Duration::from_secs(30))
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}\n{}",
-                std::fs::read_to_string(lab.dir.join("corral.log")).unwrap_or_default()
-            )
-        });
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Waits for a VM's marker and checks it: its own MAC, and the image's command line rendered for it.

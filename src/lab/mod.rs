@@ -378,6 +378,47 @@ impl Lab {
         })
     }
 
+    /// Writes a corral config for this lab (DHCP `mode` on the server's interface, TFTP from /usr/lib/ipxe,
+    /// HTTP on port 80, router advertisements on, `testos` as the default image) and starts corral with it
+    /// in the server namespace; returns when its HTTP server answers.
+    pub fn start_corral(
+        &mut self,
+        exe: &Path,
+        mode: &str,
+        images: &Path,
+        scripts: &Path,
+    ) -> anyhow::Result<()> {
+        let (s, n) = (self.server_ip(), self.subnet);
+        let cfg = self.dir.join("corral.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\ninterface = \"{iface}\"\naddress = \"{s}\"\nstate_dir = \"{state}\"\nimages_dir = \"{images}\"\nscripts_dir = \"{scripts}\"\n\
+                 [dhcp]\nmode = \"{mode}\"\nsubnet = \"10.{n}.0.0/24\"\nrange = [\"10.{n}.0.100\", \"10.{n}.0.199\"]\nlease_time = 600\n\
+                 [dhcp.router_advertisement]\nenabled = true\nprefix = \"fd00:{n}::/64\"\n\
+                 [tftp]\nlisten = \"0.0.0.0:69\"\nroot = \"/usr/lib/ipxe\"\n[http]\nlisten = \"0.0.0.0:80\"\n[boot]\ndefault_image = \"testos\"\n",
+                iface = self.server_if,
+                state = self.dir.join("state").display(),
+                images = images.display(),
+                scripts = scripts.display(),
+            ),
+        )?;
+        let ns = self.server_ns.clone();
+        self.spawn_in(
+            &ns,
+            &exe.to_string_lossy(),
+            &["serve", "--config", &cfg.to_string_lossy()],
+            "corral.log",
+        )?;
+        self.wait_http(&format!("http://{s}/healthz"), Duration::from_secs(30))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}\n{}",
+                    std::fs::read_to_string(self.dir.join("corral.log")).unwrap_or_default()
+                )
+            })
+    }
+
     /// Waits until an HTTP URL answers from inside the server namespace.
     pub fn wait_http(&self, url: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -417,6 +458,84 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
+}
+
+/// `corral lab`: corral on an isolated lab network with `count` VMs netbooting from it (BIOS with the iPXE
+/// ROM, UEFI through OVMF's own PXE, UEFI with the iPXE EFI ROM, in turn), printing what happens.
+pub fn demo(
+    exe: &Path,
+    images: &Path,
+    scripts: &Path,
+    count: u32,
+    mode: &str,
+) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("corral-lab-{}", std::process::id()));
+    let mut lab = Lab::new(&dir)?;
+    println!(
+        "lab: server namespace {} at {}, VMs on a bridge in {}; files in {}",
+        lab.server_ns,
+        lab.server_ip(),
+        lab.bridge_ns,
+        dir.display()
+    );
+    if mode == "proxy" {
+        let (ns, iface) = lab.add_host("site", 2)?;
+        let n = lab.subnet;
+        let leases = dir.join("dnsmasq.leases");
+        let range = format!("--dhcp-range=10.{n}.0.50,10.{n}.0.90,255.255.255.0,10m");
+        let args = [
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--port=0",
+            &format!("--interface={iface}"),
+            "--bind-interfaces",
+            &range,
+            &format!("--dhcp-leasefile={}", leases.display()),
+        ];
+        lab.spawn_in(&ns, "dnsmasq", &args, "dnsmasq.log")?;
+        println!(
+            "lab: dnsmasq is the site DHCP server (addresses only); corral answers as ProxyDHCP"
+        );
+    }
+    lab.start_corral(exe, mode, images, scripts)?;
+    println!(
+        "lab: corral serving ({mode} DHCP, TFTP, HTTP); log in {}",
+        dir.join("corral.log").display()
+    );
+    let kinds = [Firmware::Bios, Firmware::UefiPxe, Firmware::UefiIpxe];
+    let mut vms = Vec::new();
+    for i in 0..count {
+        let fw = kinds[i as usize % kinds.len()];
+        let vm = lab.vm(&format!("vm{}", i + 1), fw, &vm_mac(lab.id, i + 1))?;
+        println!(
+            "lab: {} ({:?}, {}) powered on",
+            vm.name, vm.firmware, vm.mac
+        );
+        vms.push(vm);
+    }
+    let mut failed = 0;
+    for vm in &mut vms {
+        match vm.wait_for("CORRAL-MARKER", Duration::from_secs(300)) {
+            Ok((line, secs)) => println!("lab: {} booted in {secs:.1} s: {line}", vm.name),
+            Err(e) => {
+                failed += 1;
+                println!("lab: {} did not boot: {e}", vm.name);
+            }
+        }
+    }
+    let nodes = lab.run_in_server(
+        "curl",
+        &["-s", &format!("http://{}/api/v1/nodes", lab.server_ip())],
+    )?;
+    println!("lab: inventory:\n{nodes}");
+    drop(vms);
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+    if failed > 0 {
+        anyhow::bail!("{failed} of {count} VMs did not boot");
+    }
+    println!("lab: all {count} VMs netbooted from corral; lab removed");
+    Ok(())
 }
 
 /// A locally administered MAC for VM number `n` of lab `id`.
