@@ -388,15 +388,34 @@ impl Lab {
         images: &Path,
         scripts: &Path,
     ) -> anyhow::Result<()> {
+        self.start_corral_with(exe, mode, images, scripts, None)
+    }
+
+    /// Like [`Lab::start_corral`], with a cluster policy file instead of the default image.
+    pub fn start_corral_with(
+        &mut self,
+        exe: &Path,
+        mode: &str,
+        images: &Path,
+        scripts: &Path,
+        policy: Option<&Path>,
+    ) -> anyhow::Result<()> {
         let (s, n) = (self.server_ip(), self.subnet);
+        let boot = match policy {
+            Some(_) => "[boot]\n".to_string(),
+            None => "[boot]\ndefault_image = \"testos\"\n".to_string(),
+        };
+        let policy_line = policy
+            .map(|p| format!("policy = \"{}\"\n", p.display()))
+            .unwrap_or_default();
         let cfg = self.dir.join("corral.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[server]\ninterface = \"{iface}\"\naddress = \"{s}\"\nstate_dir = \"{state}\"\nimages_dir = \"{images}\"\nscripts_dir = \"{scripts}\"\n\
+                "[server]\ninterface = \"{iface}\"\naddress = \"{s}\"\nstate_dir = \"{state}\"\nimages_dir = \"{images}\"\nscripts_dir = \"{scripts}\"\n{policy_line}\
                  [dhcp]\nmode = \"{mode}\"\nsubnet = \"10.{n}.0.0/24\"\nrange = [\"10.{n}.0.100\", \"10.{n}.0.199\"]\nlease_time = 600\n\
                  [dhcp.router_advertisement]\nenabled = true\nprefix = \"fd00:{n}::/64\"\n\
-                 [tftp]\nlisten = \"0.0.0.0:69\"\nroot = \"/usr/lib/ipxe\"\n[http]\nlisten = \"0.0.0.0:80\"\n[boot]\ndefault_image = \"testos\"\n",
+                 [tftp]\nlisten = \"0.0.0.0:69\"\nroot = \"/usr/lib/ipxe\"\n[http]\nlisten = \"0.0.0.0:80\"\n{boot}",
                 iface = self.server_if,
                 state = self.dir.join("state").display(),
                 images = images.display(),
