@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use crate::mac::Mac;
+pub use crate::store::LeaseChange;
 use crate::store::LeaseRecord;
 
 /// How long a declined address (someone else answers ARP for it) is left alone.
@@ -37,13 +38,6 @@ impl Entry {
             State::Bound { expires } => now < expires,
         }
     }
-}
-
-/// A change the shell must persist before replying.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeaseChange {
-    Put(LeaseRecord),
-    Remove(Ipv4Addr),
 }
 
 /// Why a REQUEST was refused.

@@ -1,8 +1,9 @@
 //! The DHCP shell: sockets bound to the boot interface (SO_BINDTODEVICE), one blocking thread per port
 //! (67, and 4011 in proxy mode) around the shared decision core, leases stored before each reply goes out.
 //!
-//! Blocking threads rather than async tasks: the work per packet is a decision and, for a REQUEST, one
+//! Blocking threads rather than async tasks: the work per packet is a decision and, for a REQUEST, a
 //! SQLite commit that must finish before the ACK is sent; a thread does exactly that with no hand-offs.
+//! Datagrams that arrive together are decided together and their leases committed in one transaction.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::{Arc, Mutex};
@@ -163,6 +164,16 @@ impl DhcpServer {
     }
 }
 
+/// Most datagrams taken from the socket before their leases are committed together.
+const BATCH: usize = 64;
+
+/// A decided reply waiting for its batch's commit.
+struct Pending {
+    msg: dhcproto::v4::Message,
+    to: SocketAddrV4,
+    mac: Option<Mac>,
+}
+
 fn serve(
     sock: UdpSocket,
     port: Port,
@@ -172,52 +183,102 @@ fn serve(
     fixed: Option<&FixedAddress>,
 ) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 4096];
+    let mut changes = Vec::new();
+    let mut replies: Vec<Pending> = Vec::new();
     loop {
-        let (n, src) = sock.recv_from(&mut buf)?;
-        stats.received.inc();
-        let SocketAddr::V4(src) = src else { continue };
-        let Some(msg) = core::decode(&buf[..n]) else {
-            stats.malformed.inc();
-            continue;
-        };
-        let mac = Mac::from_slice(msg.chaddr());
-        let fixed_ip = mac.and_then(|m| fixed.and_then(|f| f(m)));
-        let outcome = responder.lock().unwrap_or_else(|p| p.into_inner()).handle(
-            &msg,
-            port,
-            src,
-            crate::unix_now(),
-            fixed_ip,
-        );
-        // The lease is durable before the client hears of it.
-        let stored = outcome.changes.iter().try_for_each(|c| match c {
-            LeaseChange::Put(l) => store.put_lease(l),
-            LeaseChange::Remove(ip) => store.delete_lease(*ip),
-        });
-        if let Err(e) = stored {
-            stats.store_errors.inc();
-            tracing::error!(error = %e, "cannot store a lease; not answering");
+        // Wait for one datagram, then take whatever else has already arrived (up to BATCH) without
+        // waiting: under load the lease commit is shared by the whole burst, and when idle a lone
+        // request is answered at once.
+        sock.set_nonblocking(false)?;
+        let first = sock.recv_from(&mut buf)?;
+        sock.set_nonblocking(true)?;
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some((n, src)) = next.take() {
+            taken += 1;
+            stats.received.inc();
+            decide(
+                &buf[..n],
+                src,
+                port,
+                responder,
+                stats,
+                fixed,
+                &mut changes,
+                &mut replies,
+            );
+            if taken < BATCH {
+                match sock.recv_from(&mut buf) {
+                    Ok(got) => next = Some(got),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        // The leases are durable before any client hears of them.
+        if let Err(e) = store.apply_leases(&changes) {
+            stats.store_errors.add(replies.len() as u64);
+            tracing::error!(error = %e, "cannot store leases; not answering this batch");
+            changes.clear();
+            replies.clear();
             continue;
         }
-        let Some(reply) = outcome.reply else {
-            stats.ignored.inc();
-            continue;
-        };
-        let to = match reply.dest {
-            Dest::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
-            Dest::Unicast(a) => a,
-        };
-        match reply.msg.opts().msg_type() {
-            Some(dhcproto::v4::MessageType::Offer) => stats.offers.inc(),
-            Some(dhcproto::v4::MessageType::Ack) => stats.acks.inc(),
-            Some(dhcproto::v4::MessageType::Nak) => stats.naks.inc(),
-            _ => {}
-        }
-        tracing::debug!(mac = ?mac, kind = ?reply.msg.opts().msg_type(), yiaddr = %reply.msg.yiaddr(), %to, "dhcp reply");
-        if let Err(e) = sock.send_to(&core::encode(&reply.msg), to) {
-            tracing::warn!(error = %e, %to, "dhcp send failed");
-        } else {
-            stats.replies.inc();
+        changes.clear();
+        for r in replies.drain(..) {
+            match r.msg.opts().msg_type() {
+                Some(dhcproto::v4::MessageType::Offer) => stats.offers.inc(),
+                Some(dhcproto::v4::MessageType::Ack) => stats.acks.inc(),
+                Some(dhcproto::v4::MessageType::Nak) => stats.naks.inc(),
+                _ => {}
+            }
+            tracing::debug!(mac = ?r.mac, kind = ?r.msg.opts().msg_type(), yiaddr = %r.msg.yiaddr(), to = %r.to, "dhcp reply");
+            if let Err(e) = sock.send_to(&core::encode(&r.msg), r.to) {
+                tracing::warn!(error = %e, to = %r.to, "dhcp send failed");
+            } else {
+                stats.replies.inc();
+            }
         }
     }
+}
+
+/// Runs one datagram through the decision core, queueing its lease changes and reply.
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    data: &[u8],
+    src: SocketAddr,
+    port: Port,
+    responder: &Mutex<Responder>,
+    stats: &DhcpStats,
+    fixed: Option<&FixedAddress>,
+    changes: &mut Vec<LeaseChange>,
+    replies: &mut Vec<Pending>,
+) {
+    let SocketAddr::V4(src) = src else { return };
+    let Some(msg) = core::decode(data) else {
+        stats.malformed.inc();
+        return;
+    };
+    let mac = Mac::from_slice(msg.chaddr());
+    let fixed_ip = mac.and_then(|m| fixed.and_then(|f| f(m)));
+    let outcome = responder.lock().unwrap_or_else(|p| p.into_inner()).handle(
+        &msg,
+        port,
+        src,
+        crate::unix_now(),
+        fixed_ip,
+    );
+    changes.extend(outcome.changes);
+    let Some(reply) = outcome.reply else {
+        stats.ignored.inc();
+        return;
+    };
+    let to = match reply.dest {
+        Dest::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
+        Dest::Unicast(a) => a,
+    };
+    replies.push(Pending {
+        msg: reply.msg,
+        to,
+        mac,
+    });
 }

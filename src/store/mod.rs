@@ -14,6 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use crate::mac::Mac;
 
+/// A change to the lease table, which the DHCP shell must persist before replying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseChange {
+    Put(LeaseRecord),
+    Remove(Ipv4Addr),
+}
+
 /// A DHCP lease as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LeaseRecord {
@@ -177,31 +184,47 @@ impl Store {
     /// Inserts or replaces the lease for `lease.ip`; any other lease of the same MAC is removed, since a
     /// client holds one address at a time.
     pub fn put_lease(&self, lease: &LeaseRecord) -> Result<()> {
+        self.apply_leases(&[LeaseChange::Put(lease.clone())])
+    }
+
+    /// Applies a batch of lease changes in order, in one transaction: either all are stored or none.
+    /// The DHCP shell stores every change of a burst of packets this way before any reply leaves, so a
+    /// busy server pays one commit per burst instead of one per client.
+    pub fn apply_leases(&self, changes: &[LeaseChange]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.prepare_cached("DELETE FROM lease WHERE mac = ?1 AND ip <> ?2")?
-                .execute(params![lease.mac.to_string(), lease.ip.to_string()])?;
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO lease (ip, mac, client_id, hostname, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
-                lease.ip.to_string(),
-                lease.mac.to_string(),
-                lease.client_id,
-                lease.hostname,
-                lease.expires as i64
-            ])?;
+            for change in changes {
+                match change {
+                    LeaseChange::Put(lease) => {
+                        tx.prepare_cached("DELETE FROM lease WHERE mac = ?1 AND ip <> ?2")?
+                            .execute(params![lease.mac.to_string(), lease.ip.to_string()])?;
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO lease (ip, mac, client_id, hostname, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )?
+                        .execute(params![
+                            lease.ip.to_string(),
+                            lease.mac.to_string(),
+                            lease.client_id,
+                            lease.hostname,
+                            lease.expires as i64
+                        ])?;
+                    }
+                    LeaseChange::Remove(ip) => {
+                        tx.prepare_cached("DELETE FROM lease WHERE ip = ?1")?
+                            .execute([ip.to_string()])?;
+                    }
+                }
+            }
             tx.commit()
         })
     }
 
     /// Removes the lease on `ip` (RELEASE, DECLINE, expiry clean-up).
     pub fn delete_lease(&self, ip: Ipv4Addr) -> Result<()> {
-        self.with(|c| {
-            c.prepare_cached("DELETE FROM lease WHERE ip = ?1")?
-                .execute([ip.to_string()])
-                .map(|_| ())
-        })
+        self.apply_leases(&[LeaseChange::Remove(ip)])
     }
 
     /// Records batches of boot-script requests, in one transaction. Facts that iPXE did not report keep

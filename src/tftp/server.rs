@@ -219,6 +219,11 @@ impl TftpServer {
 async fn drive(sock: &UdpSocket, peer: SocketAddr, t: &mut Transfer) -> Result<(), String> {
     let mut buf = vec![0u8; 2048];
     let mut step = t.start(Instant::now());
+    // One timer for the whole transfer, moved only when the deadline moves: re-arming a fresh timer
+    // for every block costs more than the block itself at blksize 512 in lock-step.
+    let timer = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
         let deadline = match step {
             Step::Done => return Ok(()),
@@ -231,7 +236,12 @@ async fn drive(sock: &UdpSocket, peer: SocketAddr, t: &mut Transfer) -> Result<(
             }
             Step::Wait(deadline) => deadline,
         };
+        if armed != Some(deadline) {
+            timer.as_mut().reset(deadline.into());
+            armed = Some(deadline);
+        }
         step = tokio::select! {
+            biased;
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, from)) if from == peer => t.on_packet(&buf[..n], Instant::now(), deadline),
                 Ok((_, from)) => {
@@ -241,7 +251,7 @@ async fn drive(sock: &UdpSocket, peer: SocketAddr, t: &mut Transfer) -> Result<(
                 }
                 Err(_) => Step::Wait(deadline),
             },
-            _ = tokio::time::sleep_until(deadline.into()) => t.on_timeout(Instant::now()),
+            _ = &mut timer => t.on_timeout(Instant::now()),
         };
     }
 }
