@@ -59,6 +59,16 @@ enum Command {
     Status(ApiArgs),
     /// Nodes: state, cluster, slot, image, hostname, address (from a running corral).
     Nodes(ApiArgs),
+    /// Slot disks: list, inspect, reset (throw changes away), commit (fold into a new base), export (qcow2).
+    Disk {
+        #[command(subcommand)]
+        action: DiskAction,
+        #[arg(long, default_value = "/etc/corral/corral.toml", global = true)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Recent events, oldest first (from a running corral).
     Events {
         #[command(flatten)]
@@ -67,6 +77,20 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+}
+
+#[derive(Subcommand)]
+pub enum DiskAction {
+    /// Every slot overlay: cluster, slot, base, size, bytes written.
+    Ls,
+    /// One slot's overlay (`cluster/slot`): header, usage, files.
+    Inspect { slot: String },
+    /// Throws a slot's changes away: it reads as its base again. Refused while a node has it open.
+    Reset { slot: String },
+    /// Folds a slot's changes into a new base image `<disks_dir>/<name>.img`.
+    Commit { slot: String, name: String },
+    /// Writes a slot's disk (base plus changes) as a qcow2 file.
+    Export { slot: String, out: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -130,7 +154,23 @@ fn main() -> ExitCode {
         }
         Command::Status(a) => cli::status(&a.base(), a.json),
         Command::Nodes(a) => cli::nodes(&a.base(), a.json),
+        Command::Disk {
+            action,
+            config,
+            json,
+        } => cli::disk::run(&config, action_of(action), json),
         Command::Events { api, limit } => cli::events(&api.base(), api.json, limit),
+    }
+}
+
+fn action_of(a: DiskAction) -> cli::disk::Action {
+    use cli::disk::Action;
+    match a {
+        DiskAction::Ls => Action::Ls,
+        DiskAction::Inspect { slot } => Action::Inspect(slot),
+        DiskAction::Reset { slot } => Action::Reset(slot),
+        DiskAction::Commit { slot, name } => Action::Commit(slot, name),
+        DiskAction::Export { slot, out } => Action::Export(slot, out),
     }
 }
 

@@ -96,6 +96,20 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         tracing::info!(mode = ?config.dhcp.mode, interface = ?config.server.interface, "dhcp ready");
         tasks.spawn(async move { dhcp.run().await.map_err(|e| e.context("dhcp")) });
     }
+    // The NBD target runs when the policy gives some cluster a disk (a policy that adds the first disk
+    // on reload needs a restart to open the port).
+    let has_disks = controller
+        .state()
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.clusters.iter().any(|c| c.spec.disk.is_some()));
+    if config.nbd.enabled && has_disks {
+        let source = Arc::new(corral::controller::disks::NodeDisks(controller.clone()));
+        let nbd = corral::nbd::NbdServer::bind(config.nbd.listen, source).await?;
+        metrics.add(nbd.stats());
+        tracing::info!(listen = %nbd.local_addr(), "nbd ready");
+        tasks.spawn(async move { nbd.run().await.map_err(|e| e.context("nbd")) });
+    }
     let ra = &config.dhcp.router_advertisement;
     if ra.enabled {
         let iface = config.server.interface.clone().unwrap_or_default();

@@ -27,7 +27,8 @@ pub struct ImageSpec {
     #[serde(default)]
     pub initrds: Vec<String>,
     /// Kernel command line; `{{mac}}`, `{{image}}`, `{{hostname}}`, `{{base_url}}`, `{{server}}`, and under a
-    /// policy `{{cluster}}`, `{{slot}}`, `{{address}}` (the slot's identity) are filled in.
+    /// policy `{{cluster}}`, `{{slot}}`, `{{address}}` (the slot's identity), `{{disk}}`
+    /// (`nbd:<server>:<port>:<cluster>/<slot>`, the slot's NBD disk) and `{{disk_export}}` are filled in.
     #[serde(default)]
     pub cmdline: String,
 }
@@ -70,7 +71,16 @@ pub struct Catalog {
 
 /// Placeholders an image's cmdline may use.
 const CMDLINE_VARS: &[&str] = &[
-    "mac", "image", "hostname", "base_url", "server", "cluster", "slot", "address",
+    "mac",
+    "image",
+    "hostname",
+    "base_url",
+    "server",
+    "cluster",
+    "slot",
+    "address",
+    "disk",
+    "disk_export",
 ];
 
 impl Catalog {
@@ -354,6 +364,10 @@ pub struct NodeVars<'a> {
     pub cluster: &'a str,
     pub slot: &'a str,
     pub address: &'a str,
+    /// The slot's disk as `nbd:<server>:<port>:<export>`, and the export name alone (empty when the
+    /// cluster has no disk).
+    pub disk: &'a str,
+    pub disk_export: &'a str,
 }
 
 /// Renders the script that boots `image` on a node.
@@ -367,6 +381,8 @@ pub fn node_script(t: &Templates, image: &Image, v: &NodeVars<'_>) -> String {
         ("cluster", v.cluster),
         ("slot", v.slot),
         ("address", v.address),
+        ("disk", v.disk),
+        ("disk_export", v.disk_export),
     ];
     let mut cmdline = image.cmdline.render(&cmd_vars);
     // iPXE on EFI hands initrds to the kernel's EFI stub only when the command line names them.
@@ -453,6 +469,8 @@ mod tests {
             cluster: "",
             slot: "",
             address: "",
+            disk: "",
+            disk_export: "",
         };
         let s = node_script(&t, &image, &v);
         assert!(s.starts_with("#!ipxe"));

@@ -20,6 +20,7 @@ pub struct Config {
     pub dhcp: DhcpConfig,
     pub tftp: TftpConfig,
     pub http: HttpConfig,
+    pub nbd: NbdConfig,
     pub boot: BootConfig,
     /// Where the config was read from, for error messages and relative paths.
     #[serde(skip)]
@@ -43,6 +44,8 @@ pub struct ServerConfig {
     /// Cluster policy (`policy.toml`). When set, nodes boot what their cluster slot says and `[boot]`
     /// mappings are not used.
     pub policy: Option<PathBuf>,
+    /// Base disk images, read-only: a cluster's `disk = "name"` is `<disks_dir>/<name>.img` (raw).
+    pub disks_dir: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +57,7 @@ impl Default for ServerConfig {
             images_dir: PathBuf::from("/var/lib/corral/images"),
             scripts_dir: PathBuf::from("/usr/share/corral/boot-scripts"),
             policy: None,
+            disks_dir: PathBuf::from("/var/lib/corral/disks"),
         }
     }
 }
@@ -181,6 +185,27 @@ impl Default for TftpConfig {
     }
 }
 
+/// The NBD target serving each slot's disk and the read-only bases.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Hosts that may open every export (operators' backup or inspection hosts). Nodes need no entry:
+    /// a node may open its own slot's export and the base of its cluster.
+    pub admin_hosts: Vec<std::net::IpAddr>,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            enabled: true,
+            listen: "0.0.0.0:10809".parse().unwrap(),
+            admin_hosts: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
@@ -267,6 +292,7 @@ impl Config {
             &mut cfg.server.state_dir,
             &mut cfg.server.images_dir,
             &mut cfg.server.scripts_dir,
+            &mut cfg.server.disks_dir,
             &mut cfg.tftp.root,
         ] {
             if p.is_relative() {
@@ -482,6 +508,8 @@ mod tests {
             "state_dir",
             "images_dir",
             "scripts_dir",
+            "disks_dir",
+            "admin_hosts",
             "mode",
             "port",
             "proxy_port",

@@ -11,6 +11,7 @@
 //! commits to the store every few hundred milliseconds, so a burst of booting nodes costs one transaction,
 //! not one fsync per request.
 
+pub mod disks;
 pub mod views;
 
 use std::collections::{BTreeSet, HashMap};
@@ -108,7 +109,9 @@ impl BootState {
                 let exists = |name: &str, arch: Option<&str>| {
                     catalog.get(name).is_some_and(|i| i.runs_on(arch))
                 };
-                Some(Arc::new(Policy::load(path, &exists)?))
+                let policy = Policy::load(path, &exists)?;
+                check_disks(&policy, path, &config.server.disks_dir)?;
+                Some(Arc::new(policy))
             }
         };
         Ok(BootState {
@@ -260,6 +263,38 @@ fn unknown_image(name: &str, catalog: &Catalog) -> String {
     }
 }
 
+/// Every cluster's `disk` names a base image in the disks directory; errors point into the policy file.
+fn check_disks(
+    policy: &Policy,
+    path: &std::path::Path,
+    disks_dir: &std::path::Path,
+) -> Result<(), Diagnostics> {
+    let mut errs = Vec::new();
+    for (i, c) in policy.clusters.iter().enumerate() {
+        let Some(disk) = &c.spec.disk else { continue };
+        let at = vec!["cluster".to_string(), i.to_string(), "disk".to_string()];
+        if !crate::disk::slots::safe_name(disk) {
+            errs.push((
+                at,
+                format!("disk `{disk}` must be a file name (letters, digits, -, _, .)"),
+            ));
+            continue;
+        }
+        let file = disks_dir.join(format!("{disk}.img"));
+        if !file.is_file() {
+            errs.push((
+                at,
+                format!("base disk `{disk}` not found: no {}", file.display()),
+            ));
+        }
+    }
+    if errs.is_empty() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    Err(Diagnostics::from_paths(&text, path, errs))
+}
+
 /// The running controller, shared by the servers.
 pub struct Controller {
     state: RwLock<Arc<BootState>>,
@@ -270,6 +305,8 @@ pub struct Controller {
     fleet: Mutex<Fleet>,
     /// Scale-rule samples and what the rules decided.
     scale: Mutex<crate::policy::scale::ScaleState>,
+    /// Base images and slot overlays (the directories are fixed at start).
+    disks: crate::disk::DiskSet,
 }
 
 #[derive(Default)]
@@ -334,13 +371,19 @@ impl Controller {
                 },
             );
         }
+        let disks = crate::disk::DiskSet::new(
+            &state.config.server.disks_dir,
+            &state.config.server.state_dir,
+        );
         let c = Arc::new(Controller {
             state: RwLock::new(Arc::new(state)),
             store,
             seen: Mutex::new(HashMap::new()),
             fleet: Mutex::new(fleet),
             scale: Mutex::new(Default::default()),
+            disks,
         });
+        c.prepare_disks(crate::unix_now());
         c.replan(crate::unix_now())?;
         Ok(c)
     }
@@ -418,6 +461,7 @@ impl Controller {
         let _ = self
             .store
             .apply(&[], &[NewEvent::new(now, "reload", summary)]);
+        self.prepare_disks(now);
         if let Err(e) = self.replan(now) {
             tracing::error!(error = %e, "planning after reload failed");
         }

@@ -465,6 +465,20 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
                     String::new(),
                 ),
             };
+            let has_disk = role.as_ref().is_some_and(|r| {
+                state
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.cluster(&r.slot.cluster))
+                    .is_some_and(|c| c.spec.disk.is_some())
+            });
+            let (disk, disk_export) = if has_disk && state.config.nbd.enabled {
+                let export = format!("{cluster}/{slot}");
+                let port = state.config.nbd.listen.port();
+                (format!("nbd:{server}:{port}:{export}"), export)
+            } else {
+                (String::new(), String::new())
+            };
             let v = NodeVars {
                 base_url: &base_url,
                 server: &server,
@@ -473,6 +487,8 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
                 cluster: &cluster,
                 slot: &slot,
                 address: &address,
+                disk: &disk,
+                disk_export: &disk_export,
             };
             tracing::debug!(%mac, image = %image.name, "node script: image");
             boot::node_script(&state.templates, image, &v)

@@ -181,6 +181,18 @@ impl Store {
         })
     }
 
+    /// The address leased to `mac`, if any (expired or not: the caller compares `expires`).
+    pub fn lease_of(&self, mac: Mac) -> Result<Option<(Ipv4Addr, u64)>> {
+        self.with(|c| {
+            c.prepare_cached("SELECT ip, expires FROM lease WHERE mac = ?1")?
+                .query_row([mac.to_string()], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+                .map(|o| o.and_then(|(ip, exp)| Some((ip.parse().ok()?, exp.max(0) as u64))))
+        })
+    }
+
     /// Inserts or replaces the lease for `lease.ip`; any other lease of the same MAC is removed, since a
     /// client holds one address at a time.
     pub fn put_lease(&self, lease: &LeaseRecord) -> Result<()> {

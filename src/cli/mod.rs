@@ -1,6 +1,8 @@
 //! Operator commands that read a running corral through its HTTP API: `status`, `nodes`, `events`.
 //! Tables for people, `--json` for scripts.
 
+pub mod disk;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::ExitCode;

@@ -1,0 +1,225 @@
+//! The controller's side of the disks: overlays prepared for every slot when a policy loads, and who may
+//! open which NBD export.
+//!
+//! A slot's export `<cluster>/<slot>` may be opened only from an address of the node assigned to that
+//! slot: the slot identity's address, the address DHCP leased to the node's MAC, or the address its last
+//! boot-script request came from. A base `base/<name>` may be opened by nodes of the clusters built on
+//! it. Hosts in `nbd.admin_hosts` may open everything. Every refusal is logged with peer and export.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::Controller;
+use crate::disk::Disk;
+use crate::mac::Mac;
+use crate::nbd::handshake::{Exports, Refusal};
+use crate::nbd::ExportSource;
+use crate::store::NewEvent;
+
+/// What an export name refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Slot {
+        cluster: String,
+        slot: u32,
+        base: String,
+    },
+    Base(String),
+}
+
+impl Controller {
+    /// Creates missing overlays for every slot of every cluster with a disk; problems become events.
+    pub(crate) fn prepare_disks(&self, now: u64) {
+        let Some(policy) = self.state().policy.clone() else {
+            return;
+        };
+        let (created, problems) = self.disks.prepare(&policy);
+        if created > 0 {
+            tracing::info!(created, "slot overlays created");
+        }
+        let events: Vec<NewEvent> = problems
+            .into_iter()
+            .map(|p| {
+                tracing::error!("disk: {p}");
+                NewEvent::new(now, "disk-error", p)
+            })
+            .collect();
+        if !events.is_empty() {
+            let _ = self.store.apply(&[], &events);
+        }
+    }
+
+    pub fn disks(&self) -> &crate::disk::DiskSet {
+        &self.disks
+    }
+
+    /// Every address `mac` is known by: its slot identity, its DHCP lease, its last boot request.
+    pub fn node_addresses(&self, mac: Mac) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        if let Some(a) = self.slot_address(mac) {
+            out.push(IpAddr::V4(a));
+        }
+        if let Ok(Some((ip, _))) = self.store.lease_of(mac) {
+            out.push(IpAddr::V4(ip));
+        }
+        let queued = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&mac)
+            .and_then(|b| b.facts.ip.clone());
+        let stored = || self.store.node(mac).ok().flatten().and_then(|n| n.facts.ip);
+        if let Some(ip) = queued.or_else(stored).and_then(|s| s.parse().ok()) {
+            out.push(ip);
+        }
+        out
+    }
+
+    fn target(&self, export: &str) -> Option<Target> {
+        let (head, tail) = export.split_once('/')?;
+        let state = self.state();
+        let policy = state.policy.as_ref()?;
+        if head == "base" {
+            return policy
+                .clusters
+                .iter()
+                .any(|c| c.spec.disk.as_deref() == Some(tail))
+                .then(|| Target::Base(tail.to_string()));
+        }
+        let slot: u32 = tail.parse().ok()?;
+        let c = policy.cluster(head)?;
+        let base = c.spec.disk.clone()?;
+        (slot < c.spec.max).then(|| Target::Slot {
+            cluster: head.to_string(),
+            slot,
+            base,
+        })
+    }
+
+    fn is_admin(&self, peer: IpAddr) -> bool {
+        self.state().config.nbd.admin_hosts.contains(&peer)
+    }
+
+    /// Whether `peer` may open `target`.
+    fn may_open(&self, target: &Target, peer: IpAddr) -> bool {
+        if self.is_admin(peer) {
+            return true;
+        }
+        let assignments = self.fleet().state.assignments.clone();
+        let state = self.state();
+        match target {
+            Target::Slot { cluster, slot, .. } => assignments
+                .iter()
+                .find(|(_, s)| &s.cluster == cluster && s.slot == *slot)
+                .is_some_and(|(mac, _)| self.node_addresses(*mac).contains(&peer)),
+            Target::Base(base) => assignments.iter().any(|(mac, s)| {
+                let on_base = state
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.cluster(&s.cluster))
+                    .is_some_and(|c| c.spec.disk.as_deref() == Some(base.as_str()));
+                on_base && self.node_addresses(*mac).contains(&peer)
+            }),
+        }
+    }
+
+    /// Every export name under the current policy.
+    fn export_names(&self) -> Vec<(String, Target)> {
+        let state = self.state();
+        let Some(policy) = &state.policy else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut bases = std::collections::BTreeSet::new();
+        for c in &policy.clusters {
+            let Some(base) = &c.spec.disk else { continue };
+            bases.insert(base.clone());
+            for slot in 0..c.spec.max {
+                out.push((
+                    format!("{}/{slot}", c.spec.name),
+                    Target::Slot {
+                        cluster: c.spec.name.clone(),
+                        slot,
+                        base: base.clone(),
+                    },
+                ));
+            }
+        }
+        out.extend(
+            bases
+                .into_iter()
+                .map(|b| (format!("base/{b}"), Target::Base(b))),
+        );
+        out
+    }
+}
+
+/// The controller as the NBD room's judge of exports.
+pub struct NodeDisks(pub Arc<Controller>);
+
+struct PeerExports {
+    controller: Arc<Controller>,
+    peer: IpAddr,
+}
+
+impl Exports for PeerExports {
+    fn list(&self) -> Vec<(String, String)> {
+        self.controller
+            .export_names()
+            .into_iter()
+            .filter(|(_, t)| self.controller.may_open(t, self.peer))
+            .map(|(name, t)| {
+                let what = match t {
+                    Target::Slot { base, .. } => format!("slot disk over {base}"),
+                    Target::Base(_) => "read-only base".to_string(),
+                };
+                (name, what)
+            })
+            .collect()
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<dyn Disk>, Refusal> {
+        let c = &self.controller;
+        let Some(target) = c.target(name) else {
+            tracing::warn!(peer = %self.peer, export = name, "nbd: refused unknown export");
+            return Err(Refusal::Unknown);
+        };
+        if !c.may_open(&target, self.peer) {
+            tracing::warn!(peer = %self.peer, export = name, "nbd: refused: not the node assigned to this disk");
+            return Err(Refusal::Policy(format!(
+                "{} may not open {name}: it is not the node assigned to it",
+                self.peer
+            )));
+        }
+        let opened: std::io::Result<Arc<dyn Disk>> = match &target {
+            Target::Slot {
+                cluster,
+                slot,
+                base,
+            } => c
+                .disks
+                .slot(cluster, *slot, base)
+                .map(|o| o as Arc<dyn Disk>),
+            Target::Base(b) => c.disks.base(b).map(|b| b as Arc<dyn Disk>),
+        };
+        opened.map_err(|e| {
+            tracing::error!(export = name, error = %e, "nbd: cannot open disk");
+            Refusal::Broken(format!("{name}: {e}"))
+        })
+    }
+}
+
+impl ExportSource for NodeDisks {
+    fn for_peer(&self, peer: IpAddr) -> Box<dyn Exports + Send> {
+        Box::new(PeerExports {
+            controller: self.0.clone(),
+            peer,
+        })
+    }
+
+    fn still_allowed(&self, export: &str, peer: IpAddr) -> bool {
+        self.0
+            .target(export)
+            .is_some_and(|t| self.0.may_open(&t, peer))
+    }
+}

@@ -1,0 +1,124 @@
+//! Helpers shared by the integration tests: a corral process that is killed when dropped, free ports,
+//! running the CLI and curl.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `corral serve`, killed (by PID) when dropped.
+pub struct Server(pub Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Server {
+    /// SIGKILL, as a crash would.
+    pub fn crash(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Starts `corral serve --config <dir>/corral.toml` (log in `<dir>/serve.log`) and waits until
+/// `port` on loopback accepts connections.
+pub fn start(dir: &Path, port: u16) -> Server {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("serve.log"))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["serve", "--config"])
+        .arg(dir.join("corral.toml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "corral did not start: {}",
+            std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server(child)
+}
+
+/// GET with curl; panics unless 2xx.
+pub fn get(url: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "-f", url])
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a program: (exit code, stdout, stderr).
+pub fn run(program: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Runs the corral CLI.
+pub fn corral(args: &[&str]) -> (i32, String, String) {
+    run(env!("CARGO_BIN_EXE_corral"), args)
+}
+
+/// Waits up to `secs` for `f`.
+pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A minimal image in `<dir>/images/<name>` whose command line shows the slot and its disk.
+pub fn image(dir: &Path, name: &str) {
+    let d = dir.join("images").join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("image.toml"),
+        "kernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"slot={{cluster}}/{{slot}} disk={{disk}}\"\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("vmlinuz"), b"k").unwrap();
+    std::fs::write(d.join("initrd.img"), b"i").unwrap();
+}
