@@ -185,6 +185,8 @@ pub struct Lab {
     /// 10.<subnet>.0.0/24; the server is .1.
     pub subnet: u8,
     pub dir: PathBuf,
+    /// Base disk images for the policy's clusters (`server.disks_dir`), when the lab serves disks.
+    pub disks_dir: Option<PathBuf>,
     hosts: Vec<String>,
     children: Vec<Child>,
     taps: u32,
@@ -201,6 +203,7 @@ impl Lab {
             server_if: format!("crl{id}s"),
             subnet: 100 + (id % 150) as u8,
             dir: dir.to_path_buf(),
+            disks_dir: None,
             hosts: Vec::new(),
             children: Vec::new(),
             taps: 0,
@@ -405,9 +408,12 @@ impl Lab {
             Some(_) => "[boot]\n".to_string(),
             None => "[boot]\ndefault_image = \"testos\"\n".to_string(),
         };
-        let policy_line = policy
+        let mut policy_line = policy
             .map(|p| format!("policy = \"{}\"\n", p.display()))
             .unwrap_or_default();
+        if let Some(d) = &self.disks_dir {
+            policy_line.push_str(&format!("disks_dir = \"{}\"\n", d.display()));
+        }
         let cfg = self.dir.join("corral.toml");
         std::fs::write(
             &cfg,

@@ -4,6 +4,14 @@
 #   CORRAL-MARKER mac=<the NIC's MAC> cmdline=<the kernel command line>
 # and powers off (unless corral.testos.stay=1 is on the command line).
 #
+# With corral.disk=nbd:HOST:PORT:EXPORT on the command line it also takes an address by DHCP, attaches the
+# NBD export with the kernel's NBD client, mounts it (ext4) and reports on lines starting "CORRAL-DISK ":
+#   attached export=EXPORT | error=<what failed>
+#   base=<mnt/base.txt or none>   found=<mnt/node.txt or none>
+#   wrote=VALUE                   (only with corral.testos.write=VALUE, which it writes to node.txt first)
+#   detached
+# so that tests can see what a node's disk held and that what it wrote persists.
+#
 #   tests/testos/build.sh OUTDIR     # writes OUTDIR/vmlinuz and OUTDIR/initrd.img
 set -euo pipefail
 out=${1:?usage: build.sh OUTDIR}
@@ -12,6 +20,13 @@ kver=$(ls /lib/modules | sort -V | tail -n 1)
 kernel=/boot/vmlinuz-$kver
 [ -r "$kernel" ] || { echo "no kernel at $kernel (install linux-image-amd64)" >&2; exit 1; }
 busybox=$(command -v busybox) || { echo "busybox missing (install busybox-static)" >&2; exit 1; }
+# Busybox has no NBD client, so the guest runs Debian's.
+if ! nbd_client=$(PATH=$PATH:/usr/sbin:/sbin command -v nbd-client); then
+  [ "$(id -u)" = 0 ] || { echo "nbd-client missing (install nbd-client, or run as root)" >&2; exit 1; }
+  echo "== installing nbd-client" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nbd-client >/dev/null
+  nbd_client=$(PATH=$PATH:/usr/sbin:/sbin command -v nbd-client)
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -19,18 +34,55 @@ root=$work/root
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,mnt,lib/modules/"$kver"}
 cp "$busybox" "$root/bin/busybox"
 for applet in sh mount umount cat echo ls sleep modprobe insmod poweroff reboot ip udhcpc mkdir basename \
-              grep sed tr head dd sync wget timeout mdev hexdump date uname ifconfig route; do
+              grep sed tr head tail dd sync wget timeout mdev hexdump date uname ifconfig route true; do
   ln -sf busybox "$root/bin/$applet"
 done
 
-# NIC drivers for QEMU's virtio-net and e1000(e), and nbd for the disk issue, with what they depend on.
-mods="virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev virtio_net net_failover failover e1000 e1000e nbd"
-for m in $mods; do
-  f=$(find /lib/modules/"$kver"/kernel -name "$m.ko*" | head -n 1)
-  [ -n "$f" ] || continue
-  rel=${f#/lib/modules/$kver/}
-  mkdir -p "$root/lib/modules/$kver/$(dirname "$rel")"
-  cp "$f" "$root/lib/modules/$kver/$rel"
+# nbd-client is dynamically linked: copy it, the libraries ldd names and the loader to the same paths, which
+# the loader searches by default (Debian's multiarch directories are built in), so no ld.so.cache is needed.
+copy_same_path() { mkdir -p "$root$(dirname "$1")" && cp -L "$1" "$root$1"; }
+copy_same_path "$nbd_client"
+for lib in $(ldd "$nbd_client" | sed -n -e 's/.*=> \(\/[^ ]*\) .*/\1/p' -e 's/^[[:space:]]*\(\/[^ ]*\) .*/\1/p'); do
+  copy_same_path "$lib"
+done
+
+# busybox udhcpc only talks DHCP; this script is what puts the lease on the interface.
+mkdir -p "$root/etc/udhcpc"
+cat > "$root/etc/udhcpc/default.script" <<'DHCP'
+#!/bin/sh
+case "$1" in
+  deconfig)
+    ip addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" ${broadcast:+broadcast "$broadcast"}
+    for r in $router; do ip route replace default via "$r" dev "$interface"; break; done
+    : > /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    ;;
+esac
+exit 0
+DHCP
+chmod +x "$root/etc/udhcpc/default.script"
+
+# NIC drivers for QEMU's virtio-net and e1000(e), nbd and ext4 for the node disk, with everything they depend
+# on (followed recursively, so a kernel update that adds a dependency still builds a working initramfs).
+# ext4 and jbd2 only name crc32c as a soft dependency, through the crypto alias, which busybox modprobe does
+# not follow: include the generic implementation (the one that works on any CPU) by name; /init loads it.
+add_module() {
+  local f dep
+  f=$(modinfo -k "$kver" -n "$1" 2>/dev/null) || return 0   # not in this kernel
+  case "$f" in /*) ;; *) return 0;; esac                     # built in
+  [ -e "$root$f" ] && return 0
+  mkdir -p "$root$(dirname "$f")"
+  cp "$f" "$root$f"
+  for dep in $(modinfo -k "$kver" -F depends "$1" | tr , ' '); do add_module "$dep"; done
+}
+for m in virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev virtio_net net_failover \
+         failover e1000 e1000e nbd ext4 crc32c_generic; do
+  add_module "$m"
 done
 cp /lib/modules/"$kver"/modules.builtin* "$root/lib/modules/$kver/" 2>/dev/null || true
 cp /lib/modules/"$kver"/modules.order "$root/lib/modules/$kver/" 2>/dev/null || true
@@ -38,6 +90,8 @@ depmod -b "$root" "$kver"
 
 cat > "$root/init" <<'INIT'
 #!/bin/sh
+# The kernel starts init without PATH; nbd-client lives in /usr/sbin.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -62,6 +116,56 @@ if [ "$(arg corral.testos.net)" = 1 ] && [ -n "$dev" ]; then
   udhcpc -i "$dev" -n -q -t 5 -s /bin/true >/dev/null 2>&1
   echo "CORRAL-NET dev=$dev"
 fi
+
+# corral.disk=nbd:HOST:PORT:EXPORT: attach the node's disk, report what it holds, write if asked, detach.
+# Returns early (after one error line) at the first step that fails.
+disk() {
+  local spec rest host port name value out
+  spec=${1#nbd:}
+  case "$1" in nbd:*:*:?*) ;; *) echo "CORRAL-DISK error=unsupported corral.disk=$1"; return;; esac
+  # Only the first two colons after nbd: separate fields: the export name may hold more (and slashes).
+  host=${spec%%:*}; rest=${spec#*:}
+  port=${rest%%:*}; name=${rest#*:}
+  [ -n "$dev" ] || { echo "CORRAL-DISK error=no network interface"; return; }
+  # Keep kernel chatter (nbd, EXT4-fs) from landing in the middle of the lines tests match on.
+  echo 4 > /proc/sys/kernel/printk
+  ip link set "$dev" up
+  udhcpc -i "$dev" -n -q -t 5 -s /etc/udhcpc/default.script >/dev/null 2>&1 \
+    || { echo "CORRAL-DISK error=dhcp on $dev failed"; return; }
+  modprobe nbd || { echo "CORRAL-DISK error=modprobe nbd failed"; return; }
+  # ext4 checksums its metadata with crc32c, a soft dependency busybox modprobe does not load.
+  modprobe crc32c_generic 2>/dev/null
+  modprobe ext4 || { echo "CORRAL-DISK error=modprobe ext4 failed"; return; }
+  # Newstyle handshake with a named export; a dead server must not hang the boot.
+  if ! out=$(timeout 60 nbd-client "$host" "$port" /dev/nbd0 -N "$name" 2>&1); then
+    echo "CORRAL-DISK error=nbd-client $host $port -N $name failed: $(echo "$out" | tr '\n' ' ' | sed 's/ *$//')"
+    return
+  fi
+  echo "CORRAL-DISK attached export=$name"
+  if ! out=$(mount -t ext4 /dev/nbd0 /mnt 2>&1); then
+    echo "CORRAL-DISK error=mount failed: $(echo "$out" | tr '\n' ' ' | sed 's/ *$//')"
+    nbd-client -d /dev/nbd0 >/dev/null 2>&1
+    return
+  fi
+  if [ -f /mnt/base.txt ]; then echo "CORRAL-DISK base=$(cat /mnt/base.txt)"; else echo "CORRAL-DISK base=none"; fi
+  if [ -f /mnt/node.txt ]; then echo "CORRAL-DISK found=$(cat /mnt/node.txt)"; else echo "CORRAL-DISK found=none"; fi
+  value=$(arg corral.testos.write)
+  if [ -n "$value" ]; then
+    if echo "$value" > /mnt/node.txt && sync; then
+      echo "CORRAL-DISK wrote=$value"
+    else
+      echo "CORRAL-DISK error=write to node.txt failed"
+    fi
+  fi
+  umount /mnt || { echo "CORRAL-DISK error=umount failed"; return; }
+  sync
+  # Disconnect cleanly so the server sees NBD_CMD_DISC after the last flush, not a dropped connection.
+  nbd-client -d /dev/nbd0 >/dev/null 2>&1 || { echo "CORRAL-DISK error=nbd-client -d failed"; return; }
+  echo "CORRAL-DISK detached"
+}
+d=$(arg corral.disk)
+[ -n "$d" ] && disk "$d"
+
 if [ "$(arg corral.testos.stay)" = 1 ]; then
   exec sh
 fi
