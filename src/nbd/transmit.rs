@@ -238,3 +238,6 @@ fn block_status(out: &mut Vec<u8>, cookie: u64, extents: &[Extent], one: bool) {
         out.extend_from_slice(&flags.to_be_bytes());
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,6 +2,8 @@
 //! running the CLI and curl.
 #![allow(dead_code)]
 
+pub mod nbd;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
