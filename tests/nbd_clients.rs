@@ -1,7 +1,8 @@
 //! The NBD target on loopback against clients nobody here wrote: nbdinfo (--list, --map), nbdcopy both
 //! ways, qemu-img info/compare/convert on nbd://, qemu-io reads and writes at odd offsets. Reads equal what
 //! was written, the base file never changes, a slot that is not the client's is refused, a read-only base
-//! refuses writes, and a released slot's export is refused after the policy changes.
+//! refuses writes, and when the policy releases the slot its open connection is closed and the export
+//! refused.
 
 mod common;
 
@@ -239,10 +240,21 @@ fn nbd_interop_with_real_clients() {
     );
     assert_eq!(sha(&dir.join("disks/base.img")), base_sum);
 
-    // Released: the node leaves db/0 (default 0) and its export is refused from then on.
+    // Released: the node leaves db/0 (default 0); its open connection is closed and the export is refused
+    // from then on.
+    let mut open = common::nbd::Client::connect(nbd, "db/0").unwrap();
+    assert!(open.request(0, 0, 512, &[]).is_ok());
     policy(dir, 0);
     server.signal(nix::sys::signal::Signal::SIGHUP);
     wait_for("db/0 to be refused", 20, || run("nbdinfo", &[&url]).0 != 0);
+    wait_for("the open connection to be closed", 10, || {
+        open.request(0, 0, 512, &[]).is_err()
+    });
+    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    assert!(
+        log.contains("closing export: its node no longer holds the slot"),
+        "{log}"
+    );
     // Its disk stays as it was left, for whoever fills the slot next.
     let (_, ls, _) = corral(&[
         "disk",
