@@ -4,6 +4,7 @@
 //! Rooms (see `docs/` and the repository's DESIGN notes): protocol rooms each have a sans-IO core (bytes and
 //! `now` in, decisions and bytes out) and a thin tokio shell; the `controller` ties them together.
 
+pub mod agent;
 pub mod boot;
 pub mod config;
 pub mod controller;
@@ -15,6 +16,7 @@ pub mod mac;
 pub mod metrics;
 pub mod nbd;
 pub mod policy;
+pub mod power;
 pub mod store;
 pub mod tftp;
 

@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub policy: Option<PathBuf>,
     /// Base disk images, read-only: a cluster's `disk = "name"` is `<disks_dir>/<name>.img` (raw).
     pub disks_dir: PathBuf,
+    /// BMC credentials for the policy's `[[node]] power` settings (TOML, mode 600: readable by corral
+    /// only). Secrets never appear in logs, events or the API.
+    pub credentials: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +61,7 @@ impl Default for ServerConfig {
             scripts_dir: PathBuf::from("/usr/share/corral/boot-scripts"),
             policy: None,
             disks_dir: PathBuf::from("/var/lib/corral/disks"),
+            credentials: None,
         }
     }
 }
@@ -283,7 +287,10 @@ impl Config {
         };
         cfg.source = Some(path.to_path_buf());
         let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(p) = cfg.server.policy.as_mut() {
+        for p in [cfg.server.policy.as_mut(), cfg.server.credentials.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -509,6 +516,7 @@ mod tests {
             "images_dir",
             "scripts_dir",
             "disks_dir",
+            "credentials",
             "admin_hosts",
             "mode",
             "port",

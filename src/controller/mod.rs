@@ -51,6 +51,8 @@ pub struct BootState {
     pub templates: Templates,
     /// The cluster policy, when `server.policy` names one.
     pub policy: Option<Arc<Policy>>,
+    /// BMC credentials (`server.credentials`), for the nodes' power drivers.
+    pub credentials: crate::power::Credentials,
     node_images: HashMap<Mac, String>,
 }
 
@@ -103,6 +105,10 @@ impl BootState {
         if !errs.is_empty() {
             return Err(Diagnostics::from_paths(&text, &src, errs));
         }
+        let credentials = match &config.server.credentials {
+            Some(p) => crate::power::Credentials::load(p).map_err(|e| Diagnostics::single(p, e))?,
+            None => crate::power::Credentials::default(),
+        };
         let policy = match &config.server.policy {
             None => None,
             Some(path) => {
@@ -111,6 +117,7 @@ impl BootState {
                 };
                 let policy = Policy::load(path, &exists)?;
                 check_disks(&policy, path, &config.server.disks_dir)?;
+                check_power(path, &credentials)?;
                 Some(Arc::new(policy))
             }
         };
@@ -119,6 +126,7 @@ impl BootState {
             catalog,
             templates,
             policy,
+            credentials,
             node_images,
         })
     }
@@ -260,6 +268,43 @@ fn unknown_image(name: &str, catalog: &Catalog) -> String {
             "image `{name}` is not in the catalog (have: {})",
             names.join(", ")
         ),
+    }
+}
+
+/// Every `[[node]] power` that names credentials finds them in the credentials file.
+fn check_power(
+    path: &std::path::Path,
+    credentials: &crate::power::Credentials,
+) -> Result<(), Diagnostics> {
+    use crate::power::PowerSpec;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Already validated: parsed again only for the entries' positions.
+    let Ok(file) = toml::from_str::<crate::policy::PolicyFile>(&text) else {
+        return Ok(());
+    };
+    let mut errs = Vec::new();
+    for (i, n) in file.nodes.iter().enumerate() {
+        let key = match &n.power {
+            Some(PowerSpec::Redfish { credentials, .. })
+            | Some(PowerSpec::Ipmi { credentials, .. }) => credentials,
+            _ => continue,
+        };
+        if credentials.get(key).is_none() {
+            errs.push((
+                vec![
+                    "node".to_string(),
+                    i.to_string(),
+                    "power".to_string(),
+                    "credentials".to_string(),
+                ],
+                format!("no entry `{key}` in the credentials file (server.credentials)"),
+            ));
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(Diagnostics::from_paths(&text, path, errs))
     }
 }
 

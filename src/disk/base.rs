@@ -57,6 +57,15 @@ impl Disk for Base {
         Ok(self.read_at(offset, buf)?)
     }
 
+    fn pieces(&self, offset: u64, len: u64) -> Option<Vec<super::Piece<'_>>> {
+        check_range(self.size, offset, len).ok()?;
+        Some(vec![super::Piece {
+            file: &self.file,
+            offset,
+            len,
+        }])
+    }
+
     fn write(&self, _: u64, _: &[u8], _: bool) -> DiskResult<()> {
         Err(DiskError::ReadOnly)
     }

@@ -73,11 +73,26 @@ pub trait Disk: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> DiskResult<()>;
     /// Allocation runs from `offset`, covering at least one byte and at most `len`.
     fn extents(&self, offset: u64, len: u64) -> DiskResult<Vec<Extent>>;
+    /// Where the bytes of `offset..offset+len` are stored, in order, as (file, offset in it, length):
+    /// lets a shell send them with `sendfile` instead of copying them through a buffer. `None` when the
+    /// disk cannot say or the range is bad (the caller then uses [`Disk::read`]).
+    fn pieces(&self, offset: u64, len: u64) -> Option<Vec<Piece<'_>>> {
+        let _ = (offset, len);
+        None
+    }
     /// Whether a flush on one connection covers writes completed on any other (true for every disk
     /// here: all connections to one disk share its files and its allocation map).
     fn shared_flush(&self) -> bool {
         true
     }
+}
+
+/// A stretch of a disk's bytes as stored in one file (see [`Disk::pieces`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Piece<'a> {
+    pub file: &'a std::fs::File,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// `offset..offset+len` lies inside a disk of `size` bytes (no overflow).

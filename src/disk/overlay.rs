@@ -360,6 +360,28 @@ impl Disk for Overlay {
         Ok(())
     }
 
+    fn pieces(&self, offset: u64, len: u64) -> Option<Vec<super::Piece<'_>>> {
+        check_range(self.size, offset, len).ok()?;
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        // The same runs as `read`: grains stored here come from the data file, the rest from the base.
+        while pos < end {
+            let stored = self.allocated(pos / GRAIN);
+            let mut run_end = self.grain_end(pos / GRAIN).min(end);
+            while run_end < end && self.allocated(run_end / GRAIN) == stored {
+                run_end = self.grain_end(run_end / GRAIN).min(end);
+            }
+            out.push(super::Piece {
+                file: if stored { &self.data } else { self.base.file() },
+                offset: pos,
+                len: run_end - pos,
+            });
+            pos = run_end;
+        }
+        Some(out)
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> DiskResult<()> {
         let len = data.len() as u64;
         check_range(self.size, offset, len)?;

@@ -76,17 +76,32 @@ impl DiskSet {
     pub fn slot(&self, cluster: &str, slot: u32, base: &str) -> io::Result<Arc<Overlay>> {
         let key = (cluster.to_string(), slot);
         let mut overlays = self.overlays.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(o) = overlays.get(&key).and_then(Weak::upgrade) {
-            if o.base().name == base {
-                return Ok(o);
-            }
-        }
+        let closing = match overlays.get(&key) {
+            Some(w) => match w.upgrade() {
+                Some(o) if o.base().name == base => return Ok(o),
+                Some(_) => false,
+                // The last user let go and its close (a flush, then unlocking) may still be running on
+                // its thread: the lock it holds is about to be released.
+                None => true,
+            },
+            None => false,
+        };
         let stem = self
             .overlay_stem(cluster, slot)
             .ok_or_else(|| io::Error::other(format!("`{cluster}` is not a valid cluster name")))?;
         let b = self.base(base)?;
         Overlay::create(&stem, &b)?;
-        let o = Arc::new(Overlay::open(&stem, b)?);
+        let mut tries = if closing { 250 } else { 0 };
+        let o = loop {
+            match Overlay::open(&stem, b.clone()) {
+                Ok(o) => break Arc::new(o),
+                Err(e) if tries > 0 && e.to_string().contains("in use") => {
+                    tries -= 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         overlays.insert(key, Arc::downgrade(&o));
         Ok(o)
     }

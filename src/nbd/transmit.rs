@@ -158,6 +158,22 @@ fn ok_reply(out: &mut Vec<u8>, ex: &Export, cookie: u64) {
     }
 }
 
+/// The part of a READ's successful reply that comes before the data (the data follows, `len` bytes).
+pub fn read_reply_head(out: &mut Vec<u8>, ex: &Export, cookie: u64, offset: u64, len: u32) {
+    if ex.structured {
+        chunk_header(
+            out,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            8 + len,
+        );
+        out.extend_from_slice(&offset.to_be_bytes());
+    } else {
+        simple_reply(out, 0, cookie);
+    }
+}
+
 /// Runs a checked command; `payload` is the WRITE data. Appends the reply to `out`. Reads go straight
 /// into `out`, with no intermediate buffer.
 pub fn execute(cmd: Command, cookie: u64, payload: &[u8], ex: &Export, out: &mut Vec<u8>) {
@@ -165,18 +181,7 @@ pub fn execute(cmd: Command, cookie: u64, payload: &[u8], ex: &Export, out: &mut
     let done = match cmd {
         Command::Read { offset, len } => {
             let start = out.len();
-            if ex.structured {
-                chunk_header(
-                    out,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    8 + len,
-                );
-                out.extend_from_slice(&offset.to_be_bytes());
-            } else {
-                simple_reply(out, 0, cookie);
-            }
+            read_reply_head(out, ex, cookie, offset, len);
             let data_at = out.len();
             out.resize(data_at + len as usize, 0);
             match disk.read(offset, &mut out[data_at..]) {

@@ -75,6 +75,17 @@ pub struct Settings {
     pub cooldown: Secs,
     /// Offset of the site's local time from UTC for schedules, e.g. `+01:00`.
     pub utc_offset: String,
+    /// When a node's running work may be taken away (released or moved to another cluster): cron
+    /// patterns, one of which must match the minute; empty = any time. A cluster's own `maintenance`
+    /// replaces this one.
+    pub maintenance: Vec<String>,
+    /// How long a node has to power off when asked (agent or BMC soft off) before it is cut hard.
+    pub power_off_timeout: Secs,
+    /// How long a node has from power-on to its first heartbeat in its new role before it is marked
+    /// failed and another node is chosen.
+    pub boot_timeout: Secs,
+    /// How often agents heartbeat.
+    pub heartbeat_interval: Secs,
 }
 
 impl Default for Settings {
@@ -82,6 +93,10 @@ impl Default for Settings {
         Settings {
             cooldown: Secs(300),
             utc_offset: "+00:00".into(),
+            maintenance: Vec::new(),
+            power_off_timeout: Secs(60),
+            boot_timeout: Secs(300),
+            heartbeat_interval: Secs(5),
         }
     }
 }
@@ -115,6 +130,8 @@ pub struct ClusterSpec {
     pub identity: Option<IdentitySpec>,
     #[serde(default)]
     pub drain: DrainSpec,
+    /// When this cluster's nodes may be taken away (cron patterns); default: `[settings] maintenance`.
+    pub maintenance: Option<Vec<String>>,
     #[serde(default)]
     pub schedule: Vec<Window>,
     #[serde(default)]
@@ -162,11 +179,16 @@ pub struct IdentitySpec {
 pub struct DrainSpec {
     /// How long the application gets to stop before its node is taken.
     pub grace: Secs,
+    /// Take a node even while its agent reports it busy (default: a busy node is left alone).
+    pub take_busy: bool,
 }
 
 impl Default for DrainSpec {
     fn default() -> Self {
-        DrainSpec { grace: Secs(30) }
+        DrainSpec {
+            grace: Secs(30),
+            take_busy: false,
+        }
     }
 }
 
@@ -205,6 +227,8 @@ pub struct NodeSpec {
     pub tags: Vec<String>,
     #[serde(default)]
     pub facts: FactsSpec,
+    /// How corral switches this node (Redfish, IPMI, Wake-on-LAN, a command, QEMU's QMP).
+    pub power: Option<crate::power::PowerSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -242,6 +266,8 @@ pub struct Cluster {
     /// Identity per slot, index = slot.
     pub identities: Vec<Identity>,
     pub windows: Vec<(cron::Cron, u32)>,
+    /// When the cluster's nodes may be taken away; empty = any time.
+    pub maintenance: Vec<cron::Cron>,
     /// Resolved `requires.nodes`.
     pub only_nodes: BTreeSet<Mac>,
 }
@@ -253,6 +279,9 @@ pub struct Policy {
     pub nodes: BTreeMap<Mac, NodeSpec>,
     pub cooldown: u64,
     pub utc_offset_minutes: i32,
+    pub power_off_timeout: u64,
+    pub boot_timeout: u64,
+    pub heartbeat_interval: u64,
 }
 
 impl Policy {
@@ -497,6 +526,19 @@ fn build(
                 ));
             }
         }
+        let mut maintenance = Vec::new();
+        let (patterns, inherited) = match &c.maintenance {
+            Some(m) => (m, false),
+            None => (&file.settings.maintenance, true),
+        };
+        for (mi, m) in patterns.iter().enumerate() {
+            match cron::Cron::parse(m) {
+                Ok(cr) => maintenance.push(cr),
+                // The settings' own patterns are reported once, below.
+                Err(_) if inherited => {}
+                Err(e) => errs.push((at(&["maintenance", &mi.to_string()]), e)),
+            }
+        }
         let mut only_nodes = BTreeSet::new();
         for (ni, n) in c.requires.nodes.iter().enumerate() {
             match Mac::parse(n).or_else(|| names.get(n).copied()) {
@@ -518,6 +560,7 @@ fn build(
             slot_images: resolved,
             identities,
             windows,
+            maintenance,
             only_nodes,
         });
     }
@@ -542,11 +585,31 @@ fn build(
             ));
         }
     }
+    for (mi, m) in file.settings.maintenance.iter().enumerate() {
+        if let Err(e) = cron::Cron::parse(m) {
+            errs.push((p(&["settings", "maintenance", &mi.to_string()]), e));
+        }
+    }
+    for (key, v) in [
+        ("power_off_timeout", file.settings.power_off_timeout.0),
+        ("boot_timeout", file.settings.boot_timeout.0),
+        ("heartbeat_interval", file.settings.heartbeat_interval.0),
+    ] {
+        if v == 0 {
+            errs.push((
+                p(&["settings", key]),
+                format!("`{key}` must be at least 1 second"),
+            ));
+        }
+    }
     Policy {
         clusters,
         nodes,
         cooldown: file.settings.cooldown.0,
         utc_offset_minutes,
+        power_off_timeout: file.settings.power_off_timeout.0,
+        boot_timeout: file.settings.boot_timeout.0,
+        heartbeat_interval: file.settings.heartbeat_interval.0,
     }
 }
 

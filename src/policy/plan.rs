@@ -8,7 +8,8 @@
 //! 3. Clusters above desired release their highest slots, never a node that reports busy.
 //! 4. Clusters below desired, highest priority first, fill their lowest empty slots: with the smallest idle
 //!    compatible node (best fit), else — if the cluster may preempt — with a node of a lower-priority
-//!    cluster that stays at or above its own min, is not busy and was not moved within the cooldown
+//!    cluster that stays at or above its own min, is not busy (unless its cluster says `take_busy`), is
+//!    inside one of its cluster's maintenance windows and was not moved within the cooldown
 //!    (least utilised first, then lowest priority). A cluster still short raises an alert.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -152,6 +153,16 @@ fn size_key(n: &NodeState) -> (u32, u64, Mac) {
     (n.cpus.unwrap_or(0), n.memory.unwrap_or(0), n.mac)
 }
 
+/// Whether a node of cluster `c` may have its work taken away at `now`: it is not busy (or the cluster
+/// lets busy nodes be taken) and one of the cluster's maintenance windows is open (or it has none).
+pub fn may_take(c: &Cluster, n: &NodeState, now: u64, utc_offset_minutes: i32) -> bool {
+    (!n.busy || c.spec.drain.take_busy)
+        && (c.maintenance.is_empty()
+            || c.maintenance
+                .iter()
+                .any(|cr| cr.matches(now as i64, utc_offset_minutes)))
+}
+
 fn in_cooldown(n: &NodeState, now: u64, cooldown: u64) -> bool {
     n.last_moved
         .is_some_and(|t| now < t.saturating_add(cooldown))
@@ -171,7 +182,9 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
     let mut assigned: HashMap<Mac, (usize, u32)> = HashMap::new();
 
     let node = |m: &Mac| state.nodes.get(m);
-    let busy = |m: &Mac| node(m).is_some_and(|n| n.busy);
+    let takeable = |c: &Cluster, m: &Mac| {
+        node(m).is_none_or(|n| may_take(c, n, now, policy.utc_offset_minutes))
+    };
 
     // 1. Assignments the policy no longer has room for, and failed nodes (their slot is refilled below,
     //    keeping its identity).
@@ -199,7 +212,7 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
         .map(|c| desired(c, state, now, policy.utc_offset_minutes))
         .collect();
 
-    // 3. Scale down: highest slots first, busy nodes stay.
+    // 3. Scale down: highest slots first; busy nodes and nodes outside their maintenance windows stay.
     for (ci, c) in policy.clusters.iter().enumerate() {
         let mut excess = slots[ci].len().saturating_sub(want[ci] as usize);
         let highest: Vec<(u32, Mac)> = slots[ci].iter().rev().map(|(s, m)| (*s, *m)).collect();
@@ -207,7 +220,7 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
             if excess == 0 {
                 break;
             }
-            if busy(&mac) {
+            if !takeable(c, &mac) {
                 continue;
             }
             slots[ci].remove(&slot);
@@ -357,7 +370,7 @@ impl Fill<'_> {
                     let n = self.state.nodes.get(mac)?;
                     let ok = v.spec.priority < c.spec.priority
                         && self.slots[vi].len() > v.spec.min as usize
-                        && !n.busy
+                        && may_take(v, n, now, policy.utc_offset_minutes)
                         && n.healthy
                         && !self.moved.contains(mac)
                         && !in_cooldown(n, now, policy.cooldown)

@@ -24,6 +24,7 @@ fn spec(name: &str, priority: i32, min: u32, max: u32, default: u32, preempt: bo
         disk: None,
         identity: None,
         drain: Default::default(),
+        maintenance: None,
         schedule: vec![],
         scale: vec![],
     }
@@ -175,6 +176,37 @@ fn preemption_respects_min_busy_and_cooldown() {
         .filter(|a| matches!(a, Action::Preempt { .. }))
         .collect();
     assert_eq!(preempts.len(), 1, "{acts:?}");
+}
+
+#[test]
+fn maintenance_windows_and_take_busy_gate_what_may_be_taken() {
+    let mut lo = spec("lo", 1, 0, 2, 2, false);
+    // Only between 22:00 and 22:59 on Mondays.
+    lo.maintenance = Some(vec!["* 22 * * 1".into()]);
+    let pol = policy(vec![spec("hi", 10, 0, 2, 2, true), lo], 0);
+    let mut st = State {
+        nodes: nodes(2),
+        ..Default::default()
+    };
+    st.assignments.insert(mac(0), slot("lo", 0));
+    st.assignments.insert(mac(1), slot("lo", 1));
+    let preempts = |acts: &[Action]| {
+        acts.iter()
+            .filter(|a| matches!(a, Action::Preempt { .. }))
+            .count()
+    };
+    // 07:59 Monday: outside the window, nothing is taken, `hi` is short.
+    assert_eq!(preempts(&plan(&pol, &st, MON_0759)), 0);
+    // 22:00 Monday: inside, both go.
+    let at_2200 = MON_0759 + (14 * 60 + 1) * 60;
+    assert_eq!(preempts(&plan(&pol, &st, at_2200)), 2);
+    // A busy node is not taken, even in the window, unless its cluster says take_busy.
+    st.nodes.get_mut(&mac(0)).unwrap().busy = true;
+    assert_eq!(preempts(&plan(&pol, &st, at_2200)), 1);
+    let mut lo = spec("lo", 1, 0, 2, 2, false);
+    lo.drain.take_busy = true;
+    let pol = policy(vec![spec("hi", 10, 0, 2, 2, true), lo], 0);
+    assert_eq!(preempts(&plan(&pol, &st, MON_0759)), 2);
 }
 
 #[test]
