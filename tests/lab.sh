@@ -8,6 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/deps.sh
-bash tests/testos/build.sh images/testos
 cargo build --release --quiet
+CORRAL_AGENT="${CARGO_TARGET_DIR:-target}/release/corral-agent" bash tests/testos/build.sh images/testos
 exec "${CARGO_TARGET_DIR:-target}/release/corral" lab "$@"

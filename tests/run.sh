@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/deps.sh
-echo "== building the test OS"
+echo "== building the test OS (with corral-agent)"
+cargo build --bin corral-agent
 bash tests/testos/build.sh images/testos
 echo "== cargo test"
 cargo test "$@"

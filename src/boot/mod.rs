@@ -28,7 +28,9 @@ pub struct ImageSpec {
     pub initrds: Vec<String>,
     /// Kernel command line; `{{mac}}`, `{{image}}`, `{{hostname}}`, `{{base_url}}`, `{{server}}`, and under a
     /// policy `{{cluster}}`, `{{slot}}`, `{{address}}` (the slot's identity), `{{disk}}`
-    /// (`nbd:<server>:<port>:<cluster>/<slot>`, the slot's NBD disk) and `{{disk_export}}` are filled in.
+    /// (`nbd:<server>:<port>:<cluster>/<slot>`, the slot's NBD disk) and `{{disk_export}}` are filled in;
+    /// `{{agent}}` becomes `corral.api=<base_url> corral.token=<this boot's token>` for the image's
+    /// `corral-agent`.
     #[serde(default)]
     pub cmdline: String,
 }
@@ -81,6 +83,7 @@ const CMDLINE_VARS: &[&str] = &[
     "address",
     "disk",
     "disk_export",
+    "agent",
 ];
 
 impl Catalog {
@@ -368,6 +371,8 @@ pub struct NodeVars<'a> {
     /// cluster has no disk).
     pub disk: &'a str,
     pub disk_export: &'a str,
+    /// `corral.api=... corral.token=...` for the agent (empty without a policy).
+    pub agent: &'a str,
 }
 
 /// Renders the script that boots `image` on a node.
@@ -383,6 +388,7 @@ pub fn node_script(t: &Templates, image: &Image, v: &NodeVars<'_>) -> String {
         ("address", v.address),
         ("disk", v.disk),
         ("disk_export", v.disk_export),
+        ("agent", v.agent),
     ];
     let mut cmdline = image.cmdline.render(&cmd_vars);
     // iPXE on EFI hands initrds to the kernel's EFI stub only when the command line names them.
@@ -471,6 +477,7 @@ mod tests {
             address: "",
             disk: "",
             disk_export: "",
+            agent: "",
         };
         let s = node_script(&t, &image, &v);
         assert!(s.starts_with("#!ipxe"));

@@ -105,13 +105,29 @@ impl Controller {
         if self.is_admin(peer) {
             return true;
         }
-        let assignments = self.fleet().state.assignments.clone();
+        let (assignments, holds) = {
+            let f = self.fleet();
+            (f.state.assignments.clone(), f.holds.clone())
+        };
         let state = self.state();
         match target {
-            Target::Slot { cluster, slot, .. } => assignments
-                .iter()
-                .find(|(_, s)| &s.cluster == cluster && s.slot == *slot)
-                .is_some_and(|(mac, _)| self.node_addresses(*mac).contains(&peer)),
+            Target::Slot { cluster, slot, .. } => {
+                // A node being moved keeps its old slot's disk until it is off; until then that disk
+                // is its alone (fencing: two nodes never write one disk).
+                let holder = holds
+                    .iter()
+                    .find(|(_, s)| &s.cluster == cluster && s.slot == *slot)
+                    .map(|(mac, _)| *mac);
+                let owner = || {
+                    assignments
+                        .iter()
+                        .find(|(_, s)| &s.cluster == cluster && s.slot == *slot)
+                        .map(|(mac, _)| *mac)
+                };
+                holder
+                    .or_else(owner)
+                    .is_some_and(|mac| self.node_addresses(mac).contains(&peer))
+            }
             Target::Base(base) => assignments.iter().any(|(mac, s)| {
                 let on_base = state
                     .policy

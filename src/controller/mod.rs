@@ -11,10 +11,13 @@
 //! commits to the store every few hundred milliseconds, so a burst of booting nodes costs one transaction,
 //! not one fsync per request.
 
+pub mod agents;
 pub mod disks;
+pub mod mover;
+pub mod moves;
 pub mod views;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -352,6 +355,12 @@ pub struct Controller {
     scale: Mutex<crate::policy::scale::ScaleState>,
     /// Base images and slot overlays (the directories are fixed at start).
     disks: crate::disk::DiskSet,
+    /// Boot tokens, heartbeats and orders of the nodes' agents.
+    agents: Mutex<agents::Agents>,
+    /// Running moves, by node: where their inputs go.
+    moves: Mutex<HashMap<Mac, tokio::sync::mpsc::UnboundedSender<moves::Input>>>,
+    /// Wakes the mover when the planner decides a move.
+    mover_wake: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -359,9 +368,14 @@ struct Fleet {
     state: plan::State,
     /// Alerts raised by the last plan, so each is recorded once when it starts.
     alerts: BTreeSet<String>,
-    /// Nodes whose assignment changed while they may be running the old role: they need a reboot (power
-    /// control acts on this; a parked node picks its new script up at its next poll).
-    reboot: BTreeSet<Mac>,
+    /// Nodes whose assignment changed while they may be running the old role, with the moment it was
+    /// decided: the mover restarts them (a parked node picks its new script up at its next poll).
+    reboot: BTreeMap<Mac, std::time::Instant>,
+    /// The slot a node being moved still holds until it is fenced (powered off): it keeps that slot's
+    /// disk, and nobody else may open it meanwhile.
+    holds: BTreeMap<Mac, SlotRef>,
+    /// Nodes waiting for a restart that corral cannot do (no power control, no agent).
+    manual: BTreeSet<Mac>,
 }
 
 /// What the planner knows of a node: iPXE's facts, overridden by the policy's `[[node]]` entry.
@@ -427,7 +441,11 @@ impl Controller {
             fleet: Mutex::new(fleet),
             scale: Mutex::new(Default::default()),
             disks,
+            agents: Mutex::new(Default::default()),
+            moves: Mutex::new(HashMap::new()),
+            mover_wake: tokio::sync::Notify::new(),
         });
+        c.load_agent_tokens();
         c.prepare_disks(crate::unix_now());
         c.replan(crate::unix_now())?;
         Ok(c)
@@ -466,7 +484,7 @@ impl Controller {
 
     /// Nodes waiting for a reboot into a new role.
     pub fn reboot_pending(&self) -> Vec<Mac> {
-        self.fleet().reboot.iter().copied().collect()
+        self.fleet().reboot.keys().copied().collect()
     }
 
     /// The planner's view: nodes and assignments.
@@ -539,6 +557,7 @@ impl Controller {
                     cluster: Some(f.cluster.clone()),
                     node: None,
                     message: msg,
+                    secs: None,
                 });
             }
             fleet.state.scale_targets = scale.targets(&policy, &base);
@@ -551,6 +570,7 @@ impl Controller {
             cluster: Some(cluster.to_string()),
             node: node.map(|n| n.to_string()),
             message,
+            secs: None,
         };
         let mut alerts = BTreeSet::new();
         for a in &actions {
@@ -627,18 +647,31 @@ impl Controller {
         }
         let before = fleet.state.assignments.clone();
         fleet.state = plan::apply(&fleet.state, &actions, now);
+        let decided = std::time::Instant::now();
+        let mut moves = false;
         for a in &actions {
             match a {
-                // A node that was serving another role is running it still: it must restart.
-                Action::Release { node, .. } | Action::Preempt { node, .. }
+                // A node that was serving another role is running it still: it must restart, and it
+                // keeps its old slot's disk until it is off.
+                Action::Release { node, from } | Action::Preempt { node, from, .. }
                     if before.contains_key(node) =>
                 {
-                    fleet.reboot.insert(*node);
+                    // A failed node was cut off by the move that failed; nothing more to do here.
+                    let healthy = fleet.state.nodes.get(node).is_some_and(|n| n.healthy);
+                    if healthy {
+                        fleet.reboot.insert(*node, decided);
+                        fleet.manual.remove(node);
+                        fleet.holds.insert(*node, from.clone());
+                        moves = true;
+                    }
                 }
                 _ => {}
             }
         }
         fleet.alerts = alerts;
+        if moves {
+            self.mover_wake.notify_one();
+        }
         Ok(actions)
     }
 
@@ -684,8 +717,12 @@ impl Controller {
                 .nodes
                 .get(&mac)
                 .is_some_and(|n| n.arch.is_some() || facts.buildarch.is_none());
-            // A node that boots into its role has done its restart.
-            fleet.reboot.remove(&mac);
+            // A node that boots on its own (not in a move) has done its restart and left its old role.
+            if !self.moving(mac) {
+                fleet.reboot.remove(&mac);
+                fleet.holds.remove(&mac);
+                fleet.manual.remove(&mac);
+            }
             if !known {
                 // Discovered (or first facts for a listed node): into the pool, and plan at once so its first
                 // request already gets its role.

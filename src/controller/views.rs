@@ -36,8 +36,8 @@ pub struct SlotView {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct NodeView {
     pub mac: Mac,
-    /// `assigned`, `idle`, `reboot-pending` (assigned elsewhere while still running its old role) or
-    /// `failed`.
+    /// `assigned`, `idle`, `moving` (being drained, switched off and on into its new role),
+    /// `reboot-pending` (assigned elsewhere while still running its old role) or `failed`.
     pub state: &'static str,
     pub cluster: Option<String>,
     pub slot: Option<u32>,
@@ -49,6 +49,8 @@ pub struct NodeView {
     pub first_seen: Option<u64>,
     pub last_seen: Option<u64>,
     pub boot_count: u64,
+    /// The last heartbeat of the node's agent (figures, busy flag, role).
+    pub heartbeat: Option<super::agents::Beat>,
 }
 
 impl Controller {
@@ -127,6 +129,7 @@ impl Controller {
                 let healthy = fleet.nodes.get(&mac).is_none_or(|n| n.healthy);
                 let st = match (slot, healthy) {
                     (_, false) => "failed",
+                    (_, _) if self.moving(mac) => "moving",
                     (Some(_), _) if pending.contains(&mac) => "reboot-pending",
                     (Some(_), _) => "assigned",
                     (None, _) => "idle",
@@ -147,6 +150,7 @@ impl Controller {
                     first_seen: rec.as_ref().map(|r| r.first_seen),
                     last_seen: rec.as_ref().map(|r| r.last_seen),
                     boot_count: rec.as_ref().map(|r| r.boot_count).unwrap_or(0),
+                    heartbeat: self.last_beat(mac),
                     facts,
                 }
             })

@@ -246,6 +246,8 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>, peer: SocketAddr) -> Response
     let query = req.uri().query().unwrap_or("").to_string();
     let resp = if method == Method::POST && path == "/api/v1/metrics" {
         post_metrics(ctx, req).await
+    } else if let Some(what) = path.strip_prefix("/api/v1/agent/") {
+        agent_api(ctx, &method, what, &query, req).await
     } else {
         route(ctx, &method, &path, &query, &req, peer).await
     };
@@ -352,6 +354,93 @@ async fn route(
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The agents' API (see `agent::proto`): heartbeats, orders (a long poll) and acks, each authenticated by
+/// the token of the node's current boot.
+async fn agent_api(
+    ctx: &Ctx,
+    method: &Method,
+    what: &str,
+    query: &str,
+    req: Request<Incoming>,
+) -> Response<HttpBody> {
+    use crate::agent::proto::{Ack, Heartbeat};
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default();
+    let unauthorized = || {
+        text(
+            StatusCode::UNAUTHORIZED,
+            "unknown token, or the token of an earlier boot\n",
+        )
+    };
+    match (method.clone(), what) {
+        (Method::GET, "orders") => {
+            let Ok((mac, waker)) = ctx.controller.agent_waiter(&token) else {
+                return unauthorized();
+            };
+            let wait = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("wait="))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                .min(60);
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+            loop {
+                // Registered before looking, so an order queued in between still wakes us.
+                let notified = waker.notified();
+                if let Some(order) = ctx.controller.take_order(mac) {
+                    return json(&order);
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return Response::builder()
+                        .status(StatusCode::NO_CONTENT)
+                        .body(Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
+                        .unwrap_or_else(|_| text(StatusCode::NO_CONTENT, ""));
+                }
+            }
+        }
+        (Method::POST, "heartbeat") | (Method::POST, "ack") => {
+            let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB\n"),
+            };
+            let now_ms = crate::controller::agents::unix_ms();
+            if what == "heartbeat" {
+                let hb = match serde_json::from_slice::<Heartbeat>(&body) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, &format!("bad heartbeat: {e}\n"))
+                    }
+                };
+                match ctx.controller.agent_heartbeat(&token, hb, now_ms) {
+                    Ok(reply) => json(&reply),
+                    Err(_) => unauthorized(),
+                }
+            } else {
+                let ack = match serde_json::from_slice::<Ack>(&body) {
+                    Ok(a) => a,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, &format!("bad ack: {e}\n")),
+                };
+                match ctx.controller.agent_ack(&token, ack) {
+                    Ok(()) => text(StatusCode::OK, "ok\n"),
+                    Err(_) => unauthorized(),
+                }
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "agent API: POST heartbeat, GET orders?wait=SECS, POST ack\n",
+        ),
     }
 }
 
@@ -479,7 +568,18 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
             } else {
                 (String::new(), String::new())
             };
+            // Every boot into a role gets its own token: the agent of this boot, and only it, speaks
+            // for the node.
+            let agent = if state.policy.is_some() {
+                let token = ctx
+                    .controller
+                    .issue_token(mac, role.as_ref().map(|r| &r.slot), now);
+                format!("corral.api={base_url} corral.token={token}")
+            } else {
+                String::new()
+            };
             let v = NodeVars {
+                agent: &agent,
                 base_url: &base_url,
                 server: &server,
                 mac: &mac_s,
@@ -495,6 +595,8 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
         }
         BootDecision::Park => {
             tracing::debug!(%mac, "node script: parked");
+            ctx.controller
+                .move_input(mac, crate::controller::moves::Input::Parked);
             state.templates.parked.render(&[
                 ("base_url", &base_url),
                 ("mac", &mac_s),

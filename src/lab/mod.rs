@@ -101,6 +101,8 @@ pub struct Vm {
     pub mac: String,
     pub firmware: Firmware,
     pub serial: PathBuf,
+    /// The QMP socket of a VM with a power switch ([`Lab::vm_with_power`]).
+    pub qmp: Option<PathBuf>,
     child: Child,
     started: Instant,
 }
@@ -346,6 +348,17 @@ impl Lab {
 
     /// Boots a VM with the given firmware and MAC on the lab bridge.
     pub fn vm(&mut self, name: &str, fw: Firmware, mac: &str) -> anyhow::Result<Vm> {
+        self.start_vm(name, fw, mac, false)
+    }
+
+    /// Boots a VM that corral can switch like a machine with a BMC: a QMP socket (`<dir>/<name>.qmp`,
+    /// for power driver `qemu`), and `-no-shutdown`, so that when the guest powers off or reboots the VM
+    /// stops and waits (dark) instead of exiting, until it is switched on again.
+    pub fn vm_with_power(&mut self, name: &str, fw: Firmware, mac: &str) -> anyhow::Result<Vm> {
+        self.start_vm(name, fw, mac, true)
+    }
+
+    fn start_vm(&mut self, name: &str, fw: Firmware, mac: &str, power: bool) -> anyhow::Result<Vm> {
         self.taps += 1;
         let tap = format!("crl{}t{}", self.id, self.taps);
         let serial = self.dir.join(format!("{name}.serial"));
@@ -363,6 +376,17 @@ impl Lab {
             &self.dir.join("sercon"),
             192,
         );
+        let mut args = args;
+        let qmp = power.then(|| self.dir.join(format!("{name}.qmp")));
+        if let Some(q) = &qmp {
+            // -no-reboot turns every reset, QMP's system_reset included, into a shutdown: a switchable
+            // VM reboots like a real machine instead.
+            args.retain(|a| a != "-no-reboot");
+            let _ = std::fs::remove_file(q);
+            args.push("-qmp".into());
+            args.push(format!("unix:{},server=on,wait=off", q.display()));
+            args.push("-no-shutdown".into());
+        }
         let err = std::fs::File::create(self.dir.join(format!("{name}.qemu.log")))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.bridge_ns, "qemu-system-x86_64"])
@@ -376,6 +400,7 @@ impl Lab {
             mac: mac.to_string(),
             firmware: fw,
             serial,
+            qmp,
             child,
             started: Instant::now(),
         })

@@ -64,7 +64,21 @@ impl PowerDriver for Qmp {
     }
 
     fn on(&self) -> PowerResult<()> {
-        self.run(&["system_reset", "cont"]).map(|_| ())
+        // The reset is carried out asynchronously: `cont` is refused ("Resetting the Virtual Machine is
+        // required") until it has been, so it is retried briefly.
+        self.run(&["system_reset"])?;
+        let mut last = None;
+        for _ in 0..100 {
+            match self.run(&["cont"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.to_string().contains("Resetting") => {
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| failed("qmp: cont refused")))
     }
 
     fn off(&self, hard: bool) -> PowerResult<()> {

@@ -105,6 +105,13 @@ CREATE TABLE IF NOT EXISTS event (
     node    TEXT,
     message TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS agent_token (
+    mac     TEXT PRIMARY KEY,
+    token   TEXT NOT NULL UNIQUE,
+    cluster TEXT,
+    slot    INTEGER,
+    issued  INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS node (
     mac          TEXT PRIMARY KEY,
     uuid         TEXT,
@@ -142,6 +149,13 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Added after the first release: a step's duration, for events that time something.
+        let has_secs = conn
+            .prepare("SELECT 1 FROM pragma_table_info('event') WHERE name = 'secs'")?
+            .exists([])?;
+        if !has_secs {
+            conn.execute_batch("ALTER TABLE event ADD COLUMN secs REAL")?;
+        }
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -314,7 +328,7 @@ pub struct AssignmentRecord {
 }
 
 /// Something that happened, for operators (`corral events`, `/api/v1/events`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventRecord {
     pub id: i64,
     pub at: u64,
@@ -322,16 +336,20 @@ pub struct EventRecord {
     pub cluster: Option<String>,
     pub node: Option<String>,
     pub message: String,
+    /// How long the step it reports took, for events that time something.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secs: Option<f64>,
 }
 
 /// An event to record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
     pub at: u64,
     pub kind: &'static str,
     pub cluster: Option<String>,
     pub node: Option<String>,
     pub message: String,
+    pub secs: Option<f64>,
 }
 
 impl NewEvent {
@@ -342,6 +360,7 @@ impl NewEvent {
             cluster: None,
             node: None,
             message,
+            secs: None,
         }
     }
 }
@@ -403,8 +422,8 @@ impl Store {
                 }
             }
             for e in events {
-                tx.prepare_cached("INSERT INTO event (at, kind, cluster, node, message) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                    .execute(params![e.at as i64, e.kind, e.cluster, e.node, e.message])?;
+                tx.prepare_cached("INSERT INTO event (at, kind, cluster, node, message, secs) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+                    .execute(params![e.at as i64, e.kind, e.cluster, e.node, e.message, e.secs])?;
             }
             tx.commit()
         })
@@ -414,7 +433,7 @@ impl Store {
     pub fn events(&self, limit: u32) -> Result<Vec<EventRecord>> {
         self.with(|c| {
             let mut st = c.prepare_cached(
-                "SELECT id, at, kind, cluster, node, message FROM event ORDER BY id DESC LIMIT ?1",
+                "SELECT id, at, kind, cluster, node, message, secs FROM event ORDER BY id DESC LIMIT ?1",
             )?;
             let rows = st.query_map([limit as i64], |r| {
                 Ok(EventRecord {
@@ -424,9 +443,68 @@ impl Store {
                     cluster: r.get(3)?,
                     node: r.get(4)?,
                     message: r.get(5)?,
+                    secs: r.get(6)?,
                 })
             })?;
             rows.collect()
+        })
+    }
+}
+
+/// The token of a node's latest boot, and the role it was issued for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentToken {
+    pub mac: Mac,
+    pub token: String,
+    /// (cluster, slot) when the node booted into a role.
+    pub role: Option<(String, u32)>,
+    pub issued: u64,
+}
+
+impl Store {
+    /// Every node's latest boot token.
+    pub fn agent_tokens(&self) -> Result<Vec<AgentToken>> {
+        self.with(|c| {
+            let mut st =
+                c.prepare_cached("SELECT mac, token, cluster, slot, issued FROM agent_token")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (mac, token, cluster, slot, issued) = row?;
+                let Some(mac) = Mac::parse(&mac) else {
+                    continue;
+                };
+                out.push(AgentToken {
+                    mac,
+                    token,
+                    role: cluster.zip(slot.map(|s| s.max(0) as u32)),
+                    issued: issued.max(0) as u64,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Replaces a node's boot token.
+    pub fn put_agent_token(&self, t: &AgentToken) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached("INSERT OR REPLACE INTO agent_token (mac, token, cluster, slot, issued) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![
+                    t.mac.to_string(),
+                    t.token,
+                    t.role.as_ref().map(|r| r.0.clone()),
+                    t.role.as_ref().map(|r| r.1 as i64),
+                    t.issued as i64
+                ])?;
+            Ok(())
         })
     }
 }

@@ -12,7 +12,16 @@
 #   detached
 # so that tests can see what a node's disk held and that what it wrote persists.
 #
+# With corral.api=URL and corral.token=T on the command line (corral's {{agent}} placeholder) it becomes a
+# running node: it sets its hostname from corral.hostname=, takes an address by DHCP, installs a drain hook
+# (/etc/corral/drain, which prints "CORRAL-STOP-HOOK host=<hostname>" on the console), prints
+#   CORRAL-AGENT start host=<hostname>
+# and runs corral-agent (heartbeats; on orders: the drain hook, poweroff -f, reboot -f) instead of powering
+# off. corral.testos.busy=1 makes the agent report the node busy.
+#
 #   tests/testos/build.sh OUTDIR     # writes OUTDIR/vmlinuz and OUTDIR/initrd.img
+#   CORRAL_AGENT=path/to/corral-agent tests/testos/build.sh OUTDIR
+#                                    # default: target/debug/corral-agent (under CARGO_TARGET_DIR if set)
 set -euo pipefail
 out=${1:?usage: build.sh OUTDIR}
 mkdir -p "$out"
@@ -28,13 +37,18 @@ if ! nbd_client=$(PATH=$PATH:/usr/sbin:/sbin command -v nbd-client); then
   nbd_client=$(PATH=$PATH:/usr/sbin:/sbin command -v nbd-client)
 fi
 
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+agent=${CORRAL_AGENT:-${CARGO_TARGET_DIR:-$repo/target}/debug/corral-agent}
+[ -x "$agent" ] || { echo "no corral-agent at $agent: run cargo build --bin corral-agent first" >&2; exit 1; }
+
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root=$work/root
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,mnt,lib/modules/"$kver"}
 cp "$busybox" "$root/bin/busybox"
 for applet in sh mount umount cat echo ls sleep modprobe insmod poweroff reboot ip udhcpc mkdir basename \
-              grep sed tr head tail dd sync wget timeout mdev hexdump date uname ifconfig route true; do
+              grep sed tr head tail dd sync wget timeout mdev hexdump date uname ifconfig route true hostname \
+              cut touch chmod; do
   ln -sf busybox "$root/bin/$applet"
 done
 
@@ -44,6 +58,13 @@ copy_same_path() { mkdir -p "$root$(dirname "$1")" && cp -L "$1" "$root$1"; }
 copy_same_path "$nbd_client"
 for lib in $(ldd "$nbd_client" | sed -n -e 's/.*=> \(\/[^ ]*\) .*/\1/p' -e 's/^[[:space:]]*\(\/[^ ]*\) .*/\1/p'); do
   copy_same_path "$lib"
+done
+
+# corral's agent, stripped (debug builds carry ~100 MB of debug info), with its libraries.
+mkdir -p "$root/usr/bin"
+strip -o "$root/usr/bin/corral-agent" "$agent"
+for lib in $(ldd "$agent" | sed -n -e 's/.*=> \(\/[^ ]*\) .*/\1/p' -e 's/^[[:space:]]*\(\/[^ ]*\) .*/\1/p'); do
+  [ -e "$root$lib" ] || copy_same_path "$lib"
 done
 
 # busybox udhcpc only talks DHCP; this script is what puts the lease on the interface.
@@ -165,6 +186,24 @@ disk() {
 }
 d=$(arg corral.disk)
 [ -n "$d" ] && disk "$d"
+
+# corral.api=...: a running node with corral's agent, until corral orders it off.
+api=$(arg corral.api)
+if [ -n "$api" ] && [ -n "$dev" ]; then
+  h=$(arg corral.hostname)
+  [ -n "$h" ] && hostname "$h"
+  echo 4 > /proc/sys/kernel/printk
+  ip link set "$dev" up
+  udhcpc -i "$dev" -n -q -t 10 -s /etc/udhcpc/default.script >/dev/null 2>&1 \
+    || echo "CORRAL-AGENT error=dhcp on $dev failed"
+  mkdir -p /etc/corral /run/corral
+  printf '#!/bin/sh\necho "CORRAL-STOP-HOOK host=$(hostname)" > /dev/console\n' > /etc/corral/drain
+  chmod +x /etc/corral/drain
+  [ "$(arg corral.testos.busy)" = 1 ] && touch /run/corral/busy
+  echo "CORRAL-AGENT start host=$(hostname) ip=$(ip -4 -o addr show dev "$dev" | sed -n 's/.* inet \([0-9.]*\).*/\1/p')"
+  corral-agent --poweroff "poweroff -f" --reboot "reboot -f"
+  echo "CORRAL-AGENT exited"
+fi
 
 if [ "$(arg corral.testos.stay)" = 1 ]; then
   exec sh

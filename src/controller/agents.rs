@@ -1,0 +1,223 @@
+//! The controller's side of the agents: a token for every boot into a role (put on that boot's kernel
+//! command line), heartbeats, and orders waiting for a node's agent to fetch them.
+//!
+//! A token names one node and the role it booted into; only the node's latest token is valid, so an
+//! image that is gone (the node was moved) cannot speak for the node any more. Tokens are stored, so a
+//! restart of corral does not cut its agents off.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::moves::Input;
+use super::Controller;
+use crate::agent::proto::{Ack, Heartbeat, HeartbeatReply, Order, OrderKind};
+use crate::mac::Mac;
+use crate::policy::plan::SlotRef;
+use crate::store::{AgentToken, NewEvent};
+
+/// A heartbeat as last received.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Beat {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    pub heartbeat: Heartbeat,
+    pub role: Option<SlotRef>,
+}
+
+#[derive(Default)]
+pub struct Agents {
+    /// token → node
+    by_token: HashMap<String, Mac>,
+    /// node → its latest boot's token and role
+    boots: HashMap<Mac, (String, Option<SlotRef>)>,
+    beats: HashMap<Mac, Beat>,
+    orders: HashMap<Mac, Order>,
+    wakers: HashMap<Mac, Arc<tokio::sync::Notify>>,
+    next_order: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum AgentError {
+    /// Unknown token, or one of an earlier boot.
+    Unauthorized,
+}
+
+/// 128 random bits, hex.
+fn new_token() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most b.len() bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    assert_eq!(n, b.len() as isize, "getrandom failed");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Controller {
+    fn agents(&self) -> std::sync::MutexGuard<'_, Agents> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads stored tokens (at start).
+    pub(crate) fn load_agent_tokens(&self) {
+        let Ok(tokens) = self.store.agent_tokens() else {
+            return;
+        };
+        let mut a = self.agents();
+        for t in tokens {
+            let role = t.role.map(|(cluster, slot)| SlotRef { cluster, slot });
+            a.by_token.insert(t.token.clone(), t.mac);
+            a.boots.insert(t.mac, (t.token, role));
+        }
+    }
+
+    /// A fresh token for the boot `mac` is about to make into `role`; earlier tokens stop working.
+    pub fn issue_token(&self, mac: Mac, role: Option<&SlotRef>, now: u64) -> String {
+        let token = new_token();
+        {
+            let mut a = self.agents();
+            if let Some((old, _)) = a.boots.remove(&mac) {
+                a.by_token.remove(&old);
+            }
+            a.by_token.insert(token.clone(), mac);
+            a.boots.insert(mac, (token.clone(), role.cloned()));
+        }
+        let rec = AgentToken {
+            mac,
+            token: token.clone(),
+            role: role.map(|r| (r.cluster.clone(), r.slot)),
+            issued: now,
+        };
+        if let Err(e) = self.store.put_agent_token(&rec) {
+            tracing::error!(error = %e, %mac, "cannot store the boot token");
+        }
+        token
+    }
+
+    fn node_of(&self, token: &str) -> Result<(Mac, Option<SlotRef>), AgentError> {
+        let a = self.agents();
+        let mac = *a.by_token.get(token).ok_or(AgentError::Unauthorized)?;
+        let role = a.boots.get(&mac).and_then(|(_, r)| r.clone());
+        Ok((mac, role))
+    }
+
+    /// A heartbeat from the agent holding `token`.
+    pub fn agent_heartbeat(
+        &self,
+        token: &str,
+        hb: Heartbeat,
+        now_ms: u64,
+    ) -> Result<HeartbeatReply, AgentError> {
+        let (mac, role) = self.node_of(token)?;
+        let interval = self
+            .state()
+            .policy
+            .as_ref()
+            .map(|p| p.heartbeat_interval)
+            .unwrap_or(5);
+        let first = {
+            let mut a = self.agents();
+            let first = a
+                .beats
+                .get(&mac)
+                .is_none_or(|b| b.role != role || b.heartbeat.uptime_secs > hb.uptime_secs);
+            a.beats.insert(
+                mac,
+                Beat {
+                    at_ms: now_ms,
+                    heartbeat: hb.clone(),
+                    role: role.clone(),
+                },
+            );
+            first
+        };
+        let current = {
+            let mut fleet = self.fleet();
+            if let Some(n) = fleet.state.nodes.get_mut(&mac) {
+                n.busy = hb.busy;
+                n.utilisation = hb.utilisation();
+            }
+            fleet.state.assignments.get(&mac).cloned()
+        };
+        if first {
+            let what = match &role {
+                Some(r) => format!("{}/{}", r.cluster, r.slot),
+                None => "no role".into(),
+            };
+            let msg = format!("{mac}'s agent is up as {} ({what})", hb.hostname);
+            tracing::info!("{msg}");
+            let mut e = NewEvent::new(now_ms / 1000, "agent-up", msg);
+            e.node = Some(mac.to_string());
+            e.cluster = role.as_ref().map(|r| r.cluster.clone());
+            let _ = self.store.apply(&[], &[e]);
+        }
+        if role.is_some() && role == current {
+            self.move_input(mac, Input::NewRoleHeartbeat);
+        }
+        Ok(HeartbeatReply {
+            interval_secs: interval,
+        })
+    }
+
+    /// The node's last heartbeat, if any.
+    pub fn last_beat(&self, mac: Mac) -> Option<Beat> {
+        self.agents().beats.get(&mac).cloned()
+    }
+
+    /// Whether the node's agent heartbeated within three intervals (it can take orders).
+    pub fn agent_alive(&self, mac: Mac, now_ms: u64) -> bool {
+        let interval = self
+            .state()
+            .policy
+            .as_ref()
+            .map(|p| p.heartbeat_interval)
+            .unwrap_or(5);
+        self.agents()
+            .beats
+            .get(&mac)
+            .is_some_and(|b| now_ms.saturating_sub(b.at_ms) <= 3 * interval * 1000 + 1000)
+    }
+
+    /// Queues an order for the node's agent (replacing one not yet fetched) and wakes its long poll.
+    pub fn send_order(&self, mac: Mac, kind: OrderKind) -> u64 {
+        let mut a = self.agents();
+        a.next_order += 1;
+        let id = a.next_order;
+        a.orders.insert(mac, Order { id, kind });
+        if let Some(w) = a.wakers.get(&mac) {
+            w.notify_one();
+        }
+        id
+    }
+
+    /// What the agent holding `token` waits on: its node and a notifier that fires on a new order.
+    pub fn agent_waiter(&self, token: &str) -> Result<(Mac, Arc<tokio::sync::Notify>), AgentError> {
+        let (mac, _) = self.node_of(token)?;
+        let w = self.agents().wakers.entry(mac).or_default().clone();
+        Ok((mac, w))
+    }
+
+    /// The node's pending order, handed out once.
+    pub fn take_order(&self, mac: Mac) -> Option<Order> {
+        self.agents().orders.remove(&mac)
+    }
+
+    /// The agent says an order is done.
+    pub fn agent_ack(&self, token: &str, ack: Ack) -> Result<(), AgentError> {
+        let (mac, _) = self.node_of(token)?;
+        tracing::info!(%mac, id = ack.id, ok = ack.ok, detail = %ack.detail, "agent acknowledged an order");
+        self.move_input(
+            mac,
+            Input::Acked {
+                ok: ack.ok,
+                detail: ack.detail,
+            },
+        );
+        Ok(())
+    }
+}

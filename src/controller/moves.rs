@@ -1,0 +1,584 @@
+//! Re-provisioning one node, as a state machine with no I/O and no clock inside (the seed's method):
+//!
+//! 1. **drain**: the node's agent runs the image's drain hook (the application's stop command), for at
+//!    most the cluster's grace period;
+//! 2. **power off**: the agent powers the node off (else the BMC's soft off); after `power_off_timeout`
+//!    the BMC cuts it hard; the step ends when the BMC reports the node off;
+//! 3. **reset**: the node is fenced from its old slot's disk (its export closes), its next boot is set to
+//!    the network where the BMC can;
+//! 4. **power on**;
+//! 5. **confirm**: the new role's agent heartbeats with the token of this boot (or, for a node returned to
+//!    the pool, it asks for its parked script) within `boot_timeout`; otherwise the move fails, the node is
+//!    cut off and marked failed, and the planner picks another node.
+//!
+//! A node without power control but with an agent is restarted by its agent (drain, reset, reboot,
+//! confirm). A node with neither cannot be moved: the move fails at once and says so.
+//!
+//! The shell ([`super::mover`]) feeds [`Input`]s (the clock, agent acks and heartbeats, power results)
+//! and carries out the [`Output`]s; every step ends with an event that carries its duration.
+
+use crate::agent::proto::OrderKind;
+use crate::power::PowerState;
+
+/// What the shell knows about the node when the move starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoveSpec {
+    /// The node heartbeated recently: it can drain and power itself off.
+    pub agent: bool,
+    /// The node has a power driver.
+    pub power: bool,
+    /// The new role, or `None` when the node goes back to the pool.
+    pub to_role: bool,
+    pub grace_ms: u64,
+    pub off_timeout_ms: u64,
+    pub boot_timeout_ms: u64,
+}
+
+/// A power call the shell makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Off { hard: bool },
+    On,
+    BootNetwork,
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Time passes (the shell ticks a few times a second).
+    Tick,
+    /// The agent reports an order done.
+    Acked { ok: bool, detail: String },
+    /// A power call finished.
+    Power {
+        call: Call,
+        result: Result<Option<PowerState>, String>,
+    },
+    /// The node's agent heartbeated with the token of the boot into its new role.
+    NewRoleHeartbeat,
+    /// The node asked for its script while unassigned (it is parked in the pool).
+    Parked,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Order(OrderKind),
+    Power(Call),
+    /// End the node's hold on its old slot's disk and close the export.
+    Fence,
+    /// A step ended: `kind` is the event kind, `secs` how long the step took.
+    Event {
+        kind: &'static str,
+        message: String,
+        secs: f64,
+    },
+    /// The move is over.
+    Finished {
+        ok: bool,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Draining,
+    PoweringOff,
+    Resetting,
+    PoweringOn,
+    Confirming,
+    Done,
+}
+
+#[derive(Debug, Clone)]
+pub struct Move {
+    spec: MoveSpec,
+    step: Step,
+    started: u64,
+    step_started: u64,
+    deadline: u64,
+    hard_sent: bool,
+    /// A power call is out: do not send another until its result is in.
+    pending: Option<Call>,
+}
+
+/// Bound on the wait for a hard off to show.
+const HARD_OFF_MS: u64 = 30_000;
+/// An agent that does not answer a drain order gets this long beyond its grace.
+const ACK_SLACK_MS: u64 = 5_000;
+
+impl Move {
+    /// Starts a move at `now` (milliseconds); returns it with its first outputs.
+    pub fn start(spec: MoveSpec, now: u64) -> (Move, Vec<Output>) {
+        let mut m = Move {
+            spec,
+            step: Step::Draining,
+            started: now,
+            step_started: now,
+            deadline: now,
+            hard_sent: false,
+            pending: None,
+        };
+        let mut out = Vec::new();
+        if !m.spec.agent && !m.spec.power {
+            m.finish(
+                false,
+                "the node has no power control and no running agent: it cannot be moved; restart it by hand",
+                &mut out,
+            );
+        } else if m.spec.agent {
+            m.deadline = now + m.spec.grace_ms + ACK_SLACK_MS;
+            out.push(Output::Order(OrderKind::Drain {
+                grace_secs: m.spec.grace_ms.div_ceil(1000),
+            }));
+        } else {
+            out.push(Output::Event {
+                kind: "move-drain",
+                message: "no running agent: nothing to drain".into(),
+                secs: 0.0,
+            });
+            m.power_off(now, &mut out);
+        }
+        (m, out)
+    }
+
+    pub fn step(&self) -> Step {
+        self.step
+    }
+
+    fn secs(&self, now: u64) -> f64 {
+        now.saturating_sub(self.step_started) as f64 / 1000.0
+    }
+
+    fn enter(&mut self, step: Step, now: u64) {
+        self.step = step;
+        self.step_started = now;
+    }
+
+    fn finish(&mut self, ok: bool, message: &str, out: &mut Vec<Output>) {
+        self.step = Step::Done;
+        out.push(Output::Finished {
+            ok,
+            message: message.to_string(),
+        });
+    }
+
+    fn call(&mut self, c: Call, out: &mut Vec<Output>) {
+        self.pending = Some(c);
+        out.push(Output::Power(c));
+    }
+
+    fn power_off(&mut self, now: u64, out: &mut Vec<Output>) {
+        self.enter(Step::PoweringOff, now);
+        if !self.spec.power {
+            // Only the agent can restart it: the reset happens first, then the reboot order.
+            self.reset(now, out);
+            return;
+        }
+        self.deadline = now + self.spec.off_timeout_ms;
+        if self.spec.agent {
+            out.push(Output::Order(OrderKind::Poweroff));
+        } else {
+            self.call(Call::Off { hard: false }, out);
+        }
+    }
+
+    fn reset(&mut self, now: u64, out: &mut Vec<Output>) {
+        self.enter(Step::Resetting, now);
+        out.push(Output::Fence);
+        if self.spec.power {
+            self.call(Call::BootNetwork, out);
+        } else {
+            out.push(Output::Event {
+                kind: "move-reset",
+                message: "fenced from the old slot's disk; the agent restarts the node".into(),
+                secs: 0.0,
+            });
+            out.push(Output::Order(OrderKind::Reboot));
+            self.confirm(now, out);
+        }
+    }
+
+    fn confirm(&mut self, now: u64, out: &mut Vec<Output>) {
+        self.enter(Step::Confirming, now);
+        self.deadline = now + self.spec.boot_timeout_ms;
+        let _ = out;
+    }
+
+    /// Feeds one input at `now`; returns what to do.
+    pub fn on(&mut self, input: Input, now: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        if let Input::Power { call, .. } = &input {
+            if self.pending == Some(*call) {
+                self.pending = None;
+            }
+        }
+        match (self.step, input) {
+            (Step::Done, _) => {}
+            (Step::Draining, Input::Acked { ok, detail }) => {
+                let kind = if ok {
+                    "move-drain"
+                } else {
+                    "move-drain-failed"
+                };
+                out.push(Output::Event {
+                    kind,
+                    message: detail,
+                    secs: self.secs(now),
+                });
+                self.power_off(now, &mut out);
+            }
+            (Step::Draining, Input::Tick) if now >= self.deadline => {
+                out.push(Output::Event {
+                    kind: "move-drain-failed",
+                    message: "the agent did not report the drain done in time".into(),
+                    secs: self.secs(now),
+                });
+                self.power_off(now, &mut out);
+            }
+            (Step::PoweringOff, Input::Tick) => {
+                if now >= self.deadline && !self.hard_sent {
+                    self.hard_sent = true;
+                    self.deadline = now + HARD_OFF_MS;
+                    out.push(Output::Event {
+                        kind: "move-hard-off",
+                        message: "still on after the power-off timeout: cutting power".into(),
+                        secs: self.secs(now),
+                    });
+                    self.call(Call::Off { hard: true }, &mut out);
+                } else if now >= self.deadline {
+                    out.push(Output::Event {
+                        kind: "move-failed",
+                        message: "the node did not power off".into(),
+                        secs: self.secs(now),
+                    });
+                    self.finish(false, "the node did not power off", &mut out);
+                } else if self.pending.is_none() {
+                    self.call(Call::Status, &mut out);
+                }
+            }
+            (
+                Step::PoweringOff,
+                Input::Power {
+                    call: Call::Status,
+                    result: Ok(Some(PowerState::Off)),
+                },
+            ) => {
+                let how = if self.hard_sent {
+                    "cut hard"
+                } else if self.spec.agent {
+                    "by its agent"
+                } else {
+                    "by the BMC"
+                };
+                out.push(Output::Event {
+                    kind: "move-power-off",
+                    message: format!("powered off ({how})"),
+                    secs: self.secs(now),
+                });
+                self.reset(now, &mut out);
+            }
+            (
+                Step::PoweringOff,
+                Input::Power {
+                    call: Call::Off { hard },
+                    result: Err(e),
+                },
+            ) => {
+                if hard {
+                    out.push(Output::Event {
+                        kind: "move-failed",
+                        message: format!("hard power off failed: {e}"),
+                        secs: self.secs(now),
+                    });
+                    self.finish(false, &format!("hard power off failed: {e}"), &mut out);
+                } else {
+                    // The soft off was refused: go hard at once.
+                    self.hard_sent = true;
+                    self.deadline = now + HARD_OFF_MS;
+                    self.call(Call::Off { hard: true }, &mut out);
+                }
+            }
+            (
+                Step::Resetting,
+                Input::Power {
+                    call: Call::BootNetwork,
+                    result,
+                },
+            ) => {
+                let message = match result {
+                    Ok(_) => "fenced from the old slot's disk; next boot: network".to_string(),
+                    // Not fatal: nodes here boot from the network first anyway.
+                    Err(e) => format!("fenced from the old slot's disk; next boot not set: {e}"),
+                };
+                out.push(Output::Event {
+                    kind: "move-reset",
+                    message,
+                    secs: self.secs(now),
+                });
+                self.enter(Step::PoweringOn, now);
+                self.call(Call::On, &mut out);
+            }
+            (
+                Step::PoweringOn,
+                Input::Power {
+                    call: Call::On,
+                    result,
+                },
+            ) => match result {
+                Ok(_) => {
+                    out.push(Output::Event {
+                        kind: "move-power-on",
+                        message: "powered on".into(),
+                        secs: self.secs(now),
+                    });
+                    self.confirm(now, &mut out);
+                }
+                Err(e) => {
+                    let msg = format!("power on failed: {e}");
+                    out.push(Output::Event {
+                        kind: "move-failed",
+                        message: msg.clone(),
+                        secs: self.secs(now),
+                    });
+                    self.finish(false, &msg, &mut out);
+                }
+            },
+            (Step::Confirming, Input::NewRoleHeartbeat) if self.spec.to_role => {
+                let total = now.saturating_sub(self.started) as f64 / 1000.0;
+                out.push(Output::Event {
+                    kind: "move-confirmed",
+                    message: format!("the new role heartbeats; whole move {total:.2} s"),
+                    secs: self.secs(now),
+                });
+                self.finish(true, "moved", &mut out);
+            }
+            (Step::Confirming, Input::Parked) if !self.spec.to_role => {
+                let total = now.saturating_sub(self.started) as f64 / 1000.0;
+                out.push(Output::Event {
+                    kind: "move-confirmed",
+                    message: format!("back in the pool (parked); whole move {total:.2} s"),
+                    secs: self.secs(now),
+                });
+                self.finish(true, "returned to the pool", &mut out);
+            }
+            (Step::Confirming, Input::Tick) if now >= self.deadline => {
+                let msg = format!(
+                    "no sign of the node {} s after power-on",
+                    self.spec.boot_timeout_ms / 1000
+                );
+                out.push(Output::Event {
+                    kind: "move-failed",
+                    message: msg.clone(),
+                    secs: self.secs(now),
+                });
+                if self.spec.power {
+                    // Cut it off: a node that comes back late must not run beside its replacement.
+                    out.push(Output::Power(Call::Off { hard: true }));
+                }
+                self.finish(false, &msg, &mut out);
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(agent: bool, power: bool) -> MoveSpec {
+        MoveSpec {
+            agent,
+            power,
+            to_role: true,
+            grace_ms: 10_000,
+            off_timeout_ms: 20_000,
+            boot_timeout_ms: 60_000,
+        }
+    }
+
+    fn kinds(out: &[Output]) -> Vec<String> {
+        out.iter()
+            .map(|o| match o {
+                Output::Order(k) => format!("order:{}", k.name()),
+                Output::Power(c) => format!("power:{c:?}"),
+                Output::Fence => "fence".into(),
+                Output::Event { kind, .. } => kind.to_string(),
+                Output::Finished { ok, .. } => format!("finished:{ok}"),
+            })
+            .collect()
+    }
+
+    fn off() -> Input {
+        Input::Power {
+            call: Call::Status,
+            result: Ok(Some(PowerState::Off)),
+        }
+    }
+
+    fn done(call: Call) -> Input {
+        Input::Power {
+            call,
+            result: Ok(None),
+        }
+    }
+
+    #[test]
+    fn the_whole_move_with_agent_and_bmc() {
+        let (mut m, out) = Move::start(spec(true, true), 0);
+        assert_eq!(kinds(&out), ["order:drain"]);
+        let out = m.on(
+            Input::Acked {
+                ok: true,
+                detail: "stopped".into(),
+            },
+            1_500,
+        );
+        assert_eq!(kinds(&out), ["move-drain", "order:poweroff"]);
+        assert!(matches!(out[0], Output::Event { secs, .. } if secs == 1.5));
+        // Polls status; one call at a time.
+        assert_eq!(kinds(&m.on(Input::Tick, 1_700)), ["power:Status"]);
+        assert!(m.on(Input::Tick, 1_800).is_empty());
+        let on = Input::Power {
+            call: Call::Status,
+            result: Ok(Some(PowerState::On)),
+        };
+        assert!(m.on(on, 1_900).is_empty());
+        assert_eq!(kinds(&m.on(Input::Tick, 2_000)), ["power:Status"]);
+        let out = m.on(off(), 2_600);
+        assert_eq!(
+            kinds(&out),
+            ["move-power-off", "fence", "power:BootNetwork"]
+        );
+        assert_eq!(
+            kinds(&m.on(done(Call::BootNetwork), 2_650)),
+            ["move-reset", "power:On"]
+        );
+        assert_eq!(kinds(&m.on(done(Call::On), 2_700)), ["move-power-on"]);
+        assert_eq!(m.step(), Step::Confirming);
+        // Parked is not a confirmation of a new role.
+        assert!(m.on(Input::Parked, 10_000).is_empty());
+        let out = m.on(Input::NewRoleHeartbeat, 20_700);
+        assert_eq!(kinds(&out), ["move-confirmed", "finished:true"]);
+        assert!(matches!(out[0], Output::Event { secs, .. } if secs == 18.0));
+        assert!(m.on(Input::Tick, 99_999).is_empty(), "done means done");
+    }
+
+    #[test]
+    fn a_slow_agent_then_a_node_that_will_not_power_off() {
+        let (mut m, _) = Move::start(spec(true, true), 0);
+        // No ack: the drain gives up after grace + slack.
+        assert!(m.on(Input::Tick, 14_999).is_empty());
+        assert_eq!(
+            kinds(&m.on(Input::Tick, 15_000)),
+            ["move-drain-failed", "order:poweroff"]
+        );
+        // Never off: hard off at the timeout.
+        let _ = m.on(Input::Tick, 15_100);
+        let _ = m.on(
+            Input::Power {
+                call: Call::Status,
+                result: Ok(Some(PowerState::On)),
+            },
+            15_200,
+        );
+        assert_eq!(
+            kinds(&m.on(Input::Tick, 35_000)),
+            ["move-hard-off", "power:Off { hard: true }"]
+        );
+        let _ = m.on(done(Call::Off { hard: true }), 35_100);
+        // Still not off 30 s later: the move fails.
+        let _ = m.on(Input::Tick, 35_200);
+        let out = m.on(Input::Tick, 65_000);
+        assert!(
+            kinds(&out).contains(&"finished:false".to_string()),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn without_an_agent_the_bmc_does_it_and_a_refused_soft_off_goes_hard() {
+        let (mut m, out) = Move::start(spec(false, true), 0);
+        assert_eq!(kinds(&out), ["move-drain", "power:Off { hard: false }"]);
+        let out = m.on(
+            Input::Power {
+                call: Call::Off { hard: false },
+                result: Err("not supported".into()),
+            },
+            100,
+        );
+        assert_eq!(kinds(&out), ["power:Off { hard: true }"]);
+        let _ = m.on(done(Call::Off { hard: true }), 200);
+        let _ = m.on(Input::Tick, 300);
+        let out = m.on(off(), 400);
+        assert!(matches!(&out[0], Output::Event { message, .. } if message.contains("cut hard")));
+    }
+
+    #[test]
+    fn agent_only_nodes_reboot_and_nodes_with_neither_cannot_move() {
+        let (mut m, _) = Move::start(spec(true, false), 0);
+        let out = m.on(
+            Input::Acked {
+                ok: true,
+                detail: String::new(),
+            },
+            100,
+        );
+        assert_eq!(
+            kinds(&out),
+            ["move-drain", "fence", "move-reset", "order:reboot"]
+        );
+        assert_eq!(m.step(), Step::Confirming);
+        let (m, out) = Move::start(spec(false, false), 0);
+        assert_eq!(kinds(&out), ["finished:false"]);
+        assert_eq!(m.step(), Step::Done);
+    }
+
+    #[test]
+    fn a_node_that_never_comes_back_fails_and_is_cut_off() {
+        let (mut m, _) = Move::start(spec(false, true), 0);
+        let _ = m.on(done(Call::Off { hard: false }), 10);
+        let _ = m.on(Input::Tick, 20);
+        let _ = m.on(off(), 30);
+        let _ = m.on(done(Call::BootNetwork), 40);
+        let _ = m.on(done(Call::On), 50);
+        assert!(m.on(Input::Tick, 60_049).is_empty());
+        let out = m.on(Input::Tick, 60_050);
+        assert_eq!(
+            kinds(&out),
+            ["move-failed", "power:Off { hard: true }", "finished:false"]
+        );
+    }
+
+    #[test]
+    fn power_on_failure_fails_the_move_and_pool_moves_confirm_when_parked() {
+        let (mut m, _) = Move::start(spec(false, true), 0);
+        let _ = m.on(done(Call::Off { hard: false }), 10);
+        let _ = m.on(Input::Tick, 20);
+        let _ = m.on(off(), 30);
+        let _ = m.on(done(Call::BootNetwork), 40);
+        let out = m.on(
+            Input::Power {
+                call: Call::On,
+                result: Err("qmp: connection refused".into()),
+            },
+            50,
+        );
+        assert_eq!(kinds(&out), ["move-failed", "finished:false"]);
+
+        let mut s = spec(false, true);
+        s.to_role = false;
+        let (mut m, _) = Move::start(s, 0);
+        let _ = m.on(done(Call::Off { hard: false }), 10);
+        let _ = m.on(Input::Tick, 20);
+        let _ = m.on(off(), 30);
+        let _ = m.on(done(Call::BootNetwork), 40);
+        let _ = m.on(done(Call::On), 50);
+        assert!(m.on(Input::NewRoleHeartbeat, 60).is_empty());
+        assert_eq!(
+            kinds(&m.on(Input::Parked, 70)),
+            ["move-confirmed", "finished:true"]
+        );
+    }
+}
