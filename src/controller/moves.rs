@@ -97,12 +97,17 @@ pub struct Move {
     step_started: u64,
     deadline: u64,
     hard_sent: bool,
+    /// When the agent acknowledged the poweroff order.
+    off_acked: Option<u64>,
     /// A power call is out: do not send another until its result is in.
     pending: Option<Call>,
 }
 
 /// Bound on the wait for a hard off to show.
 const HARD_OFF_MS: u64 = 30_000;
+/// A switch that cannot tell on from off (Wake-on-LAN) takes the agent's word: this long after it
+/// acknowledged the poweroff order, the node counts as off.
+const ASSUME_OFF_MS: u64 = 5_000;
 /// An agent that does not answer a drain order gets this long beyond its grace.
 const ACK_SLACK_MS: u64 = 5_000;
 
@@ -116,6 +121,7 @@ impl Move {
             step_started: now,
             deadline: now,
             hard_sent: false,
+            off_acked: None,
             pending: None,
         };
         let mut out = Vec::new();
@@ -234,6 +240,26 @@ impl Move {
                     secs: self.secs(now),
                 });
                 self.power_off(now, &mut out);
+            }
+            (Step::PoweringOff, Input::Acked { .. }) => {
+                self.off_acked = Some(now);
+            }
+            (
+                Step::PoweringOff,
+                Input::Power {
+                    call: Call::Status,
+                    result: Ok(Some(PowerState::Unknown)),
+                },
+            ) if self.off_acked.is_some_and(|t| now >= t + ASSUME_OFF_MS) => {
+                out.push(Output::Event {
+                    kind: "move-power-off",
+                    message: format!(
+                        "assumed off: the agent acknowledged the poweroff {} s ago and the switch cannot tell",
+                        ASSUME_OFF_MS / 1000
+                    ),
+                    secs: self.secs(now),
+                });
+                self.reset(now, &mut out);
             }
             (Step::PoweringOff, Input::Tick) => {
                 if now >= self.deadline && !self.hard_sent {
@@ -533,6 +559,32 @@ mod tests {
         let (m, out) = Move::start(spec(false, false), 0);
         assert_eq!(kinds(&out), ["finished:false"]);
         assert_eq!(m.step(), Step::Done);
+    }
+
+    #[test]
+    fn a_switch_that_cannot_tell_takes_the_agents_word_after_a_while() {
+        let (mut m, _) = Move::start(spec(true, true), 0);
+        let ack = || Input::Acked {
+            ok: true,
+            detail: String::new(),
+        };
+        let _ = m.on(ack(), 100);
+        let unknown = || Input::Power {
+            call: Call::Status,
+            result: Ok(Some(PowerState::Unknown)),
+        };
+        // Not acknowledged yet: unknown stays unknown.
+        let _ = m.on(Input::Tick, 200);
+        assert!(m.on(unknown(), 300).is_empty());
+        let _ = m.on(ack(), 1_000);
+        let _ = m.on(Input::Tick, 2_000);
+        assert!(m.on(unknown(), 2_100).is_empty());
+        let _ = m.on(Input::Tick, 6_000);
+        let out = m.on(unknown(), 6_100);
+        assert_eq!(
+            kinds(&out),
+            ["move-power-off", "fence", "power:BootNetwork"]
+        );
     }
 
     #[test]
