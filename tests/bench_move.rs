@@ -9,6 +9,7 @@
 //! these machines), where firmware and kernel take most of the time.
 
 use corral::lab::{vm_mac, Firmware, Lab, Vm};
+use corral::power::PowerDriver;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -119,6 +120,39 @@ fn run(n: u32) -> BTreeMap<&'static str, (f64, f64)> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A power cycle by hand, the same for all at once: QMP stop + reset + cont, to the node's next
+    // heartbeat. Under TCG a reset VM boots slower than a fresh QEMU process (the kernel's decompressor
+    // overwrites pages that hold translated code of the previous boot), so this, not the fresh start, is
+    // what a move's own reboot compares with.
+    let count_up = |ev: &[serde_json::Value], mac: &str| {
+        ev.iter()
+            .filter(|e| e["node"].as_str() == Some(mac) && e["kind"] == "agent-up")
+            .count()
+    };
+    let before: BTreeMap<String, usize> = {
+        let ev = events(&lab);
+        nodes
+            .iter()
+            .map(|(m, _)| (m.clone(), count_up(&ev, m)))
+            .collect()
+    };
+    let cycled = Instant::now();
+    for (_, qmp) in &nodes {
+        let q = corral::power::qmp::Qmp::new(qmp);
+        q.off(true).unwrap();
+        q.on().unwrap();
+    }
+    let mut cycle: BTreeMap<String, f64> = BTreeMap::new();
+    while cycle.len() < n as usize {
+        assert!(cycled.elapsed() < TIMEOUT, "power cycles did not finish");
+        let ev = events(&lab);
+        for (mac, _) in &nodes {
+            if !cycle.contains_key(mac) && count_up(&ev, mac) > before[mac] {
+                cycle.insert(mac.clone(), cycled.elapsed().as_secs_f64());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Every node moves to db at once.
     std::fs::write(&pol, policy(n, n, &nodes)).unwrap();
     let t = Instant::now();
@@ -165,6 +199,9 @@ fn run(n: u32) -> BTreeMap<&'static str, (f64, f64)> {
         rows.entry("9 cold netboot (VM start -> heartbeat)")
             .or_default()
             .push(cold[mac]);
+        rows.entry("A power cycle by hand (reset -> heartbeat)")
+            .or_default()
+            .push(cycle[mac]);
     }
     rows.into_iter().map(|(k, v)| (k, stats(v))).collect()
 }
@@ -194,6 +231,7 @@ fn bench_moves() {
         let whole = r["7 whole move"];
         let cold = r["9 cold netboot (VM start -> heartbeat)"];
         let server = r["8 server side (corral's own work)"];
+        let by_hand = r["A power cycle by hand (reset -> heartbeat)"];
         println!(
             "goal: server side < 1 s: max {:.3} s -> {}",
             server.1,
@@ -208,6 +246,12 @@ fn bench_moves() {
             } else {
                 "NOT met"
             }
+        );
+        println!(
+            "goal: whole move <= the same VM's power cycle by hand + 3 s: median {:.1} vs {:.1} + 3 -> {}",
+            whole.0,
+            by_hand.0,
+            if whole.0 <= by_hand.0 + 3.0 { "met" } else { "NOT met" }
         );
     }
 }

@@ -189,8 +189,10 @@ impl Controller {
         a.next_order += 1;
         let id = a.next_order;
         a.orders.insert(mac, Order { id, kind });
+        // Every waiter wakes: a long poll of an earlier boot (its node rebooted while corral held the
+        // request) must not swallow the order; it finds its token dead and leaves it for the current one.
         if let Some(w) = a.wakers.get(&mac) {
-            w.notify_one();
+            w.notify_waiters();
         }
         id
     }
@@ -202,9 +204,11 @@ impl Controller {
         Ok((mac, w))
     }
 
-    /// The node's pending order, handed out once.
-    pub fn take_order(&self, mac: Mac) -> Option<Order> {
-        self.agents().orders.remove(&mac)
+    /// The node's pending order, handed out once, and only to the agent of the node's current boot.
+    pub fn take_order(&self, token: &str) -> Result<Option<Order>, AgentError> {
+        let mut a = self.agents();
+        let mac = *a.by_token.get(token).ok_or(AgentError::Unauthorized)?;
+        Ok(a.orders.remove(&mac))
     }
 
     /// The agent says an order is done.

@@ -382,7 +382,7 @@ async fn agent_api(
     };
     match (method.clone(), what) {
         (Method::GET, "orders") => {
-            let Ok((mac, waker)) = ctx.controller.agent_waiter(&token) else {
+            let Ok((_, waker)) = ctx.controller.agent_waiter(&token) else {
                 return unauthorized();
             };
             let wait = query
@@ -395,8 +395,11 @@ async fn agent_api(
             loop {
                 // Registered before looking, so an order queued in between still wakes us.
                 let notified = waker.notified();
-                if let Some(order) = ctx.controller.take_order(mac) {
-                    return json(&order);
+                match ctx.controller.take_order(&token) {
+                    Ok(Some(order)) => return json(&order),
+                    Ok(None) => {}
+                    // The node booted again meanwhile: this request belongs to a dead boot.
+                    Err(_) => return unauthorized(),
                 }
                 if tokio::time::timeout_at(deadline, notified).await.is_err() {
                     return Response::builder()

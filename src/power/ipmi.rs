@@ -7,19 +7,22 @@ pub struct Ipmi {
     host: String,
     port: u16,
     secret: Secret,
+    cipher_suite: u8,
 }
 
 impl Ipmi {
-    pub fn new(host: &str, port: u16, secret: Secret) -> Ipmi {
+    pub fn new(host: &str, port: u16, secret: Secret, cipher_suite: u8) -> Ipmi {
         Ipmi {
             host: host.to_string(),
             port,
             secret,
+            cipher_suite,
         }
     }
 
     fn run(&self, args: &[&str]) -> PowerResult<String> {
         let port = self.port.to_string();
+        let suite = self.cipher_suite.to_string();
         let out = std::process::Command::new("ipmitool")
             .args([
                 "-I",
@@ -30,6 +33,8 @@ impl Ipmi {
                 &port,
                 "-U",
                 &self.secret.user,
+                "-C",
+                &suite,
                 "-E",
                 "-N",
                 "2",

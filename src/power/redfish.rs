@@ -69,7 +69,10 @@ impl Redfish {
         insecure_tls: bool,
         timeout: Duration,
     ) -> Result<Redfish, String> {
-        let mut b = ureq::AgentBuilder::new().timeout(timeout);
+        // No redirects: ureq would turn a redirected POST/PATCH into a GET (301-303) or hand back the 3xx
+        // as a success (307/308), and it drops the Authorization header on the way. A BMC that redirects
+        // gets an error naming the new address instead (see `call`).
+        let mut b = ureq::AgentBuilder::new().timeout(timeout).redirects(0);
         if insecure_tls {
             let provider = Arc::new(rustls::crypto::ring::default_provider());
             let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -111,6 +114,11 @@ impl Redfish {
             None => req.call(),
         };
         match res {
+            Ok(r) if !(200..300).contains(&r.status()) => Err(failed(format!(
+                "redfish {method} {path}: HTTP {} redirect to {}; set `url`/`system` to that address",
+                r.status(),
+                r.header("Location").unwrap_or("(no Location)")
+            ))),
             Ok(r) => {
                 let text = r.into_string().unwrap_or_default();
                 Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
