@@ -8,6 +8,8 @@
 //! Goals (issue 5): server side < 1 s; whole move <= cold netboot + 3 s. VMs run under TCG (KVM fails on
 //! these machines), where firmware and kernel take most of the time.
 
+mod common;
+
 use corral::lab::{vm_mac, Firmware, Lab, Vm};
 use corral::power::PowerDriver;
 use std::collections::BTreeMap;
@@ -17,21 +19,7 @@ use std::time::{Duration, Instant};
 const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn catalog(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/testos");
-    let images = dir.join("images");
-    for name in ["web-a", "db-a"] {
-        let d = images.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in ["vmlinuz", "initrd.img"] {
-            std::fs::copy(src.join(f), d.join(f)).unwrap();
-        }
-        std::fs::write(
-            d.join("image.toml"),
-            "arch = \"x86_64\"\nkernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"console=ttyS0 panic=-1 quiet corral.image={{image}} corral.hostname={{hostname}} {{agent}}\"\n",
-        )
-        .unwrap();
-    }
-    images
+    common::testos_catalog(dir, &["web-a", "db-a"], "console=ttyS0 panic=-1 quiet corral.image={{image}} corral.hostname={{hostname}} {{agent}}")
 }
 
 fn policy(n: u32, db: u32, nodes: &[(String, PathBuf)]) -> String {

@@ -4,6 +4,8 @@
 //! node from the lower-priority cluster, and when that VM restarts it boots the new cluster's image; a bad
 //! policy edit is rejected while VMs keep booting.
 
+mod common;
+
 use corral::lab::{vm_mac, Firmware, Lab, Vm};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,25 +15,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A catalog with four images that share the test OS but name themselves and their slot on the cmdline.
 fn catalog(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/testos");
-    assert!(
-        src.join("vmlinuz").exists(),
-        "build the test OS first: tests/testos/build.sh images/testos"
-    );
-    let images = dir.join("images");
-    for name in ["db-a", "db-b", "web-a", "web-b"] {
-        let d = images.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in ["vmlinuz", "initrd.img"] {
-            std::fs::copy(src.join(f), d.join(f)).unwrap();
-        }
-        std::fs::write(
-            d.join("image.toml"),
-            "arch = \"x86_64\"\nkernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"console=ttyS0 panic=-1 quiet corral.image={{image}} corral.slot={{cluster}}/{{slot}} corral.host={{hostname}}\"\n",
-        )
-        .unwrap();
-    }
-    images
+    common::testos_catalog(dir, &["db-a", "db-b", "web-a", "web-b"], "console=ttyS0 panic=-1 quiet corral.image={{image}} corral.slot={{cluster}}/{{slot}} corral.host={{hostname}}")
 }
 
 const POLICY: &str = r#"

@@ -5,8 +5,10 @@
 //! db image and heartbeats with its new identity. Every step is an event.
 //!
 //! Then a node that never comes back: db asks for a second node; the test kills the chosen VM's QEMU as
-//! soon as its stop hook runs. corral finds it will not power off, marks it failed, and takes another node,
-//! which boots into the slot.
+//! soon as corral has switched it on again. No heartbeat comes within `boot_timeout`: corral marks it
+//! failed and takes another node, which boots into the slot.
+
+mod common;
 
 use corral::lab::{vm_mac, Firmware, Lab, Vm};
 use std::path::{Path, PathBuf};
@@ -16,25 +18,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Two images on the test OS that run the agent with the slot's identity.
 fn catalog(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/testos");
-    assert!(
-        src.join("vmlinuz").exists(),
-        "build the test OS first: tests/testos/build.sh images/testos"
-    );
-    let images = dir.join("images");
-    for name in ["web-a", "db-a"] {
-        let d = images.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in ["vmlinuz", "initrd.img"] {
-            std::fs::copy(src.join(f), d.join(f)).unwrap();
-        }
-        std::fs::write(
-            d.join("image.toml"),
-            "arch = \"x86_64\"\nkernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"console=ttyS0 panic=-1 quiet corral.image={{image}} corral.slot={{cluster}}/{{slot}} corral.hostname={{hostname}} {{agent}}\"\n",
-        )
-        .unwrap();
-    }
-    images
+    common::testos_catalog(dir, &["web-a", "db-a"], "console=ttyS0 panic=-1 quiet corral.image={{image}} corral.slot={{cluster}}/{{slot}} corral.hostname={{hostname}} {{agent}}")
 }
 
 fn policy(db_default: u32, nodes: &[(String, PathBuf)]) -> String {
@@ -44,7 +28,7 @@ fn policy(db_default: u32, nodes: &[(String, PathBuf)]) -> String {
 cooldown = 0
 heartbeat_interval = "1s"
 power_off_timeout = "10s"
-boot_timeout = "4m"
+boot_timeout = "75s"
 
 [[cluster]]
 name = "db"
@@ -270,8 +254,8 @@ fn a_running_node_moves_to_a_higher_cluster_and_a_dead_one_is_replaced() {
     );
     assert_eq!(me["heartbeat"]["role"]["cluster"], "db");
 
-    // db wants two: the next web node is taken, and dies while it drains. corral marks it failed and
-    // takes the last web node instead.
+    // db wants two: the next web node is taken and switched off and on, and dies before it boots.
+    // corral marks it failed when no heartbeat comes and takes the last web node instead.
     std::fs::write(&policy_path, policy(2, &nodes)).unwrap();
     let victim = wait(
         &lab,
@@ -286,17 +270,22 @@ fn a_running_node_moves_to_a_higher_cluster_and_a_dead_one_is_replaced() {
     let victim_mac = vms[victim].mac.clone();
     wait(
         &lab,
-        "the victim's stop hook",
+        "the victim to be switched on again",
         Duration::from_secs(60),
-        || vms[victim].log().contains("CORRAL-STOP-HOOK").then_some(()),
+        || {
+            kinds(&events_of(&lab, &victim_mac))
+                .contains(&"move-power-on".to_string())
+                .then_some(())
+        },
     );
-    // Gone for good: the QEMU process is killed (the node never answers again).
+    assert!(vms[victim].log().contains("CORRAL-STOP-HOOK host=web-"));
+    // Gone for good: the QEMU process is killed (the node never boots again).
     drop(vms.remove(victim));
-    eprintln!("  killed {victim_mac} while it drained");
+    eprintln!("  killed {victim_mac} as it was switched on");
     wait(
         &lab,
         "the dead node to be marked failed",
-        Duration::from_secs(90),
+        Duration::from_secs(150),
         || {
             kinds(&events_of(&lab, &victim_mac))
                 .contains(&"node-failed".to_string())

@@ -63,6 +63,15 @@ impl Controller {
         self.agents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Seconds between heartbeats, from the policy.
+    fn heartbeat_interval(&self) -> u64 {
+        self.state()
+            .policy
+            .as_ref()
+            .map(|p| p.heartbeat_interval)
+            .unwrap_or(5)
+    }
+
     /// Loads stored tokens (at start).
     pub(crate) fn load_agent_tokens(&self) {
         let Ok(tokens) = self.store.agent_tokens() else {
@@ -114,12 +123,7 @@ impl Controller {
         now_ms: u64,
     ) -> Result<HeartbeatReply, AgentError> {
         let (mac, role) = self.node_of(token)?;
-        let interval = self
-            .state()
-            .policy
-            .as_ref()
-            .map(|p| p.heartbeat_interval)
-            .unwrap_or(5);
+        let interval = self.heartbeat_interval();
         let first = {
             let mut a = self.agents();
             let first = a
@@ -171,12 +175,7 @@ impl Controller {
 
     /// Whether the node's agent heartbeated within three intervals (it can take orders).
     pub fn agent_alive(&self, mac: Mac, now_ms: u64) -> bool {
-        let interval = self
-            .state()
-            .policy
-            .as_ref()
-            .map(|p| p.heartbeat_interval)
-            .unwrap_or(5);
+        let interval = self.heartbeat_interval();
         self.agents()
             .beats
             .get(&mac)

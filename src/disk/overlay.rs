@@ -301,6 +301,24 @@ impl Overlay {
     fn grain_end(&self, g: u64) -> u64 {
         ((g + 1) * GRAIN).min(self.size)
     }
+
+    /// `offset..end` cut into runs of grains stored alike: (start, end, stored in the data file).
+    fn runs(&self, offset: u64, end: u64) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
+        let mut pos = offset;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let stored = self.allocated(pos / GRAIN);
+            let mut run_end = self.grain_end(pos / GRAIN).min(end);
+            while run_end < end && self.allocated(run_end / GRAIN) == stored {
+                run_end = self.grain_end(run_end / GRAIN).min(end);
+            }
+            let run = (pos, run_end, stored);
+            pos = run_end;
+            Some(run)
+        })
+    }
 }
 
 fn lock(map: &File, stem: &Path) -> io::Result<()> {
@@ -340,46 +358,30 @@ impl Disk for Overlay {
     fn read(&self, offset: u64, buf: &mut [u8]) -> DiskResult<()> {
         let len = buf.len() as u64;
         check_range(self.size, offset, len)?;
-        let end = offset + len;
-        let mut pos = offset;
         // Runs of grains from the same file become one pread each.
-        while pos < end {
-            let stored = self.allocated(pos / GRAIN);
-            let mut run_end = self.grain_end(pos / GRAIN).min(end);
-            while run_end < end && self.allocated(run_end / GRAIN) == stored {
-                run_end = self.grain_end(run_end / GRAIN).min(end);
-            }
+        for (pos, run_end, stored) in self.runs(offset, offset + len) {
             let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
             if stored {
                 self.data.read_exact_at(slice, pos)?;
             } else {
                 self.base.read_at(pos, slice)?;
             }
-            pos = run_end;
         }
         Ok(())
     }
 
     fn pieces(&self, offset: u64, len: u64) -> Option<Vec<super::Piece<'_>>> {
         check_range(self.size, offset, len).ok()?;
-        let end = offset + len;
-        let mut out = Vec::new();
-        let mut pos = offset;
         // The same runs as `read`: grains stored here come from the data file, the rest from the base.
-        while pos < end {
-            let stored = self.allocated(pos / GRAIN);
-            let mut run_end = self.grain_end(pos / GRAIN).min(end);
-            while run_end < end && self.allocated(run_end / GRAIN) == stored {
-                run_end = self.grain_end(run_end / GRAIN).min(end);
-            }
-            out.push(super::Piece {
-                file: if stored { &self.data } else { self.base.file() },
-                offset: pos,
-                len: run_end - pos,
-            });
-            pos = run_end;
-        }
-        Some(out)
+        Some(
+            self.runs(offset, offset + len)
+                .map(|(pos, run_end, stored)| super::Piece {
+                    file: if stored { &self.data } else { self.base.file() },
+                    offset: pos,
+                    len: run_end - pos,
+                })
+                .collect(),
+        )
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> DiskResult<()> {

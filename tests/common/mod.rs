@@ -124,3 +124,27 @@ pub fn image(dir: &Path, name: &str) {
     std::fs::write(d.join("vmlinuz"), b"k").unwrap();
     std::fs::write(d.join("initrd.img"), b"i").unwrap();
 }
+
+/// An image catalog in `<dir>/images` with one image per name, each the test OS (built by
+/// tests/testos/build.sh into images/testos) with the given command line template.
+pub fn testos_catalog(dir: &Path, names: &[&str], cmdline: &str) -> std::path::PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/testos");
+    assert!(
+        src.join("vmlinuz").exists(),
+        "build the test OS first: tests/testos/build.sh images/testos"
+    );
+    let images = dir.join("images");
+    for name in names {
+        let d = images.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["vmlinuz", "initrd.img"] {
+            std::fs::copy(src.join(f), d.join(f)).unwrap();
+        }
+        std::fs::write(
+            d.join("image.toml"),
+            format!("arch = \"x86_64\"\nkernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"{cmdline}\"\n"),
+        )
+        .unwrap();
+    }
+    images
+}
