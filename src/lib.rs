@@ -10,6 +10,7 @@ pub mod config;
 pub mod controller;
 pub mod dhcp;
 pub mod disk;
+pub mod health;
 pub mod http;
 pub mod lab;
 pub mod mac;
