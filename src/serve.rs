@@ -139,6 +139,11 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             c.run_mover().await;
             Ok(())
         });
+        let c = controller.clone();
+        tasks.spawn(async move {
+            c.run_health().await;
+            Ok(())
+        });
         let (c, path) = (controller.clone(), config_path.clone());
         tasks.spawn(async move {
             watch_files(c, path).await;

@@ -29,6 +29,29 @@ pub struct Heartbeat {
     pub uptime_secs: f64,
     /// The host name the node runs under (its role's identity).
     pub hostname: String,
+    /// The image's service groups, as the agent supervises them.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// Where a service group stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupState {
+    /// Its resources are being started.
+    Starting,
+    /// Every resource runs and passes its check.
+    Running,
+    /// A resource failed and local restarts did not help: corral should fail the node over.
+    Failed,
+}
+
+/// One service group's status in a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub name: String,
+    pub state: GroupState,
+    /// What failed, or what runs.
+    pub detail: String,
 }
 
 impl Heartbeat {

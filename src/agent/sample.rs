@@ -95,6 +95,7 @@ pub fn sample(busy: bool) -> Heartbeat {
         busy,
         uptime_secs: uptime(&read("/proc/uptime")),
         hostname: read("/proc/sys/kernel/hostname").trim().to_string(),
+        groups: Vec::new(),
     }
 }
 

@@ -163,6 +163,7 @@ impl Controller {
         if role.is_some() && role == current {
             self.move_input(mac, Input::NewRoleHeartbeat);
         }
+        self.health_heartbeat(mac, role.as_ref(), &hb, now_ms);
         Ok(HeartbeatReply {
             interval_secs: interval,
         })

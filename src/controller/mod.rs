@@ -13,6 +13,7 @@
 
 pub mod agents;
 pub mod disks;
+pub mod health;
 pub mod mover;
 pub mod moves;
 pub mod views;
@@ -361,6 +362,8 @@ pub struct Controller {
     moves: Mutex<HashMap<Mac, tokio::sync::mpsc::UnboundedSender<moves::Input>>>,
     /// Wakes the mover when the planner decides a move.
     mover_wake: tokio::sync::Notify,
+    /// Monitors, running failovers, quarantined nodes.
+    health: Mutex<health::Health>,
 }
 
 #[derive(Default)]
@@ -444,6 +447,7 @@ impl Controller {
             agents: Mutex::new(Default::default()),
             moves: Mutex::new(HashMap::new()),
             mover_wake: tokio::sync::Notify::new(),
+            health: Mutex::new(Default::default()),
         });
         c.load_agent_tokens();
         c.prepare_disks(crate::unix_now());
@@ -643,6 +647,8 @@ impl Controller {
         for e in &events {
             if e.kind != "alert" {
                 tracing::info!(kind = e.kind, "{}", e.message);
+            } else {
+                self.send_webhook(None, e.cluster.as_deref(), &e.message);
             }
         }
         let before = fleet.state.assignments.clone();
@@ -720,8 +726,11 @@ impl Controller {
             // A node that boots on its own (not in a move) has done its restart and left its old role.
             if !self.moving(mac) {
                 fleet.reboot.remove(&mac);
-                fleet.holds.remove(&mac);
                 fleet.manual.remove(&mac);
+                // A failed node keeps its hold until it is fenced; any other restart ends it.
+                if fleet.state.nodes.get(&mac).is_none_or(|n| n.healthy) {
+                    fleet.holds.remove(&mac);
+                }
             }
             if !known {
                 // Discovered (or first facts for a listed node): into the pool, and plan at once so its first
@@ -737,6 +746,9 @@ impl Controller {
                 if let Err(e) = self.replan(now) {
                     tracing::error!(error = %e, "planning after discovery failed");
                 }
+            } else {
+                drop(fleet);
+                self.maybe_back(mac);
             }
         }
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());

@@ -70,25 +70,11 @@ impl Controller {
         };
         let to = self.slot_of(mac);
         let from = self.fleet().holds.get(&mac).cloned();
-        let node = policy.nodes.get(&mac);
-        let name = node.and_then(|n| n.name.clone());
         let mut problems = Vec::new();
-        let driver: Option<Arc<dyn PowerDriver>> =
-            node.and_then(|n| n.power.as_ref()).and_then(|spec| {
-                let ctx = crate::power::Context {
-                    mac,
-                    name: name.as_deref(),
-                    credentials: &state.credentials,
-                    interface: state.config.server.interface.as_deref(),
-                };
-                match crate::power::driver(spec, &ctx) {
-                    Ok(d) => Some(Arc::from(d)),
-                    Err(e) => {
-                        problems.push(format!("power driver: {e}"));
-                        None
-                    }
-                }
-            });
+        let driver = self.power_driver(mac).unwrap_or_else(|e| {
+            problems.push(format!("power driver: {e}"));
+            None
+        });
         let grace = from
             .as_ref()
             .and_then(|f| policy.cluster(&f.cluster))

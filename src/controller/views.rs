@@ -128,6 +128,7 @@ impl Controller {
                     .and_then(|(s, c)| c.identities.get(s.slot as usize));
                 let healthy = fleet.nodes.get(&mac).is_none_or(|n| n.healthy);
                 let st = match (slot, healthy) {
+                    (_, false) if self.quarantined(mac) => "quarantined",
                     (_, false) => "failed",
                     (_, _) if self.moving(mac) => "moving",
                     (Some(_), _) if pending.contains(&mac) => "reboot-pending",

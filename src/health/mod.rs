@@ -8,6 +8,16 @@
 //!   *failed*; any success clears the count.
 //! - [`Threshold`]: a metric above (or below) a limit **continuously** for a duration → *slow*; one sample
 //!   on the good side restarts the wait, so flapping never triggers; recovery clears the verdict.
+//! - [`NodeWatch`]: all of a cluster's rules for one node (heartbeat loss, the probe, slow rules on
+//!   heartbeat figures and probe times, the agent's service groups) behind one `check`.
+//!
+//! [`probe`] and [`webhook`] are the thin I/O pieces the controller runs for them.
+
+pub mod probe;
+pub mod webhook;
+
+use crate::agent::proto::{GroupState, Heartbeat};
+use crate::policy::HealthSpec;
 
 /// What a monitor concluded about a node's role.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,6 +180,119 @@ impl Threshold {
     }
 }
 
+/// Every rule of a cluster's `health` table, for one node in one role.
+#[derive(Debug, Clone)]
+pub struct NodeWatch {
+    heartbeat: HeartbeatWatch,
+    probe: Option<ProbeWatch>,
+    rules: Vec<Threshold>,
+    /// The previous heartbeat's counters, for rates: (now, swap pages, I/O sectors, uptime).
+    counters: Option<(u64, u64, u64, f64)>,
+    /// A service group the agent reports failed.
+    group_failed: Option<String>,
+    /// A probe has succeeded since the watch began (the role is confirmed healthy).
+    probed_ok: bool,
+}
+
+impl NodeWatch {
+    /// Starts watching a node at `now` (ms) under `spec`, with agents heartbeating every
+    /// `heartbeat_interval` seconds.
+    pub fn new(spec: &HealthSpec, heartbeat_interval: u64, now: u64) -> NodeWatch {
+        let timeout = spec
+            .heartbeat_timeout
+            .map(|t| t.0)
+            .unwrap_or(3 * heartbeat_interval.max(1));
+        NodeWatch {
+            heartbeat: HeartbeatWatch::new(timeout * 1000, now),
+            probe: spec
+                .probe
+                .as_ref()
+                .map(|p| ProbeWatch::new(p.interval.0 * 1000, p.failures, now)),
+            rules: spec
+                .slow
+                .iter()
+                .map(|r| {
+                    let (bad, limit) = match (r.above, r.below) {
+                        (Some(a), _) => (Bad::Above, a),
+                        (None, Some(b)) => (Bad::Below, b),
+                        (None, None) => (Bad::Above, f64::INFINITY),
+                    };
+                    Threshold::new(&r.metric, bad, limit, r.for_.0 * 1000)
+                })
+                .collect(),
+            counters: None,
+            group_failed: None,
+            probed_ok: false,
+        }
+    }
+
+    fn observe(&mut self, metric: &str, value: f64, now: u64) {
+        for t in self.rules.iter_mut().filter(|t| t.metric == metric) {
+            t.observe(value, now);
+        }
+    }
+
+    /// A heartbeat from the node's agent (in this role).
+    pub fn heartbeat(&mut self, hb: &Heartbeat, now: u64) {
+        self.heartbeat.beat(now);
+        self.observe("load1", hb.load1, now);
+        self.observe("utilisation", hb.utilisation(), now);
+        if hb.mem_total_kib > 0 {
+            self.observe(
+                "mem_available_mib",
+                hb.mem_available_kib as f64 / 1024.0,
+                now,
+            );
+        }
+        let swap = hb.swap_in + hb.swap_out;
+        let io = hb.io_read_sectors + hb.io_write_sectors;
+        if let Some((t, s0, i0, up0)) = self.counters {
+            // Counters restart with the node; a rate across a reboot means nothing.
+            let secs = now.saturating_sub(t) as f64 / 1000.0;
+            if secs > 0.0 && hb.uptime_secs >= up0 && swap >= s0 && io >= i0 {
+                self.observe("swap_pages_per_s", (swap - s0) as f64 / secs, now);
+                self.observe("io_sectors_per_s", (io - i0) as f64 / secs, now);
+            }
+        }
+        self.counters = Some((now, swap, io, hb.uptime_secs));
+        self.group_failed = hb
+            .groups
+            .iter()
+            .find(|g| g.state == GroupState::Failed)
+            .map(|g| format!("service group {} failed: {}", g.name, g.detail));
+    }
+
+    /// Whether a probe should start now (it then counts as started).
+    pub fn probe_due(&mut self, now: u64) -> bool {
+        self.probe.as_mut().is_some_and(|p| p.start(now))
+    }
+
+    /// A probe's outcome: its response time in ms, or what went wrong.
+    pub fn probe_done(&mut self, result: Result<f64, String>, now: u64) {
+        if let Ok(ms) = &result {
+            self.probed_ok = true;
+            self.observe("probe_ms", *ms, now);
+        }
+        if let Some(p) = self.probe.as_mut() {
+            p.finished(result.map(|_| ()));
+        }
+    }
+
+    /// Whether the role has shown itself healthy: a probe answered (or there is no probe).
+    pub fn confirmed(&self) -> bool {
+        self.probe.is_none() || self.probed_ok
+    }
+
+    /// The verdict at `now`: *failed* (heartbeat loss, the probe, a service group) before *slow*.
+    pub fn check(&self, now: u64) -> Option<Verdict> {
+        self.heartbeat
+            .check(now)
+            .or_else(|| self.probe.as_ref().and_then(|p| p.check()))
+            .or_else(|| self.group_failed.clone().map(Verdict::Failed))
+            .or_else(|| self.rules.iter().find_map(|t| t.check(now)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,7 +329,9 @@ mod tests {
         assert_eq!(p.check(), None);
         assert!(p.start(5_000));
         p.finished(Err("timeout".into()));
-        assert!(matches!(p.check(), Some(Verdict::Failed(m)) if m.contains("3 times") && m.contains("timeout")));
+        assert!(
+            matches!(p.check(), Some(Verdict::Failed(m)) if m.contains("3 times") && m.contains("timeout"))
+        );
     }
 
     #[test]
@@ -216,7 +341,9 @@ mod tests {
         t.observe(600.0, 0);
         assert_eq!(t.check(119_999), None);
         t.observe(700.0, 60_000);
-        assert!(matches!(t.check(120_000), Some(Verdict::Slow(m)) if m.contains("rt_ms above 500")));
+        assert!(
+            matches!(t.check(120_000), Some(Verdict::Slow(m)) if m.contains("rt_ms above 500"))
+        );
         // Recovery clears at once.
         t.observe(100.0, 121_000);
         assert_eq!(t.check(500_000), None);
@@ -237,5 +364,100 @@ mod tests {
         t.observe(0.05, 10_000);
         t.observe(f64::NAN, 10_500);
         assert!(t.check(11_000).is_some());
+    }
+
+    fn spec(text: &str) -> HealthSpec {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_node_watch_combines_its_rules() {
+        let h = spec(
+            r#"
+heartbeat_timeout = "10s"
+probe = { port = 80, interval = "2s", failures = 2 }
+slow = [{ metric = "probe_ms", above = 500.0, for = "30s" },
+        { metric = "swap_pages_per_s", above = 100.0, for = "20s" }]
+"#,
+        );
+        let mut w = NodeWatch::new(&h, 1, 0);
+        assert!(!w.confirmed());
+        let mut hb = Heartbeat {
+            uptime_secs: 10.0,
+            ..Default::default()
+        };
+        // Probes every 2 s answering in 900 ms, heartbeats every second: slow after 30 s, not before.
+        for s in 0..=40u64 {
+            let now = s * 1000;
+            hb.uptime_secs += 1.0;
+            w.heartbeat(&hb, now);
+            if w.probe_due(now) {
+                w.probe_done(Ok(900.0), now);
+            }
+            let v = w.check(now);
+            if s < 30 {
+                assert_eq!(v, None, "at {s} s");
+            } else {
+                assert!(
+                    matches!(v, Some(Verdict::Slow(ref m)) if m.contains("probe_ms")),
+                    "{v:?}"
+                );
+            }
+        }
+        assert!(w.confirmed());
+        // Fast again: cleared.
+        assert!(w.probe_due(42_000));
+        w.probe_done(Ok(20.0), 42_000);
+        assert_eq!(w.check(42_000), None);
+        // Swap storm: 200 pages/s held 20 s.
+        for s in 43..=64u64 {
+            hb.swap_out += 200;
+            hb.uptime_secs += 1.0;
+            w.heartbeat(&hb, s * 1000);
+        }
+        assert!(matches!(w.check(64_000), Some(Verdict::Slow(ref m)) if m.contains("swap")));
+        // A reboot resets the counters: no absurd rate, no new breach.
+        let fresh = Heartbeat {
+            uptime_secs: 1.0,
+            ..Default::default()
+        };
+        w.heartbeat(&fresh, 65_000);
+        // Two probe failures in a row: failed, which outranks slow.
+        for t in [66_000, 68_000] {
+            assert!(w.probe_due(t));
+            w.probe_done(Err("refused".into()), t);
+        }
+        assert!(matches!(w.check(68_000), Some(Verdict::Failed(ref m)) if m.contains("refused")));
+        // Silence: failed by heartbeat loss 10 s after the last beat.
+        let mut w = NodeWatch::new(&h, 1, 0);
+        w.heartbeat(&hb, 5_000);
+        assert_eq!(w.check(15_000), None);
+        assert!(
+            matches!(w.check(15_001), Some(Verdict::Failed(ref m)) if m.contains("no heartbeat"))
+        );
+    }
+
+    #[test]
+    fn a_failed_service_group_fails_the_node_and_recovery_clears_it() {
+        use crate::agent::proto::GroupStatus;
+        let mut w = NodeWatch::new(&HealthSpec::default(), 5, 0);
+        let mut hb = Heartbeat {
+            groups: vec![GroupStatus {
+                name: "web".into(),
+                state: GroupState::Failed,
+                detail: "httpd restarted 3 times".into(),
+            }],
+            ..Default::default()
+        };
+        w.heartbeat(&hb, 1_000);
+        assert!(
+            matches!(w.check(1_000), Some(Verdict::Failed(ref m)) if m.contains("service group web"))
+        );
+        hb.groups[0].state = GroupState::Running;
+        w.heartbeat(&hb, 2_000);
+        assert_eq!(w.check(2_000), None);
+        // Default heartbeat timeout: three intervals.
+        assert_eq!(w.check(17_000), None);
+        assert!(w.check(17_001).is_some());
     }
 }

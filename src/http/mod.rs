@@ -525,7 +525,8 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
     let slot = if state.policy.is_some() {
         // Discovery (and planning for a new node) happens here, so its first request gets its role.
         ctx.controller.node_seen(mac, facts.clone(), now);
-        ctx.controller.slot_of(mac)
+        // Parked while the slot's disk is still held by the node it is taken from.
+        ctx.controller.bootable_slot_of(mac)
     } else {
         None
     };

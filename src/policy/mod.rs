@@ -86,6 +86,8 @@ pub struct Settings {
     pub boot_timeout: Secs,
     /// How often agents heartbeat.
     pub heartbeat_interval: Secs,
+    /// Where alerts are POSTed as JSON (an `http://` URL), besides the event log and the service log.
+    pub alert_webhook: Option<String>,
 }
 
 impl Default for Settings {
@@ -97,6 +99,7 @@ impl Default for Settings {
             power_off_timeout: Secs(60),
             boot_timeout: Secs(300),
             heartbeat_interval: Secs(5),
+            alert_webhook: None,
         }
     }
 }
@@ -136,6 +139,116 @@ pub struct ClusterSpec {
     pub schedule: Vec<Window>,
     #[serde(default)]
     pub scale: Vec<ScaleRule>,
+    /// How the cluster's nodes are watched and what happens when one fails or is slow.
+    #[serde(default)]
+    pub health: HealthSpec,
+}
+
+/// Monitoring and failover for a cluster's nodes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSpec {
+    /// No heartbeat for this long → the node has failed (default: three heartbeat intervals).
+    pub heartbeat_timeout: Option<Secs>,
+    /// An application probe corral runs against each node.
+    pub probe: Option<ProbeSpec>,
+    /// Performance rules: a figure beyond a limit for a whole duration → the node is slow.
+    pub slow: Vec<SlowRule>,
+    /// What becomes of a failed node: `pool` (fenced, switched off and on, back to the pool when it
+    /// boots) or `quarantine` (fenced from its disk but left running for investigation, no new work).
+    pub on_failure: OnFailure,
+    /// How many replacement nodes one failover tries before it gives up and alerts.
+    pub failover_attempts: u32,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        HealthSpec {
+            heartbeat_timeout: None,
+            probe: None,
+            slow: Vec::new(),
+            on_failure: OnFailure::Pool,
+            failover_attempts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    #[default]
+    Pool,
+    Quarantine,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    #[default]
+    Http,
+    Tcp,
+}
+
+/// An application probe: an HTTP GET (status and, optionally, a text the body must hold) or a TCP
+/// connect, to the node's address.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSpec {
+    #[serde(default)]
+    pub kind: ProbeKind,
+    pub port: u16,
+    #[serde(default = "default_probe_path")]
+    pub path: String,
+    /// The HTTP status expected (default 200).
+    #[serde(default = "default_probe_status")]
+    pub status: u16,
+    /// Text the body must contain.
+    pub body: Option<String>,
+    #[serde(default = "default_probe_interval")]
+    pub interval: Secs,
+    /// A probe without an answer in this time has failed.
+    #[serde(default = "default_probe_timeout")]
+    pub timeout: Secs,
+    /// Consecutive failures that fail the node.
+    #[serde(default = "default_probe_failures")]
+    pub failures: u32,
+}
+
+fn default_probe_path() -> String {
+    "/".into()
+}
+fn default_probe_status() -> u16 {
+    200
+}
+fn default_probe_interval() -> Secs {
+    Secs(5)
+}
+fn default_probe_timeout() -> Secs {
+    Secs(2)
+}
+fn default_probe_failures() -> u32 {
+    3
+}
+
+/// Figures a slow rule can watch: the probe's response time and the agent's heartbeat figures.
+pub const HEALTH_METRICS: &[&str] = &[
+    "probe_ms",
+    "load1",
+    "utilisation",
+    "mem_available_mib",
+    "swap_pages_per_s",
+    "io_sectors_per_s",
+];
+
+/// `metric` above (or below) a limit for `for` → slow.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SlowRule {
+    pub metric: String,
+    pub above: Option<f64>,
+    pub below: Option<f64>,
+    #[serde(rename = "for")]
+    pub for_: Secs,
 }
 
 /// What a node must have to serve a cluster.
@@ -282,6 +395,7 @@ pub struct Policy {
     pub power_off_timeout: u64,
     pub boot_timeout: u64,
     pub heartbeat_interval: u64,
+    pub alert_webhook: Option<String>,
 }
 
 impl Policy {
@@ -526,6 +640,7 @@ fn build(
                 ));
             }
         }
+        check_health(&c.health, &at, errs);
         let mut maintenance = Vec::new();
         let (patterns, inherited) = match &c.maintenance {
             Some(m) => (m, false),
@@ -590,6 +705,11 @@ fn build(
             errs.push((p(&["settings", "maintenance", &mi.to_string()]), e));
         }
     }
+    if let Some(url) = &file.settings.alert_webhook {
+        if let Err(e) = crate::health::webhook::parse_url(url) {
+            errs.push((p(&["settings", "alert_webhook"]), e));
+        }
+    }
     for (key, v) in [
         ("power_off_timeout", file.settings.power_off_timeout.0),
         ("boot_timeout", file.settings.boot_timeout.0),
@@ -610,6 +730,95 @@ fn build(
         power_off_timeout: file.settings.power_off_timeout.0,
         boot_timeout: file.settings.boot_timeout.0,
         heartbeat_interval: file.settings.heartbeat_interval.0,
+        alert_webhook: file.settings.alert_webhook.clone(),
+    }
+}
+
+/// A cluster's `health` keys make sense together.
+fn check_health(
+    h: &HealthSpec,
+    at: &dyn Fn(&[&str]) -> Vec<String>,
+    errs: &mut Vec<(Vec<String>, String)>,
+) {
+    if h.heartbeat_timeout.is_some_and(|t| t.0 == 0) {
+        errs.push((
+            at(&["health", "heartbeat_timeout"]),
+            "`heartbeat_timeout` must be at least 1 second".into(),
+        ));
+    }
+    if let Some(pr) = &h.probe {
+        let pat = |k: &str| at(&["health", "probe", k]);
+        if pr.port == 0 {
+            errs.push((pat("port"), "probe port must be 1..65535".into()));
+        }
+        if pr.interval.0 == 0 || pr.timeout.0 == 0 {
+            errs.push((
+                pat("interval"),
+                "probe `interval` and `timeout` must be at least 1 second".into(),
+            ));
+        }
+        if pr.timeout.0 > pr.interval.0 {
+            errs.push((
+                pat("timeout"),
+                format!(
+                    "probe timeout {} s is longer than its interval {} s",
+                    pr.timeout.0, pr.interval.0
+                ),
+            ));
+        }
+        if pr.failures == 0 {
+            errs.push((
+                pat("failures"),
+                "probe `failures` must be at least 1".into(),
+            ));
+        }
+        if pr.kind == ProbeKind::Http && !pr.path.starts_with('/') {
+            errs.push((
+                pat("path"),
+                format!("probe path `{}` must start with /", pr.path),
+            ));
+        }
+        if !(100..=599).contains(&pr.status) {
+            errs.push((
+                pat("status"),
+                format!("{} is not an HTTP status", pr.status),
+            ));
+        }
+    }
+    for (i, r) in h.slow.iter().enumerate() {
+        let rat = |k: &str| at(&["health", "slow", &i.to_string(), k]);
+        if !HEALTH_METRICS.contains(&r.metric.as_str()) {
+            let near = crate::config::diag::nearest(&r.metric, HEALTH_METRICS);
+            errs.push((
+                rat("metric"),
+                match near {
+                    Some(n) => format!("unknown metric `{}`, did you mean `{n}`?", r.metric),
+                    None => format!(
+                        "unknown metric `{}` (have: {})",
+                        r.metric,
+                        HEALTH_METRICS.join(", ")
+                    ),
+                },
+            ));
+        }
+        if r.metric == "probe_ms" && h.probe.is_none() {
+            errs.push((
+                rat("metric"),
+                "`probe_ms` needs a `probe` in the same health table".into(),
+            ));
+        }
+        if r.above.is_some() == r.below.is_some() {
+            errs.push((
+                rat("metric"),
+                "a slow rule needs exactly one of `above` or `below`".into(),
+            ));
+        }
+    }
+    if h.failover_attempts == 0 {
+        errs.push((
+            at(&["health", "failover_attempts"]),
+            "`failover_attempts` must be at least 1".into(),
+        ));
     }
 }
 

@@ -11,6 +11,10 @@
 //!    cluster that stays at or above its own min, is not busy (unless its cluster says `take_busy`), is
 //!    inside one of its cluster's maintenance windows and was not moved within the cooldown
 //!    (least utilised first, then lowest priority). A cluster still short raises an alert.
+//!
+//! Before 2, a slow node's slot (health verdict) is handed to a replacement that is not less capable in
+//! any known fact, strictly more capable ones first: an idle node, else one preempted as in 4. Without one,
+//! the slow node keeps its slot.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -67,6 +71,9 @@ pub struct State {
     pub assignments: BTreeMap<Mac, SlotRef>,
     /// Desired counts set by scale rules (the health/metrics side computes them).
     pub scale_targets: BTreeMap<String, u32>,
+    /// Nodes the health monitors found slow: their slot moves to a node at least as capable (more
+    /// capable first, where facts tell) when one is free or may be preempted; otherwise they stay.
+    pub slow: BTreeSet<Mac>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -163,6 +170,28 @@ pub fn may_take(c: &Cluster, n: &NodeState, now: u64, utc_offset_minutes: i32) -
                 .any(|cr| cr.matches(now as i64, utc_offset_minutes)))
 }
 
+/// Known facts (CPUs, memory) that both nodes have, as (candidate, current) pairs.
+fn known_facts(n: &NodeState, cur: &NodeState) -> Vec<(u64, u64)> {
+    [
+        (n.cpus.map(u64::from), cur.cpus.map(u64::from)),
+        (n.memory, cur.memory),
+    ]
+    .into_iter()
+    .filter_map(|(a, b)| Some((a?, b?)))
+    .collect()
+}
+
+/// `n` has less of something than `cur`, as far as the facts tell.
+fn less_capable(n: &NodeState, cur: &NodeState) -> bool {
+    known_facts(n, cur).iter().any(|(a, b)| a < b)
+}
+
+/// `n` has at least as much of everything known and more of something.
+fn more_capable(n: &NodeState, cur: &NodeState) -> bool {
+    let f = known_facts(n, cur);
+    !f.is_empty() && f.iter().all(|(a, b)| a >= b) && f.iter().any(|(a, b)| a > b)
+}
+
 fn in_cooldown(n: &NodeState, now: u64, cooldown: u64) -> bool {
     n.last_moved
         .is_some_and(|t| now < t.saturating_add(cooldown))
@@ -205,6 +234,95 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
             }),
         }
     }
+    // 1b. Slow nodes hand their slot to a replacement when there is one.
+    let mut replaced: HashSet<Mac> = HashSet::new();
+    for mac in &state.slow {
+        let Some(&(ci, slot)) = assigned.get(mac) else {
+            continue;
+        };
+        let Some(cur) = node(mac) else { continue };
+        let c = &policy.clusters[ci];
+        let fits = |n: &NodeState| {
+            n.healthy
+                && n.mac != *mac
+                && !state.slow.contains(&n.mac)
+                && !replaced.contains(&n.mac)
+                && compatible(c, n)
+                && !less_capable(n, cur)
+        };
+        // Strictly more capable first, then best fit.
+        let rank = |n: &NodeState| (!more_capable(n, cur), size_key(n));
+        let idle = state
+            .nodes
+            .values()
+            .filter(|n| fits(n) && !assigned.contains_key(&n.mac))
+            .min_by_key(|n| rank(n));
+        let victim = || {
+            if !c.spec.preempt {
+                return None;
+            }
+            assigned
+                .iter()
+                .filter_map(|(m, &(vi, vslot))| {
+                    let v = &policy.clusters[vi];
+                    let n = node(m)?;
+                    let ok = fits(n)
+                        && v.spec.priority < c.spec.priority
+                        && slots[vi].len() > v.spec.min as usize
+                        && may_take(v, n, now, policy.utc_offset_minutes)
+                        && !in_cooldown(n, now, policy.cooldown);
+                    ok.then_some((n, vi, vslot))
+                })
+                .min_by(|(a, _, _), (b, _, _)| {
+                    rank(a)
+                        .0
+                        .cmp(&rank(b).0)
+                        .then(a.utilisation.total_cmp(&b.utilisation))
+                        .then_with(|| a.mac.cmp(&b.mac))
+                })
+        };
+        let to = SlotRef {
+            cluster: c.spec.name.clone(),
+            slot,
+        };
+        let image = c.slot_images[slot as usize].clone();
+        let (new, from) = match idle {
+            Some(n) => (n.mac, None),
+            None => match victim() {
+                Some((n, vi, vslot)) => (n.mac, Some((vi, vslot))),
+                None => continue,
+            },
+        };
+        actions.push(Action::Release {
+            node: *mac,
+            from: to.clone(),
+        });
+        assigned.remove(mac);
+        match from {
+            None => actions.push(Action::Assign {
+                node: new,
+                to,
+                image,
+            }),
+            Some((vi, vslot)) => {
+                slots[vi].remove(&vslot);
+                actions.push(Action::Preempt {
+                    node: new,
+                    from: SlotRef {
+                        cluster: policy.clusters[vi].spec.name.clone(),
+                        slot: vslot,
+                    },
+                    to,
+                    image,
+                });
+            }
+        }
+        slots[ci].insert(slot, new);
+        assigned.insert(new, (ci, slot));
+        replaced.insert(new);
+        replaced.insert(*mac);
+    }
+
     // 2. Desired counts.
     let want: Vec<u32> = policy
         .clusters
@@ -248,7 +366,7 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
     });
     let short = (0..policy.clusters.len()).any(|ci| slots[ci].len() < want[ci] as usize);
     let mut pool = if short {
-        Pool::new(state, &assigned)
+        Pool::new(state, &assigned, &replaced)
     } else {
         Pool::default()
     };
@@ -259,7 +377,7 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
         slots,
         assigned,
         want,
-        moved: HashSet::new(),
+        moved: replaced,
         actions,
     };
     // With nobody short there is nothing to hand out: skip building the pool.
@@ -423,11 +541,17 @@ struct Pool<'a> {
 }
 
 impl<'a> Pool<'a> {
-    fn new(state: &'a State, assigned: &HashMap<Mac, (usize, u32)>) -> Pool<'a> {
+    /// Healthy, unassigned nodes that did not just change place (a slow node just replaced waits for
+    /// the next plan).
+    fn new(
+        state: &'a State,
+        assigned: &HashMap<Mac, (usize, u32)>,
+        moved: &HashSet<Mac>,
+    ) -> Pool<'a> {
         let mut nodes: Vec<&NodeState> = state
             .nodes
             .values()
-            .filter(|n| n.healthy && !assigned.contains_key(&n.mac))
+            .filter(|n| n.healthy && !assigned.contains_key(&n.mac) && !moved.contains(&n.mac))
             .collect();
         nodes.sort_by_key(|n| size_key(n));
         let taken = vec![false; nodes.len()];

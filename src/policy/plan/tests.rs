@@ -27,6 +27,7 @@ fn spec(name: &str, priority: i32, min: u32, max: u32, default: u32, preempt: bo
         maintenance: None,
         schedule: vec![],
         scale: vec![],
+        health: Default::default(),
     }
 }
 
@@ -529,4 +530,68 @@ proptest! {
             prop_assert!(again.is_empty(), "re-plan moved nodes again: {:?}", again);
         }
     }
+}
+
+#[test]
+fn a_slow_node_hands_its_slot_to_a_capable_node_or_stays() {
+    let pol = policy(
+        vec![
+            spec("web", 5, 1, 2, 2, true),
+            spec("batch", 1, 0, 2, 1, false),
+        ],
+        0,
+    );
+    let mut st = State {
+        nodes: nodes(5),
+        ..Default::default()
+    };
+    for (i, mem) in [(0, 4096), (1, 4096), (2, 2048), (3, 8192), (4, 4096)] {
+        st.nodes.get_mut(&mac(i)).unwrap().memory = Some(mem);
+    }
+    st.assignments.insert(mac(0), slot("web", 0));
+    st.assignments.insert(mac(1), slot("web", 1));
+    st.assignments.insert(mac(4), slot("batch", 0));
+    st.slow.insert(mac(1));
+    // Idle: mac 2 (smaller: never) and mac 3 (bigger): mac 3 takes web/1, keeping its identity.
+    let acts = plan(&pol, &st, MON_0759);
+    assert_eq!(
+        acts,
+        vec![
+            Action::Release {
+                node: mac(1),
+                from: slot("web", 1)
+            },
+            Action::Assign {
+                node: mac(3),
+                to: slot("web", 1),
+                image: "web-img".into()
+            },
+        ]
+    );
+    // No capable idle node: an equal node of a lower-priority cluster is preempted.
+    st.nodes.remove(&mac(3));
+    let acts = plan(&pol, &st, MON_0759);
+    assert_eq!(
+        acts[..2],
+        [
+            Action::Release {
+                node: mac(1),
+                from: slot("web", 1)
+            },
+            Action::Preempt {
+                node: mac(4),
+                from: slot("batch", 0),
+                to: slot("web", 1),
+                image: "web-img".into()
+            },
+        ]
+    );
+    // The slow node itself is not handed straight to batch in the same plan.
+    assert!(!acts
+        .iter()
+        .any(|a| matches!(a, Action::Assign { node, .. } if *node == mac(1))));
+    // Nothing capable at all (batch at its min cannot give): the slow node stays.
+    let mut pol2 = pol.clone();
+    pol2.clusters[1].spec.min = 1;
+    assert_eq!(plan(&pol2, &st, MON_0759), vec![]);
 }

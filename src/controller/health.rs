@@ -1,0 +1,723 @@
+//! The controller's side of health: it feeds the health room's monitors ([`crate::health::NodeWatch`])
+//! with heartbeats and probe results, and acts on their verdicts by failing a slot over.
+//!
+//! Monitoring of a node in a role starts with that role's first heartbeat (an image without an agent is
+//! not watched). On a verdict:
+//! - **failed**: the node loses its slot at once, but keeps the slot's disk (`holds`) until it is fenced:
+//!   switched off hard (or, without power control, restarted by its agent); then its export is closed
+//!   and, a moment later, the replacement may boot. Under `on_failure = "quarantine"` the node is left
+//!   running, cut off from the disk, and gets no new work. Otherwise it is switched on again and rejoins
+//!   the pool when it asks for a script.
+//! - **slow**: the planner hands the slot to a node at least as capable, if one is free or may be
+//!   preempted; the slow node is drained and restarted into the pool by the mover. With none, it stays.
+//!
+//! A failover is confirmed when the replacement heartbeats in the slot and, if the cluster has a probe,
+//! answers it. A replacement that does not within `boot_timeout` is marked failed and another is tried,
+//! up to `failover_attempts`; then, and whenever no node is eligible, an alert is raised (event, log,
+//! webhook) and the planner keeps trying as nodes appear.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::agents::unix_ms;
+use super::Controller;
+use crate::agent::proto::{Heartbeat, OrderKind};
+use crate::health::{NodeWatch, Verdict};
+use crate::mac::Mac;
+use crate::policy::plan::SlotRef;
+use crate::policy::OnFailure;
+use crate::power::PowerDriver;
+use crate::store::NewEvent;
+
+/// How often verdicts are checked.
+const TICK: Duration = Duration::from_millis(250);
+/// After a fence ends a node's hold, its NBD connections are closed within a second (the NBD room
+/// re-checks each connection's right to its export every second): the replacement waits this long more.
+const FENCE_SETTLE: Duration = Duration::from_millis(1500);
+/// How often a slow node without a replacement is looked at again.
+const SLOW_RETRY_MS: u64 = 10_000;
+/// Bound on a fencing power call.
+const FENCE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One slot being failed over.
+#[derive(Debug, Clone)]
+struct Failover {
+    old: Mac,
+    slow: bool,
+    reason: String,
+    /// Unix ms of the failure as best known (the last heartbeat, for heartbeat loss).
+    failed_ms: u64,
+    detected_ms: u64,
+    /// The replacement being tried and since when (unix ms).
+    new: Option<(Mac, u64)>,
+    attempts: u32,
+    /// Server-side work so far (deciding, fencing calls, planning).
+    server: Duration,
+    alerted: bool,
+}
+
+#[derive(Default)]
+pub struct Health {
+    /// node → the role it is watched in, and the watch.
+    watches: HashMap<Mac, (SlotRef, NodeWatch)>,
+    /// Probes running now.
+    probing: BTreeSet<Mac>,
+    failovers: BTreeMap<SlotRef, Failover>,
+    /// Failed nodes kept up for investigation.
+    pub quarantined: BTreeSet<Mac>,
+    /// Slow nodes no replacement was found for (the event is recorded once), with when to look again
+    /// (unix ms).
+    slow_stay: BTreeMap<Mac, u64>,
+    /// Slots whose previous node was just fenced: the replacement waits until then.
+    settling: BTreeMap<SlotRef, Instant>,
+}
+
+/// A verdict to act on, taken out of the lock.
+struct Acting {
+    mac: Mac,
+    slot: SlotRef,
+    verdict: Verdict,
+    last_beat_ms: u64,
+}
+
+impl Controller {
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the node is quarantined (kept up after a failure, no new work).
+    pub fn quarantined(&self, mac: Mac) -> bool {
+        self.health().quarantined.contains(&mac)
+    }
+
+    /// The slot `mac` may boot into now: none while the slot's disk is still held by the node it is
+    /// taken from, or that node's connections are being closed.
+    pub fn bootable_slot_of(&self, mac: Mac) -> Option<SlotRef> {
+        let slot = self.slot_of(mac)?;
+        let held = self
+            .fleet()
+            .holds
+            .iter()
+            .any(|(m, s)| *m != mac && *s == slot);
+        let settling = self
+            .health()
+            .settling
+            .get(&slot)
+            .is_some_and(|t| Instant::now() < *t);
+        (!held && !settling).then_some(slot)
+    }
+
+    /// A heartbeat of `mac`'s agent in `role` (the role of the boot its token belongs to).
+    pub(crate) fn health_heartbeat(
+        &self,
+        mac: Mac,
+        role: Option<&SlotRef>,
+        hb: &Heartbeat,
+        now_ms: u64,
+    ) {
+        let Some(role) = role else { return };
+        if self.slot_of(mac).as_ref() != Some(role) {
+            return;
+        }
+        let state = self.state();
+        let Some(policy) = state.policy.as_ref() else {
+            return;
+        };
+        let Some(c) = policy.cluster(&role.cluster) else {
+            return;
+        };
+        let mut h = self.health();
+        let w = h.watches.entry(mac).or_insert_with(|| {
+            (
+                role.clone(),
+                NodeWatch::new(&c.spec.health, policy.heartbeat_interval, now_ms),
+            )
+        });
+        if &w.0 != role {
+            *w = (
+                role.clone(),
+                NodeWatch::new(&c.spec.health, policy.heartbeat_interval, now_ms),
+            );
+        }
+        w.1.heartbeat(hb, now_ms);
+    }
+
+    /// Checks every watched node a few times a second and acts on verdicts, until the task is dropped.
+    pub async fn run_health(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(TICK).await;
+            let now = unix_ms();
+            self.start_probes(now);
+            for a in self.verdicts(now) {
+                let t = Instant::now();
+                match &a.verdict {
+                    Verdict::Failed(why) => {
+                        self.clone()
+                            .fail_over(a.mac, a.slot, why.clone(), a.last_beat_ms, now, t)
+                    }
+                    Verdict::Slow(why) => self.replace_slow(a.mac, a.slot, why.clone(), now, t),
+                }
+            }
+            self.clone().follow_failovers(now);
+        }
+    }
+
+    /// Drops watches of nodes that left their role; returns the verdicts to act on.
+    fn verdicts(&self, now: u64) -> Vec<Acting> {
+        let fleet = self.fleet_state();
+        let mut h = self.health();
+        let failing: BTreeSet<Mac> = h.failovers.values().map(|f| f.old).collect();
+        h.watches.retain(|mac, (slot, _)| {
+            fleet.assignments.get(mac) == Some(slot) && !failing.contains(mac)
+        });
+        let mut out = Vec::new();
+        let mut cleared = Vec::new();
+        for (mac, (slot, w)) in &h.watches {
+            if self.moving(*mac) {
+                continue;
+            }
+            match w.check(now) {
+                Some(v) => {
+                    let last = self.last_beat(*mac).map(|b| b.at_ms).unwrap_or(now);
+                    out.push(Acting {
+                        mac: *mac,
+                        slot: slot.clone(),
+                        verdict: v,
+                        last_beat_ms: last,
+                    });
+                }
+                None => cleared.push(*mac),
+            }
+        }
+        for m in cleared {
+            h.slow_stay.remove(&m);
+        }
+        // A slow node known to have no replacement is looked at again only every so often.
+        out.retain(|a| {
+            !(matches!(a.verdict, Verdict::Slow(_))
+                && h.slow_stay.get(&a.mac).is_some_and(|t| now < *t))
+        });
+        out
+    }
+
+    fn start_probes(self: &Arc<Self>, now: u64) {
+        let state = self.state();
+        let Some(policy) = state.policy.clone() else {
+            return;
+        };
+        let due: Vec<(Mac, SlotRef)> = {
+            let mut h = self.health();
+            let mut due = Vec::new();
+            let probing = h.probing.clone();
+            for (mac, (slot, w)) in h.watches.iter_mut() {
+                if !probing.contains(mac) && w.probe_due(now) {
+                    due.push((*mac, slot.clone()));
+                }
+            }
+            for (m, _) in &due {
+                h.probing.insert(*m);
+            }
+            due
+        };
+        for (mac, slot) in due {
+            let Some(spec) = policy
+                .cluster(&slot.cluster)
+                .and_then(|c| c.spec.health.probe.clone())
+            else {
+                self.health().probing.remove(&mac);
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let result = match me.node_addresses(mac).first() {
+                    Some(ip) => crate::health::probe::run(&spec, *ip).await,
+                    None => Err("no known address".into()),
+                };
+                if let Err(e) = &result {
+                    tracing::debug!(%mac, error = %e, "probe failed");
+                }
+                let mut h = me.health();
+                h.probing.remove(&mac);
+                if let Some((s, w)) = h.watches.get_mut(&mac) {
+                    if *s == slot {
+                        w.probe_done(result, unix_ms());
+                    }
+                }
+            });
+        }
+    }
+
+    fn event(
+        &self,
+        kind: &'static str,
+        mac: Option<Mac>,
+        cluster: Option<&str>,
+        message: String,
+        secs: Option<f64>,
+    ) {
+        let e = NewEvent {
+            at: crate::unix_now(),
+            kind,
+            cluster: cluster.map(str::to_string),
+            node: mac.map(|m| m.to_string()),
+            message,
+            secs,
+        };
+        if let Err(err) = self.store.apply(&[], &[e]) {
+            tracing::error!(error = %err, "cannot record a health event");
+        }
+    }
+
+    /// Raises an alert: an event, a warning in the log and, when configured, a webhook call.
+    pub(crate) fn alert(&self, mac: Option<Mac>, cluster: Option<&str>, message: String) {
+        tracing::warn!(node = ?mac.map(|m| m.to_string()), cluster, "ALERT: {message}");
+        self.event("alert", mac, cluster, message.clone(), None);
+        self.send_webhook(mac, cluster, &message);
+    }
+
+    /// POSTs an alert to the policy's webhook, if it names one (in the background).
+    pub(crate) fn send_webhook(&self, mac: Option<Mac>, cluster: Option<&str>, message: &str) {
+        let Some(url) = self
+            .state()
+            .policy
+            .as_ref()
+            .and_then(|p| p.alert_webhook.clone())
+        else {
+            return;
+        };
+        let body = serde_json::json!({
+            "kind": "alert",
+            "at": crate::unix_now(),
+            "cluster": cluster,
+            "node": mac.map(|m| m.to_string()),
+            "message": message,
+        })
+        .to_string();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            match crate::health::webhook::post(&url, &body).await {
+                Ok(s) if (200..300).contains(&s) => {}
+                Ok(s) => tracing::warn!(status = s, "alert webhook answered with an error"),
+                Err(e) => tracing::warn!(error = %e, "alert webhook failed"),
+            }
+        });
+    }
+
+    /// The node's power driver, if the policy gives it one.
+    pub(crate) fn power_driver(&self, mac: Mac) -> Result<Option<Arc<dyn PowerDriver>>, String> {
+        let state = self.state();
+        let Some(node) = state.policy.as_ref().and_then(|p| p.nodes.get(&mac)) else {
+            return Ok(None);
+        };
+        let Some(spec) = node.power.as_ref() else {
+            return Ok(None);
+        };
+        let ctx = crate::power::Context {
+            mac,
+            name: node.name.as_deref(),
+            credentials: &state.credentials,
+            interface: state.config.server.interface.as_deref(),
+        };
+        crate::power::driver(spec, &ctx).map(|d| Some(Arc::from(d)))
+    }
+
+    /// A failed node: the slot goes to another node once this one is fenced.
+    fn fail_over(
+        self: Arc<Self>,
+        mac: Mac,
+        slot: SlotRef,
+        why: String,
+        last_beat_ms: u64,
+        now: u64,
+        t: Instant,
+    ) {
+        let policy = match self.state().policy.clone() {
+            Some(p) => p,
+            None => return,
+        };
+        let on_failure = policy
+            .cluster(&slot.cluster)
+            .map(|c| c.spec.health.on_failure)
+            .unwrap_or_default();
+        let failed_ms = if why.starts_with("no heartbeat") {
+            last_beat_ms
+        } else {
+            now
+        };
+        let msg = format!(
+            "{mac} in {}/{} failed: {why}; failing over ({})",
+            slot.cluster,
+            slot.slot,
+            match on_failure {
+                OnFailure::Pool => "fence, then back to the pool",
+                OnFailure::Quarantine => "quarantine",
+            }
+        );
+        tracing::warn!("{msg}");
+        self.event(
+            "health-failed",
+            Some(mac),
+            Some(&slot.cluster),
+            msg,
+            Some((now.saturating_sub(failed_ms)) as f64 / 1000.0),
+        );
+        {
+            let mut h = self.health();
+            h.watches.remove(&mac);
+            h.failovers.insert(
+                slot.clone(),
+                Failover {
+                    old: mac,
+                    slow: false,
+                    reason: why,
+                    failed_ms,
+                    detected_ms: now,
+                    new: None,
+                    attempts: 0,
+                    server: Duration::ZERO,
+                    alerted: false,
+                },
+            );
+            if on_failure == OnFailure::Quarantine {
+                h.quarantined.insert(mac);
+            }
+        }
+        {
+            let mut fleet = self.fleet();
+            if let Some(n) = fleet.state.nodes.get_mut(&mac) {
+                n.healthy = false;
+            }
+            if on_failure == OnFailure::Pool {
+                // Its disk stays its own until it is off: the replacement waits for the fence.
+                fleet.holds.insert(mac, slot.clone());
+            }
+        }
+        if on_failure == OnFailure::Quarantine {
+            self.health()
+                .settling
+                .insert(slot.clone(), Instant::now() + FENCE_SETTLE);
+        }
+        if let Err(e) = self.replan(crate::unix_now()) {
+            tracing::error!(error = %e, "planning a failover failed");
+        }
+        self.add_server_time(&slot, t.elapsed());
+        if on_failure == OnFailure::Pool {
+            tokio::spawn(self.fence_failed(mac, slot));
+        } else {
+            self.event(
+                "quarantine",
+                Some(mac),
+                Some(&slot.cluster),
+                format!(
+                    "{mac} is quarantined: left running, cut off from {}/{}'s disk, no new work",
+                    slot.cluster, slot.slot
+                ),
+                None,
+            );
+        }
+    }
+
+    fn add_server_time(&self, slot: &SlotRef, d: Duration) {
+        if let Some(f) = self.health().failovers.get_mut(slot) {
+            f.server += d;
+        }
+    }
+
+    /// Switches a failed node off (hard) and closes its disk; then switches it on again to rejoin the pool.
+    async fn fence_failed(self: Arc<Self>, mac: Mac, slot: SlotRef) {
+        let t = Instant::now();
+        let driver = self.power_driver(mac);
+        let how = match &driver {
+            Ok(Some(d)) => {
+                let d = d.clone();
+                let call = tokio::task::spawn_blocking(move || d.off(true));
+                match tokio::time::timeout(FENCE_CALL_TIMEOUT, call).await {
+                    Ok(Ok(Ok(()))) => "switched off".to_string(),
+                    Ok(Ok(Err(e))) => format!("power off failed ({e})"),
+                    Ok(Err(e)) => format!("power off panicked ({e})"),
+                    Err(_) => "power off timed out".to_string(),
+                }
+            }
+            Ok(None) if self.agent_alive(mac, unix_ms()) => {
+                self.send_order(mac, OrderKind::Reboot);
+                "no power control: its agent was told to restart".to_string()
+            }
+            Ok(None) => "no power control and no agent".to_string(),
+            Err(e) => format!("power driver: {e}"),
+        };
+        {
+            self.fleet().holds.remove(&mac);
+            self.health()
+                .settling
+                .insert(slot.clone(), Instant::now() + FENCE_SETTLE);
+        }
+        let secs = t.elapsed();
+        self.add_server_time(&slot, secs);
+        self.event(
+            "fence",
+            Some(mac),
+            Some(&slot.cluster),
+            format!(
+                "{mac} fenced from {}/{}: {how}; its disk export is closed",
+                slot.cluster, slot.slot
+            ),
+            Some(secs.as_secs_f64()),
+        );
+        // Back to the pool: it boots, asks for a script while unassigned, and is healthy again.
+        if let Ok(Some(d)) = driver {
+            let r = tokio::task::spawn_blocking(move || {
+                let _ = d.boot_network_once();
+                d.on()
+            })
+            .await;
+            let (kind, msg) = match r {
+                Ok(Ok(())) => (
+                    "node-restart",
+                    format!("{mac} switched on again to rejoin the pool"),
+                ),
+                Ok(Err(e)) => (
+                    "node-restart",
+                    format!("{mac} cannot be switched on again ({e}): it stays failed"),
+                ),
+                Err(e) => ("node-restart", format!("{mac}: power on panicked ({e})")),
+            };
+            self.event(kind, Some(mac), Some(&slot.cluster), msg, None);
+        }
+    }
+
+    /// A slow node: its slot moves if the planner finds a capable node; otherwise it stays.
+    fn replace_slow(&self, mac: Mac, slot: SlotRef, why: String, now: u64, t: Instant) {
+        if self.health().failovers.contains_key(&slot) {
+            return;
+        }
+        self.fleet().state.slow.insert(mac);
+        let r = self.replan(crate::unix_now());
+        self.fleet().state.slow.remove(&mac);
+        if let Err(e) = r {
+            tracing::error!(error = %e, "planning a slow node's replacement failed");
+            return;
+        }
+        if self.slot_of(mac).as_ref() == Some(&slot) {
+            if self
+                .health()
+                .slow_stay
+                .insert(mac, now + SLOW_RETRY_MS)
+                .is_none()
+            {
+                self.event(
+                    "slow-stay",
+                    Some(mac),
+                    Some(&slot.cluster),
+                    format!("{mac} in {}/{} is slow ({why}) but no more capable node is free: it keeps running", slot.cluster, slot.slot),
+                    None,
+                );
+            }
+            return;
+        }
+        let msg = format!("{mac} in {}/{} is slow: {why}; its slot moves to another node and it returns to the pool", slot.cluster, slot.slot);
+        tracing::warn!("{msg}");
+        self.event("health-slow", Some(mac), Some(&slot.cluster), msg, None);
+        let mut h = self.health();
+        h.watches.remove(&mac);
+        h.slow_stay.remove(&mac);
+        h.failovers.insert(
+            slot,
+            Failover {
+                old: mac,
+                slow: true,
+                reason: why,
+                failed_ms: now,
+                detected_ms: now,
+                new: None,
+                attempts: 0,
+                server: t.elapsed(),
+                alerted: false,
+            },
+        );
+    }
+
+    /// Follows running failovers: the replacement chosen, switched on, confirmed; or retried, or alerted.
+    fn follow_failovers(self: Arc<Self>, now: u64) {
+        let Some(policy) = self.state().policy.clone() else {
+            return;
+        };
+        let fleet = self.fleet_state();
+        let owner_of = |slot: &SlotRef| {
+            fleet
+                .assignments
+                .iter()
+                .find(|(_, s)| *s == slot)
+                .map(|(m, _)| *m)
+        };
+        let failovers: Vec<(SlotRef, Failover)> = self
+            .health()
+            .failovers
+            .iter()
+            .map(|(s, f)| (s.clone(), f.clone()))
+            .collect();
+        for (slot, f) in failovers {
+            let c = policy.cluster(&slot.cluster);
+            let attempts_allowed = c.map(|c| c.spec.health.failover_attempts).unwrap_or(3);
+            let owner = owner_of(&slot).filter(|m| *m != f.old);
+            match (owner, f.new) {
+                (None, _) => {
+                    if !f.alerted {
+                        let what = if f.slow { "slow" } else { "failed" };
+                        self.alert(
+                            Some(f.old),
+                            Some(&slot.cluster),
+                            format!(
+                                "no eligible node to replace {what} node {} in {}/{}; corral keeps trying as nodes appear",
+                                f.old, slot.cluster, slot.slot
+                            ),
+                        );
+                        if let Some(x) = self.health().failovers.get_mut(&slot) {
+                            x.alerted = true;
+                        }
+                    }
+                    if f.slow {
+                        // A slow node that lost its slot and got no replacement: nothing to follow.
+                        self.health().failovers.remove(&slot);
+                    }
+                }
+                (Some(new), prev) if prev.map(|p| p.0) != Some(new) => {
+                    // A replacement was chosen (first, or after another failed).
+                    let attempts = f.attempts + 1;
+                    if let Some(x) = self.health().failovers.get_mut(&slot) {
+                        x.new = Some((new, now));
+                        x.attempts = attempts;
+                    }
+                    self.event(
+                        "failover-assign",
+                        Some(new),
+                        Some(&slot.cluster),
+                        format!("{new} takes over {}/{} from {} (attempt {attempts} of {attempts_allowed})", slot.cluster, slot.slot, f.old),
+                        None,
+                    );
+                    tokio::spawn(self.clone().wake(new));
+                }
+                (Some(new), Some((_, since))) => {
+                    let confirmed = {
+                        let h = self.health();
+                        h.watches
+                            .get(&new)
+                            .is_some_and(|(s, w)| *s == slot && w.confirmed())
+                    };
+                    if confirmed {
+                        let total = now.saturating_sub(f.failed_ms) as f64 / 1000.0;
+                        let detect = f.detected_ms.saturating_sub(f.failed_ms) as f64 / 1000.0;
+                        let msg = format!(
+                            "{}/{} runs on {new} again ({}: {}): {total:.2} s from the failure, detected after {detect:.2} s, {:.3} s of server-side work",
+                            slot.cluster,
+                            slot.slot,
+                            if f.slow { "was slow" } else { "failed" },
+                            f.reason,
+                            f.server.as_secs_f64()
+                        );
+                        tracing::info!("{msg}");
+                        self.event(
+                            "failover-done",
+                            Some(new),
+                            Some(&slot.cluster),
+                            msg,
+                            Some(total),
+                        );
+                        self.health().failovers.remove(&slot);
+                    } else if now.saturating_sub(since) > policy.boot_timeout * 1000
+                        && !self.moving(new)
+                    {
+                        // The replacement never came up: it is failed, and another is tried.
+                        self.event(
+                            "node-failed",
+                            Some(new),
+                            Some(&slot.cluster),
+                            format!(
+                                "{new} did not come up in {}/{} within {} s",
+                                slot.cluster, slot.slot, policy.boot_timeout
+                            ),
+                            None,
+                        );
+                        if let Some(n) = self.fleet().state.nodes.get_mut(&new) {
+                            n.healthy = false;
+                        }
+                        if f.attempts >= attempts_allowed {
+                            self.alert(
+                                Some(f.old),
+                                Some(&slot.cluster),
+                                format!(
+                                    "failover of {}/{} gave up after {} attempts",
+                                    slot.cluster, slot.slot, f.attempts
+                                ),
+                            );
+                            self.health().failovers.remove(&slot);
+                        }
+                        if let Err(e) = self.replan(crate::unix_now()) {
+                            tracing::error!(error = %e, "planning a failover retry failed");
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Makes sure a replacement taken from the pool is running: a node that is off is switched on
+    /// (next boot: network). A parked node picks its new script up at its next poll anyway.
+    async fn wake(self: Arc<Self>, mac: Mac) {
+        let Ok(Some(d)) = self.power_driver(mac) else {
+            return;
+        };
+        let r = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+            match d.status().map_err(|e| e.to_string())? {
+                crate::power::PowerState::Off => {
+                    let _ = d.boot_network_once();
+                    d.on().map_err(|e| e.to_string())?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+        .await;
+        if let Ok(Ok(true)) = r {
+            self.event(
+                "failover-power-on",
+                Some(mac),
+                None,
+                format!("{mac} was off: switched on"),
+                None,
+            );
+        }
+    }
+
+    /// A failed (not quarantined) node asked for a script while unassigned: it is back in the pool.
+    pub(crate) fn maybe_back(&self, mac: Mac) {
+        if self.quarantined(mac) || self.slot_of(mac).is_some() || self.moving(mac) {
+            return;
+        }
+        if self.fleet().holds.contains_key(&mac) {
+            return;
+        }
+        let back = {
+            let mut fleet = self.fleet();
+            match fleet.state.nodes.get_mut(&mac) {
+                Some(n) if !n.healthy => {
+                    n.healthy = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if back {
+            self.event(
+                "node-back",
+                Some(mac),
+                None,
+                format!("{mac} booted again and is back in the pool"),
+                None,
+            );
+        }
+    }
+}
