@@ -8,6 +8,7 @@
 //! carries no async runtime. [`proto`] is the wire format, shared with corral's API.
 
 pub mod client;
+pub mod groups;
 pub mod proto;
 pub mod run;
 pub mod sample;

@@ -4,8 +4,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use super::client::{request, Api};
-use super::proto::{Ack, HeartbeatReply, Order, OrderKind};
+use super::groups;
+use super::proto::{Ack, GroupState, GroupStatus, HeartbeatReply, Order, OrderKind};
 use super::sample::sample;
 
 /// How the agent is set up: from flags, else from the kernel command line (`corral.api=`,
@@ -20,12 +24,15 @@ pub struct Settings {
     pub busy_file: PathBuf,
     pub poweroff: String,
     pub reboot: String,
+    /// The image's service groups (skipped when the file does not exist).
+    pub groups: PathBuf,
 }
 
-pub const USAGE: &str = "usage: corral-agent [--api URL] [--token T] [--drain-hook PATH] [--busy-file PATH] [--poweroff CMD] [--reboot CMD]
+pub const USAGE: &str = "usage: corral-agent [--api URL] [--token T] [--drain-hook PATH] [--busy-file PATH] [--poweroff CMD] [--reboot CMD] [--groups PATH]
   Without --api/--token, corral.api= and corral.token= are read from /proc/cmdline (corral puts them
   there for each boot). Defaults: --drain-hook /etc/corral/drain, --busy-file /run/corral/busy,
-  --poweroff poweroff, --reboot reboot.";
+  --poweroff poweroff, --reboot reboot, --groups /etc/corral/groups.toml (service groups the agent
+  starts, checks, restarts and reports; skipped if absent).";
 
 impl Settings {
     pub fn parse(args: &[String], cmdline: &str) -> Result<Settings, String> {
@@ -40,6 +47,7 @@ impl Settings {
         let mut busy_file = PathBuf::from("/run/corral/busy");
         let mut poweroff = "poweroff".to_string();
         let mut reboot = "reboot".to_string();
+        let mut groups = PathBuf::from("/etc/corral/groups.toml");
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = || {
@@ -54,6 +62,7 @@ impl Settings {
                 "--busy-file" => busy_file = value()?.into(),
                 "--poweroff" => poweroff = value()?,
                 "--reboot" => reboot = value()?,
+                "--groups" => groups = value()?.into(),
                 "-h" | "--help" => return Err(USAGE.into()),
                 other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
             }
@@ -73,6 +82,7 @@ impl Settings {
             busy_file,
             poweroff,
             reboot,
+            groups,
         })
     }
 }
@@ -139,10 +149,65 @@ fn ack(s: &Settings, id: u64, ok: bool, detail: String) {
     }
 }
 
-fn carry_out(s: &Settings, order: Order) {
+/// The service-group supervisor, while it runs.
+struct Supervisor {
+    statuses: groups::Statuses,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Supervisor {
+    /// Starts the groups of `path`, if it exists; an unreadable file shows as a failed group.
+    fn start(path: &std::path::Path) -> Supervisor {
+        let statuses: groups::Statuses = Default::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut thread = None;
+        match std::fs::read_to_string(path) {
+            Err(_) => {}
+            Ok(text) => match groups::parse(&text) {
+                Ok(gs) => {
+                    let (st, sp) = (statuses.clone(), stop.clone());
+                    thread = Some(std::thread::spawn(move || groups::run(gs, st, sp)));
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), "service groups: {e}");
+                    *statuses.lock().unwrap_or_else(|p| p.into_inner()) = vec![GroupStatus {
+                        name: path.display().to_string(),
+                        state: GroupState::Failed,
+                        detail: e,
+                    }];
+                }
+            },
+        }
+        Supervisor {
+            statuses,
+            stop,
+            thread: Mutex::new(thread),
+        }
+    }
+
+    fn statuses(&self) -> Vec<GroupStatus> {
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops every group (resources in reverse order) and waits for it.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn carry_out(s: &Settings, sup: &Supervisor, order: Order) {
     tracing::info!(id = order.id, order = order.kind.name(), "order received");
     match order.kind {
         OrderKind::Drain { grace_secs } => {
+            // The service groups stop (in reverse dependency order), then the image's own hook runs.
+            sup.stop();
             let (ok, detail) = run_hook(&s.drain_hook, Duration::from_secs(grace_secs));
             tracing::info!(ok, "{detail}");
             ack(s, order.id, ok, detail);
@@ -166,10 +231,11 @@ fn carry_out(s: &Settings, order: Order) {
     }
 }
 
-fn heartbeats(s: Settings) {
+fn heartbeats(s: Settings, sup: Arc<Supervisor>) {
     let mut interval = Duration::from_secs(5);
     loop {
-        let hb = sample(s.busy_file.exists());
+        let mut hb = sample(s.busy_file.exists());
+        hb.groups = sup.statuses();
         let body = serde_json::to_vec(&hb).unwrap_or_default();
         match request(
             &s.api,
@@ -196,8 +262,9 @@ fn heartbeats(s: Settings) {
 /// Runs until the process is killed (or the node powers off).
 pub fn run(s: Settings) {
     tracing::info!(api = %format!("http://{}:{}{}", s.api.host, s.api.port, s.api.prefix), "corral agent started");
-    let hb = s.clone();
-    std::thread::spawn(move || heartbeats(hb));
+    let sup = Arc::new(Supervisor::start(&s.groups));
+    let (hb, sup2) = (s.clone(), sup.clone());
+    std::thread::spawn(move || heartbeats(hb, sup2));
     loop {
         match request(
             &s.api,
@@ -208,7 +275,7 @@ pub fn run(s: Settings) {
             Duration::from_secs(35),
         ) {
             Ok(r) if r.status == 200 => match serde_json::from_slice::<Order>(&r.body) {
-                Ok(order) => carry_out(&s, order),
+                Ok(order) => carry_out(&s, &sup, order),
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable order");
                     std::thread::sleep(Duration::from_secs(1));
