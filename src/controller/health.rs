@@ -78,7 +78,9 @@ struct Acting {
     mac: Mac,
     slot: SlotRef,
     verdict: Verdict,
-    last_beat_ms: u64,
+    /// When the trouble began, as best known: the last heartbeat (heartbeat loss), the start of the
+    /// breach (slow), else now.
+    began_ms: u64,
 }
 
 impl Controller {
@@ -154,9 +156,11 @@ impl Controller {
                 match &a.verdict {
                     Verdict::Failed(why) => {
                         self.clone()
-                            .fail_over(a.mac, a.slot, why.clone(), a.last_beat_ms, now, t)
+                            .fail_over(a.mac, a.slot, why.clone(), a.began_ms, now, t)
                     }
-                    Verdict::Slow(why) => self.replace_slow(a.mac, a.slot, why.clone(), now, t),
+                    Verdict::Slow(why) => {
+                        self.replace_slow(a.mac, a.slot, why.clone(), a.began_ms, now, t)
+                    }
                 }
             }
             self.clone().follow_failovers(now);
@@ -179,12 +183,18 @@ impl Controller {
             }
             match w.check(now) {
                 Some(v) => {
-                    let last = self.last_beat(*mac).map(|b| b.at_ms).unwrap_or(now);
+                    let began = match &v {
+                        Verdict::Failed(m) if m.starts_with("no heartbeat") => {
+                            self.last_beat(*mac).map(|b| b.at_ms).unwrap_or(now)
+                        }
+                        Verdict::Slow(_) => w.slow_since().unwrap_or(now),
+                        Verdict::Failed(_) => now,
+                    };
                     out.push(Acting {
                         mac: *mac,
                         slot: slot.clone(),
                         verdict: v,
-                        last_beat_ms: last,
+                        began_ms: began,
                     });
                 }
                 None => cleared.push(*mac),
@@ -330,7 +340,7 @@ impl Controller {
         mac: Mac,
         slot: SlotRef,
         why: String,
-        last_beat_ms: u64,
+        began_ms: u64,
         now: u64,
         t: Instant,
     ) {
@@ -342,11 +352,7 @@ impl Controller {
             .cluster(&slot.cluster)
             .map(|c| c.spec.health.on_failure)
             .unwrap_or_default();
-        let failed_ms = if why.starts_with("no heartbeat") {
-            last_beat_ms
-        } else {
-            now
-        };
+        let failed_ms = began_ms;
         let msg = format!(
             "{mac} in {}/{} failed: {why}; failing over ({})",
             slot.cluster,
@@ -489,7 +495,15 @@ impl Controller {
     }
 
     /// A slow node: its slot moves if the planner finds a capable node; otherwise it stays.
-    fn replace_slow(&self, mac: Mac, slot: SlotRef, why: String, now: u64, t: Instant) {
+    fn replace_slow(
+        &self,
+        mac: Mac,
+        slot: SlotRef,
+        why: String,
+        began_ms: u64,
+        now: u64,
+        t: Instant,
+    ) {
         if self.health().failovers.contains_key(&slot) {
             return;
         }
@@ -529,7 +543,7 @@ impl Controller {
                 old: mac,
                 slow: true,
                 reason: why,
-                failed_ms: now,
+                failed_ms: began_ms,
                 detected_ms: now,
                 new: None,
                 attempts: 0,

@@ -170,7 +170,7 @@ impl Threshold {
                 Bad::Below => "below",
             };
             Verdict::Slow(format!(
-                "{} {side} {} for {:.0} s (now {})",
+                "{} {side} {} for {:.0} s (now {:.1})",
                 self.metric,
                 self.limit,
                 held as f64 / 1000.0,
@@ -281,6 +281,11 @@ impl NodeWatch {
     /// Whether the role has shown itself healthy: a probe answered (or there is no probe).
     pub fn confirmed(&self) -> bool {
         self.probe.is_none() || self.probed_ok
+    }
+
+    /// Since when (ms) the earliest rule now breached has been breached: when a slow node began to be slow.
+    pub fn slow_since(&self) -> Option<u64> {
+        self.rules.iter().filter_map(|t| t.since).min()
     }
 
     /// The verdict at `now`: *failed* (heartbeat loss, the probe, a service group) before *slow*.

@@ -19,6 +19,11 @@
 # and runs corral-agent (heartbeats; on orders: the drain hook, poweroff -f, reboot -f) instead of powering
 # off. corral.testos.busy=1 makes the agent report the node busy.
 #
+# Such a node also runs an application for corral's probes: busybox httpd on port 80, started, checked and
+# restarted by the agent as the service group `app` (/etc/corral/groups.toml). GET /cgi-bin/health answers
+# "ok" after the node's current delay; GET /cgi-bin/slow?MS sets that delay (0 clears it), so a test can
+# make one node slow. The drain hook stops nothing itself: the agent stops the group first.
+#
 #   tests/testos/build.sh OUTDIR     # writes OUTDIR/vmlinuz and OUTDIR/initrd.img
 #   CORRAL_AGENT=path/to/corral-agent tests/testos/build.sh OUTDIR
 #                                    # default: target/debug/corral-agent (under CARGO_TARGET_DIR if set)
@@ -48,7 +53,7 @@ mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,mnt,lib/modules/"$kver"}
 cp "$busybox" "$root/bin/busybox"
 for applet in sh mount umount cat echo ls sleep modprobe insmod poweroff reboot ip udhcpc mkdir basename \
               grep sed tr head tail dd sync wget timeout mdev hexdump date uname ifconfig route true hostname \
-              cut touch chmod; do
+              cut touch chmod httpd; do
   ln -sf busybox "$root/bin/$applet"
 done
 
@@ -196,10 +201,25 @@ if [ -n "$api" ] && [ -n "$dev" ]; then
   ip link set "$dev" up
   udhcpc -i "$dev" -n -q -t 10 -s /etc/udhcpc/default.script >/dev/null 2>&1 \
     || echo "CORRAL-AGENT error=dhcp on $dev failed"
+  ip link set lo up
   mkdir -p /etc/corral /run/corral
   printf '#!/bin/sh\necho "CORRAL-STOP-HOOK host=$(hostname)" > /dev/console\n' > /etc/corral/drain
   chmod +x /etc/corral/drain
   [ "$(arg corral.testos.busy)" = 1 ] && touch /run/corral/busy
+  mkdir -p /www/cgi-bin
+  echo ok > /www/index.html
+  printf '#!/bin/sh\nd=$(cat /run/corral/delay 2>/dev/null)\n[ -n "$d" ] && [ "$d" != 0 ] && sleep "$(($d / 1000)).$(printf %%03d $(($d %% 1000)))"\nprintf "Content-Type: text/plain\\r\\n\\r\\nok $(hostname)\\n"\n' > /www/cgi-bin/health
+  printf '#!/bin/sh\necho "${QUERY_STRING:-0}" > /run/corral/delay\necho "CORRAL-SLOW delay=${QUERY_STRING:-0}" > /dev/console\nprintf "Content-Type: text/plain\\r\\n\\r\\ndelay ${QUERY_STRING:-0}\\n"\n' > /www/cgi-bin/slow
+  chmod +x /www/cgi-bin/health /www/cgi-bin/slow
+  cat > /etc/corral/groups.toml <<'GROUPS'
+[[group]]
+name = "app"
+restarts = 2
+[[group.resource]]
+name = "httpd"
+start = "httpd -f -p 80 -h /www"
+check = "wget -q -O /dev/null http://127.0.0.1/index.html"
+GROUPS
   echo "CORRAL-AGENT start host=$(hostname) ip=$(ip -4 -o addr show dev "$dev" | sed -n 's/.* inet \([0-9.]*\).*/\1/p')"
   corral-agent --poweroff "poweroff -f" --reboot "reboot -f"
   echo "CORRAL-AGENT exited"
