@@ -69,6 +69,16 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// Returns a quarantined or failed node to the pool (POST /api/v1/nodes/<mac>/release).
+    Release {
+        /// The node's MAC.
+        mac: String,
+        /// The API token (http.api_token); default: from the config.
+        #[arg(long)]
+        token: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Recent events, oldest first (from a running corral).
     Events {
         #[command(flatten)]
@@ -160,6 +170,14 @@ fn main() -> ExitCode {
             json,
         } => cli::disk::run(&config, action_of(action), json),
         Command::Events { api, limit } => cli::events(&api.base(), api.json, limit),
+        Command::Release { mac, token, api } => {
+            let token = token.or_else(|| {
+                corral::config::Config::load(&api.config)
+                    .ok()
+                    .and_then(|c| c.http.api_token)
+            });
+            cli::release(&api.base(), &mac, token.as_deref(), api.json)
+        }
     }
 }
 

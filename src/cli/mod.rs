@@ -10,6 +10,11 @@ use std::time::Duration;
 
 /// GET `path` from `base` (http://host:port), returning the body of a 200 response.
 pub fn get(base: &str, path: &str) -> Result<String, String> {
+    call(base, "GET", path, None)
+}
+
+/// One request to corral's API; the body of a 200 response, else the status and body as an error.
+fn call(base: &str, method: &str, path: &str, token: Option<&str>) -> Result<String, String> {
     let rest = base
         .strip_prefix("http://")
         .ok_or_else(|| format!("`{base}` is not an http:// URL"))?;
@@ -22,9 +27,12 @@ pub fn get(base: &str, path: &str) -> Result<String, String> {
     let mut s =
         TcpStream::connect(&addr).map_err(|e| format!("cannot reach corral at {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
@@ -163,4 +171,25 @@ pub fn events(base: &str, json: bool, limit: u32) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+/// `corral release <mac>`: a quarantined or failed node back to the pool.
+pub fn release(base: &str, mac: &str, token: Option<&str>, json: bool) -> ExitCode {
+    match call(base, "POST", &format!("/api/v1/nodes/{mac}/release"), token) {
+        Ok(msg) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "released": mac, "message": msg.trim() })
+                );
+            } else {
+                println!("{}", msg.trim());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("corral: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -706,6 +706,43 @@ impl Controller {
         }
     }
 
+    /// The operator returns a quarantined or failed node to the pool.
+    pub fn release_node(&self, mac: Mac) -> Result<String, String> {
+        if self.slot_of(mac).is_some() {
+            return Err(format!(
+                "{mac} fills a slot: it is neither failed nor quarantined"
+            ));
+        }
+        let was_quarantined = self.health().quarantined.remove(&mac);
+        let was_failed = {
+            let mut fleet = self.fleet();
+            match fleet.state.nodes.get_mut(&mac) {
+                Some(n) if !n.healthy => {
+                    n.healthy = true;
+                    true
+                }
+                Some(_) => false,
+                None => return Err(format!("{mac} is not a known node")),
+            }
+        };
+        if !was_quarantined && !was_failed {
+            return Err(format!("{mac} is not failed or quarantined"));
+        }
+        let msg = format!(
+            "{mac} released by the operator{}: back in the pool",
+            if was_quarantined {
+                " from quarantine"
+            } else {
+                ""
+            }
+        );
+        self.event("node-released", Some(mac), None, msg.clone(), None);
+        if let Err(e) = self.replan(crate::unix_now()) {
+            tracing::error!(error = %e, "planning after a release failed");
+        }
+        Ok(msg)
+    }
+
     /// A failed (not quarantined) node asked for a script while unassigned: it is back in the pool.
     pub(crate) fn maybe_back(&self, mac: Mac) {
         if self.quarantined(mac) || self.slot_of(mac).is_some() || self.moving(mac) {

@@ -244,8 +244,14 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>, peer: SocketAddr) -> Response
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    let release = path
+        .strip_prefix("/api/v1/nodes/")
+        .and_then(|r| r.strip_suffix("/release"))
+        .map(str::to_string);
     let resp = if method == Method::POST && path == "/api/v1/metrics" {
         post_metrics(ctx, req).await
+    } else if let (true, Some(mac)) = (method == Method::POST, release) {
+        release_node(ctx, &req, &mac)
     } else if let Some(what) = path.strip_prefix("/api/v1/agent/") {
         agent_api(ctx, &method, what, &query, req).await
     } else {
@@ -447,6 +453,41 @@ async fn agent_api(
     }
 }
 
+/// Writes need `Authorization: Bearer <http.api_token>`; without a configured token they are disabled.
+fn refuse_writer(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<HttpBody>> {
+    let state = ctx.controller.state();
+    let Some(token) = state.config.http.api_token.as_deref() else {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "writes are disabled: set http.api_token\n",
+        ));
+    };
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    (auth.strip_prefix("Bearer ").map(str::trim) != Some(token))
+        .then(|| text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n"))
+}
+
+/// `POST /api/v1/nodes/<mac>/release`: a quarantined or failed node goes back to the pool.
+fn release_node(ctx: &Ctx, req: &Request<Incoming>, mac: &str) -> Response<HttpBody> {
+    if let Some(refused) = refuse_writer(ctx, req) {
+        return refused;
+    }
+    let Some(mac) = Mac::parse(mac) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            &format!("`{mac}` is not a MAC address\n"),
+        );
+    };
+    match ctx.controller.release_node(mac) {
+        Ok(msg) => text(StatusCode::OK, &format!("{msg}\n")),
+        Err(e) => text(StatusCode::CONFLICT, &format!("{e}\n")),
+    }
+}
+
 /// `POST /api/v1/metrics` with `{"cluster": "web", "metric": "rt_ms", "value": 640.0}` (or a list of such):
 /// samples for the cluster's scale rules. Needs `Authorization: Bearer <http.api_token>`.
 async fn post_metrics(ctx: &Ctx, req: Request<Incoming>) -> Response<HttpBody> {
@@ -463,20 +504,8 @@ async fn post_metrics(ctx: &Ctx, req: Request<Incoming>) -> Response<HttpBody> {
         One(Sample),
         Many(Vec<Sample>),
     }
-    let state = ctx.controller.state();
-    let Some(token) = state.config.http.api_token.as_deref() else {
-        return text(
-            StatusCode::FORBIDDEN,
-            "writes are disabled: set http.api_token\n",
-        );
-    };
-    let auth = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if auth.strip_prefix("Bearer ").map(str::trim) != Some(token) {
-        return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+    if let Some(refused) = refuse_writer(ctx, &req) {
+        return refused;
     }
     // Samples are small; a larger body is a mistake or an attack.
     let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
