@@ -35,6 +35,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// After a fence ends a node's hold, its NBD connections are closed within a second (the NBD room
 /// re-checks each connection's right to its export every second): the replacement waits this long more.
 const FENCE_SETTLE: Duration = Duration::from_millis(1500);
+/// The window in which a slot's failovers are counted against `failover_attempts`.
+const CHURN_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// How often a slow node without a replacement is looked at again.
 const SLOW_RETRY_MS: u64 = 10_000;
 /// Bound on a fencing power call.
@@ -69,6 +71,10 @@ pub struct Health {
     /// Slow nodes no replacement was found for (the event is recorded once), with when to look again
     /// (unix ms).
     slow_stay: BTreeMap<Mac, u64>,
+    /// When each slot failed over lately (unix ms), to bound failovers of a slot whose new nodes fail too.
+    history: BTreeMap<SlotRef, Vec<u64>>,
+    /// Slots already alerted for failing over too often (until their history thins out).
+    churn_alerted: BTreeSet<SlotRef>,
     /// Slots whose previous node was just fenced: the replacement waits until then.
     settling: BTreeMap<SlotRef, Instant>,
 }
@@ -353,6 +359,25 @@ impl Controller {
             .map(|c| c.spec.health.on_failure)
             .unwrap_or_default();
         let failed_ms = began_ms;
+        let attempts = policy
+            .cluster(&slot.cluster)
+            .map(|c| c.spec.health.failover_attempts)
+            .unwrap_or(3) as usize;
+        // A dead node must leave its slot whatever happened before; a slot that keeps failing is the
+        // operator's to look at.
+        let recent = self.count_failover(&slot, now);
+        if recent > attempts && self.health().churn_alerted.insert(slot.clone()) {
+            self.alert(
+                Some(mac),
+                Some(&slot.cluster),
+                format!(
+                    "{}/{} failed over {recent} times within {} min: its image or application may be at fault",
+                    slot.cluster,
+                    slot.slot,
+                    CHURN_WINDOW_MS / 60_000
+                ),
+            );
+        }
         let msg = format!(
             "{mac} in {}/{} failed: {why}; failing over ({})",
             slot.cluster,
@@ -424,6 +449,32 @@ impl Controller {
                 None,
             );
         }
+    }
+
+    /// Records a failover of `slot` at `now`; returns how many it had within the window, this one included.
+    fn count_failover(&self, slot: &SlotRef, now: u64) -> usize {
+        let mut h = self.health();
+        let list = h.history.entry(slot.clone()).or_default();
+        list.retain(|t| now.saturating_sub(*t) < CHURN_WINDOW_MS);
+        list.push(now);
+        let n = list.len();
+        if n == 1 {
+            h.churn_alerted.remove(slot);
+        }
+        n
+    }
+
+    /// Failovers of `slot` within the window so far.
+    fn recent_failovers(&self, slot: &SlotRef, now: u64) -> usize {
+        self.health()
+            .history
+            .get(slot)
+            .map(|l| {
+                l.iter()
+                    .filter(|t| now.saturating_sub(**t) < CHURN_WINDOW_MS)
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     fn add_server_time(&self, slot: &SlotRef, d: Duration) {
@@ -507,6 +558,36 @@ impl Controller {
         if self.health().failovers.contains_key(&slot) {
             return;
         }
+        // Its replacements were slow too, too often: moving again will not help; it stays.
+        let limit = self
+            .state()
+            .policy
+            .as_ref()
+            .and_then(|p| p.cluster(&slot.cluster))
+            .map(|c| c.spec.health.failover_attempts)
+            .unwrap_or(3) as usize;
+        if self.recent_failovers(&slot, now) >= limit {
+            if self
+                .health()
+                .slow_stay
+                .insert(mac, now + SLOW_RETRY_MS)
+                .is_none()
+            {
+                self.event(
+                    "slow-stay",
+                    Some(mac),
+                    Some(&slot.cluster),
+                    format!(
+                        "{mac} in {}/{} is slow ({why}) but the slot already failed over {limit} times within {} min: it keeps running",
+                        slot.cluster,
+                        slot.slot,
+                        CHURN_WINDOW_MS / 60_000
+                    ),
+                    None,
+                );
+            }
+            return;
+        }
         self.fleet().state.slow.insert(mac);
         let r = self.replan(crate::unix_now());
         self.fleet().state.slow.remove(&mac);
@@ -531,6 +612,7 @@ impl Controller {
             }
             return;
         }
+        self.count_failover(&slot, now);
         let msg = format!("{mac} in {}/{} is slow: {why}; its slot moves to another node and it returns to the pool", slot.cluster, slot.slot);
         tracing::warn!("{msg}");
         self.event("health-slow", Some(mac), Some(&slot.cluster), msg, None);

@@ -1051,6 +1051,46 @@ identity = { hostname = \"db-{n}\", addresses = \"10.0.0.5-10.0.0.6\" }
     }
 
     #[test]
+    fn health_keys_are_checked_with_positions() {
+        let text = "\
+[settings]
+alert_webhook = \"https://ops.example/hook\"
+
+[[cluster]]
+name = \"web\"
+max = 2
+images = [\"a\"]
+[cluster.health]
+heartbeat_timeout = \"0s\"
+probe = { port = 80, path = \"health\", interval = \"2s\", timeout = \"5s\" }
+slow = [{ metric = \"prob_ms\", above = 500.0, for = \"2m\" },
+        { metric = \"load1\", for = \"1m\" }]
+on_failure = \"quarantine\"
+";
+        let e = parse(text).unwrap_err().to_string();
+        for want in [
+            "policy.toml:2:17: `https://ops.example/hook`: only http:// webhooks are supported",
+            "policy.toml:9:21: `heartbeat_timeout` must be at least 1 second",
+            "probe timeout 5 s is longer than its interval 2 s",
+            "probe path `health` must start with /",
+            "unknown metric `prob_ms`, did you mean `probe_ms`?",
+            "a slow rule needs exactly one of `above` or `below`",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in\n{e}");
+        }
+        let bad_choice = "[[cluster]]\nname = \"w\"\nmax = 1\nimages = [\"a\"]\nhealth = { on_failure = \"reboot\" }\n";
+        let e = parse(bad_choice).unwrap_err().to_string();
+        assert!(e.contains("policy.toml:5:") && e.contains("reboot"), "{e}");
+        // Defaults: no probe, heartbeat timeout from the interval, failed nodes back to the pool.
+        let ok = parse("[[cluster]]\nname = \"w\"\nmax = 1\nimages = [\"a\"]\n").unwrap();
+        let h = &ok.clusters[0].spec.health;
+        assert_eq!(
+            (h.probe.is_none(), h.on_failure, h.failover_attempts),
+            (true, OnFailure::Pool, 3)
+        );
+    }
+
+    #[test]
     fn durations_and_offsets() {
         assert_eq!(parse_secs("90").unwrap(), 90);
         assert_eq!(parse_secs("5m").unwrap(), 300);
