@@ -6,7 +6,7 @@
 //! script is never told off) and hands the slot to b. b never heartbeats within `boot_timeout` → marked
 //! failed, and with `failover_attempts = 1` the failover gives up with an alert that the webhook
 //! receives; the planner then gives the slot to c, which comes up. The quarantined node gets no work until
-//! the operator releases it (`corral release`).
+//! the operator releases it (`corral release`); failed and quarantined flags survive a restart.
 
 mod common;
 
@@ -187,7 +187,7 @@ fn quarantine_retry_limit_alert_webhook_and_release() {
         ),
     )
     .unwrap();
-    let _server = start(dir, http);
+    let server = start(dir, http);
     let boot = |mac: &str| {
         get(&format!(
             "http://127.0.0.1:{http}/boot/{mac}?buildarch=x86_64"
@@ -264,6 +264,12 @@ fn quarantine_retry_limit_alert_webhook_and_release() {
     );
     assert!(boot(A).contains("is parked"));
     assert_eq!(state(http, A), "quarantined");
+
+    // Out-of-service flags survive a restart of corral.
+    server.crash();
+    let _server = start(dir, http);
+    assert_eq!(state(http, A), "quarantined");
+    assert_eq!(state(http, B), "failed");
 
     // The operator releases it: wrong token refused, right token returns it to the pool.
     assert_eq!(

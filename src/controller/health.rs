@@ -132,20 +132,24 @@ impl Controller {
         let Some(policy) = state.policy.as_ref() else {
             return;
         };
-        let Some(c) = policy.cluster(&role.cluster) else {
+        // Only clusters with a `health` table are watched.
+        let Some(c) = policy
+            .cluster(&role.cluster)
+            .filter(|c| c.spec.health.is_some())
+        else {
             return;
         };
         let mut h = self.health();
         let w = h.watches.entry(mac).or_insert_with(|| {
             (
                 role.clone(),
-                NodeWatch::new(&c.spec.health, policy.heartbeat_interval, now_ms),
+                NodeWatch::new(c.spec.health(), policy.heartbeat_interval, now_ms),
             )
         });
         if &w.0 != role {
             *w = (
                 role.clone(),
-                NodeWatch::new(&c.spec.health, policy.heartbeat_interval, now_ms),
+                NodeWatch::new(c.spec.health(), policy.heartbeat_interval, now_ms),
             );
         }
         w.1.heartbeat(hb, now_ms);
@@ -239,7 +243,7 @@ impl Controller {
         for (mac, slot) in due {
             let Some(spec) = policy
                 .cluster(&slot.cluster)
-                .and_then(|c| c.spec.health.probe.clone())
+                .and_then(|c| c.spec.health().probe.clone())
             else {
                 self.health().probing.remove(&mac);
                 continue;
@@ -356,12 +360,13 @@ impl Controller {
         };
         let on_failure = policy
             .cluster(&slot.cluster)
-            .map(|c| c.spec.health.on_failure)
+            .map(|c| c.spec.health().on_failure)
             .unwrap_or_default();
         let failed_ms = began_ms;
+        let why_for_flag = why.clone();
         let attempts = policy
             .cluster(&slot.cluster)
-            .map(|c| c.spec.health.failover_attempts)
+            .map(|c| c.spec.health().failover_attempts)
             .unwrap_or(3) as usize;
         // A dead node must leave its slot whatever happened before; a slot that keeps failing is the
         // operator's to look at.
@@ -412,25 +417,17 @@ impl Controller {
                     alerted: false,
                 },
             );
-            if on_failure == OnFailure::Quarantine {
-                h.quarantined.insert(mac);
-            }
         }
-        {
-            let mut fleet = self.fleet();
-            if let Some(n) = fleet.state.nodes.get_mut(&mac) {
-                n.healthy = false;
-            }
-            if on_failure == OnFailure::Pool {
-                // Its disk stays its own until it is off: the replacement waits for the fence.
-                fleet.holds.insert(mac, slot.clone());
-            }
-        }
-        if on_failure == OnFailure::Quarantine {
+        // The replacement must wait for the fence: the hold (or the settling time) is in place before the
+        // node is marked failed, so no plan in between can hand the slot's disk over early.
+        if on_failure == OnFailure::Pool {
+            self.fleet().holds.insert(mac, slot.clone());
+        } else {
             self.health()
                 .settling
                 .insert(slot.clone(), Instant::now() + FENCE_SETTLE);
         }
+        self.mark_failed(mac, on_failure == OnFailure::Quarantine, &why_for_flag);
         if let Err(e) = self.replan(crate::unix_now()) {
             tracing::error!(error = %e, "planning a failover failed");
         }
@@ -564,7 +561,7 @@ impl Controller {
             .policy
             .as_ref()
             .and_then(|p| p.cluster(&slot.cluster))
-            .map(|c| c.spec.health.failover_attempts)
+            .map(|c| c.spec.health().failover_attempts)
             .unwrap_or(3) as usize;
         if self.recent_failovers(&slot, now) >= limit {
             if self
@@ -656,7 +653,7 @@ impl Controller {
             .collect();
         for (slot, f) in failovers {
             let c = policy.cluster(&slot.cluster);
-            let attempts_allowed = c.map(|c| c.spec.health.failover_attempts).unwrap_or(3);
+            let attempts_allowed = c.map(|c| c.spec.health().failover_attempts).unwrap_or(3);
             let owner = owner_of(&slot).filter(|m| *m != f.old);
             match (owner, f.new) {
                 (None, _) => {
@@ -736,9 +733,7 @@ impl Controller {
                             ),
                             None,
                         );
-                        if let Some(n) = self.fleet().state.nodes.get_mut(&new) {
-                            n.healthy = false;
-                        }
+                        self.mark_failed(new, false, "did not come up as a replacement");
                         if f.attempts >= attempts_allowed {
                             self.alert(
                                 Some(f.old),
@@ -788,6 +783,57 @@ impl Controller {
         }
     }
 
+    /// Takes a node out of service (it gets no work), remembered across restarts.
+    pub(crate) fn mark_failed(&self, mac: Mac, quarantine: bool, reason: &str) {
+        if let Some(n) = self.fleet().state.nodes.get_mut(&mac) {
+            n.healthy = false;
+        }
+        if quarantine {
+            self.health().quarantined.insert(mac);
+        }
+        let flag = crate::store::NodeFlag {
+            mac,
+            quarantined: quarantine,
+            since: crate::unix_now(),
+            reason: reason.to_string(),
+        };
+        if let Err(e) = self.store.set_node_flag(mac, Some(&flag)) {
+            tracing::error!(%mac, error = %e, "cannot record a failed node");
+        }
+    }
+
+    /// Puts a node back in service; returns whether it was out (failed or quarantined).
+    fn mark_healthy(&self, mac: Mac) -> bool {
+        let was_quarantined = self.health().quarantined.remove(&mac);
+        let was_failed = self
+            .fleet()
+            .state
+            .nodes
+            .get_mut(&mac)
+            .is_some_and(|n| !std::mem::replace(&mut n.healthy, true));
+        if let Err(e) = self.store.set_node_flag(mac, None) {
+            tracing::error!(%mac, error = %e, "cannot clear a failed node's flag");
+        }
+        was_quarantined || was_failed
+    }
+
+    /// Loads flagged nodes (at start): failed and quarantined nodes stay out of service.
+    pub(crate) fn load_node_flags(&self) {
+        let Ok(flags) = self.store.node_flags() else {
+            return;
+        };
+        let mut fleet = self.fleet();
+        let mut h = self.health();
+        for f in flags {
+            if let Some(n) = fleet.state.nodes.get_mut(&f.mac) {
+                n.healthy = false;
+            }
+            if f.quarantined {
+                h.quarantined.insert(f.mac);
+            }
+        }
+    }
+
     /// The operator returns a quarantined or failed node to the pool.
     pub fn release_node(&self, mac: Mac) -> Result<String, String> {
         if self.slot_of(mac).is_some() {
@@ -795,19 +841,11 @@ impl Controller {
                 "{mac} fills a slot: it is neither failed nor quarantined"
             ));
         }
-        let was_quarantined = self.health().quarantined.remove(&mac);
-        let was_failed = {
-            let mut fleet = self.fleet();
-            match fleet.state.nodes.get_mut(&mac) {
-                Some(n) if !n.healthy => {
-                    n.healthy = true;
-                    true
-                }
-                Some(_) => false,
-                None => return Err(format!("{mac} is not a known node")),
-            }
-        };
-        if !was_quarantined && !was_failed {
+        if !self.fleet().state.nodes.contains_key(&mac) {
+            return Err(format!("{mac} is not a known node"));
+        }
+        let was_quarantined = self.quarantined(mac);
+        if !self.mark_healthy(mac) {
             return Err(format!("{mac} is not failed or quarantined"));
         }
         let msg = format!(
@@ -833,16 +871,13 @@ impl Controller {
         if self.fleet().holds.contains_key(&mac) {
             return;
         }
-        let back = {
-            let mut fleet = self.fleet();
-            match fleet.state.nodes.get_mut(&mac) {
-                Some(n) if !n.healthy => {
-                    n.healthy = true;
-                    true
-                }
-                _ => false,
-            }
-        };
+        let back = self
+            .fleet()
+            .state
+            .nodes
+            .get(&mac)
+            .is_some_and(|n| !n.healthy)
+            && self.mark_healthy(mac);
         if back {
             self.event(
                 "node-back",

@@ -450,6 +450,7 @@ impl Controller {
             health: Mutex::new(Default::default()),
         });
         c.load_agent_tokens();
+        c.load_node_flags();
         c.prepare_disks(crate::unix_now());
         c.replan(crate::unix_now())?;
         Ok(c)

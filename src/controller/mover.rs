@@ -233,11 +233,9 @@ impl Controller {
             let mut fleet = self.fleet();
             fleet.reboot.remove(&mac);
             fleet.holds.remove(&mac);
-            if !ok {
-                if let Some(n) = fleet.state.nodes.get_mut(&mac) {
-                    n.healthy = false;
-                }
-            }
+        }
+        if !ok {
+            self.mark_failed(mac, false, &message);
         }
         let kind = if ok { "move-done" } else { "node-failed" };
         self.move_event(

@@ -99,4 +99,63 @@ mod tests {
         assert!(check_response(b"", 200, None).is_err());
         assert!(check_response(b"HTTP/1.0 500 Oops\r\n\r\n", 200, None).is_err());
     }
+
+    /// A server on loopback that answers each connection with `reply` after `delay`.
+    fn server(reply: &'static str, delay: std::time::Duration) -> u16 {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                std::thread::sleep(delay);
+                let _ = s.write_all(reply.as_bytes());
+            }
+        });
+        port
+    }
+
+    fn spec(kind: ProbeKind, port: u16) -> ProbeSpec {
+        ProbeSpec {
+            kind,
+            port,
+            path: "/health".into(),
+            status: 200,
+            body: Some("ok".into()),
+            interval: crate::policy::Secs(2),
+            timeout: crate::policy::Secs(1),
+            failures: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_against_real_sockets() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let fast = server(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n",
+            Default::default(),
+        );
+        let ms = run(&spec(ProbeKind::Http, fast), lo).await.unwrap();
+        assert!(ms >= 0.0);
+        let wrong = server("HTTP/1.1 503 Busy\r\n\r\n", Default::default());
+        let e = run(&spec(ProbeKind::Http, wrong), lo).await.unwrap_err();
+        assert!(e.contains("status 503"), "{e}");
+        let slow = server(
+            "HTTP/1.1 200 OK\r\n\r\nok",
+            std::time::Duration::from_millis(1500),
+        );
+        let e = run(&spec(ProbeKind::Http, slow), lo).await.unwrap_err();
+        assert!(e.contains("no answer within 1 s"), "{e}");
+        // TCP: a listener is enough; a closed port is refused.
+        assert!(run(&spec(ProbeKind::Tcp, slow), lo).await.is_ok());
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = run(&spec(ProbeKind::Tcp, closed), lo).await.unwrap_err();
+        assert!(e.contains("connect"), "{e}");
+    }
 }

@@ -139,9 +139,19 @@ pub struct ClusterSpec {
     pub schedule: Vec<Window>,
     #[serde(default)]
     pub scale: Vec<ScaleRule>,
-    /// How the cluster's nodes are watched and what happens when one fails or is slow.
-    #[serde(default)]
-    pub health: HealthSpec,
+    /// How the cluster's nodes are watched and what happens when one fails or is slow. Without this
+    /// table the cluster's nodes are not watched (no failover); with it, its keys have defaults.
+    pub health: Option<HealthSpec>,
+}
+
+impl ClusterSpec {
+    /// The cluster's health settings, or the defaults when it has no `health` table.
+    pub fn health(&self) -> &HealthSpec {
+        static DEFAULT: std::sync::OnceLock<HealthSpec> = std::sync::OnceLock::new();
+        self.health
+            .as_ref()
+            .unwrap_or_else(|| DEFAULT.get_or_init(HealthSpec::default))
+    }
 }
 
 /// Monitoring and failover for a cluster's nodes.
@@ -640,7 +650,9 @@ fn build(
                 ));
             }
         }
-        check_health(&c.health, &at, errs);
+        if let Some(h) = &c.health {
+            check_health(h, &at, errs);
+        }
         let mut maintenance = Vec::new();
         let (patterns, inherited) = match &c.maintenance {
             Some(m) => (m, false),
@@ -1083,7 +1095,11 @@ on_failure = \"quarantine\"
         assert!(e.contains("policy.toml:5:") && e.contains("reboot"), "{e}");
         // Defaults: no probe, heartbeat timeout from the interval, failed nodes back to the pool.
         let ok = parse("[[cluster]]\nname = \"w\"\nmax = 1\nimages = [\"a\"]\n").unwrap();
-        let h = &ok.clusters[0].spec.health;
+        assert!(
+            ok.clusters[0].spec.health.is_none(),
+            "not watched without a table"
+        );
+        let h = ok.clusters[0].spec.health();
         assert_eq!(
             (h.probe.is_none(), h.on_failure, h.failover_attempts),
             (true, OnFailure::Pool, 3)

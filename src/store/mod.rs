@@ -112,6 +112,12 @@ CREATE TABLE IF NOT EXISTS agent_token (
     slot    INTEGER,
     issued  INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS node_flag (
+    mac    TEXT PRIMARY KEY,
+    state  TEXT NOT NULL,
+    since  INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS node (
     mac          TEXT PRIMARY KEY,
     uuid         TEXT,
@@ -504,6 +510,66 @@ impl Store {
                     t.role.as_ref().map(|r| r.1 as i64),
                     t.issued as i64
                 ])?;
+            Ok(())
+        })
+    }
+}
+
+/// A node taken out of service: `failed` (gets no work until it boots again or is released) or
+/// `quarantined` (kept up for investigation until the operator releases it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFlag {
+    pub mac: Mac,
+    pub quarantined: bool,
+    pub since: u64,
+    pub reason: String,
+}
+
+impl Store {
+    /// Every flagged node.
+    pub fn node_flags(&self) -> Result<Vec<NodeFlag>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached("SELECT mac, state, since, reason FROM node_flag")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (mac, state, since, reason) = row?;
+                if let Some(mac) = Mac::parse(&mac) {
+                    out.push(NodeFlag {
+                        mac,
+                        quarantined: state == "quarantined",
+                        since: since.max(0) as u64,
+                        reason,
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Flags a node (replacing an earlier flag) or, with `None`, clears its flag.
+    pub fn set_node_flag(&self, mac: Mac, flag: Option<&NodeFlag>) -> Result<()> {
+        self.with(|c| {
+            match flag {
+                Some(f) => c
+                    .prepare_cached("INSERT OR REPLACE INTO node_flag (mac, state, since, reason) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![
+                        mac.to_string(),
+                        if f.quarantined { "quarantined" } else { "failed" },
+                        f.since as i64,
+                        f.reason
+                    ])?,
+                None => c
+                    .prepare_cached("DELETE FROM node_flag WHERE mac = ?1")?
+                    .execute(params![mac.to_string()])?,
+            };
             Ok(())
         })
     }
