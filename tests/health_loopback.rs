@@ -6,7 +6,8 @@
 //! script is never told off) and hands the slot to b. b never heartbeats within `boot_timeout` → marked
 //! failed, and with `failover_attempts = 1` the failover gives up with an alert that the webhook
 //! receives; the planner then gives the slot to c, which comes up. The quarantined node gets no work until
-//! the operator releases it (`corral release`); failed and quarantined flags survive a restart.
+//! the operator releases it (`corral release`: power cycled, back in the pool when it boots); failed and
+//! quarantined flags survive a restart.
 
 mod common;
 
@@ -285,7 +286,17 @@ fn quarantine_retry_limit_alert_webhook_and_release() {
         &format!("http://127.0.0.1:{http}"),
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("from quarantine"), "{out}");
+    assert!(
+        out.contains("from quarantine") && out.contains("power cycled"),
+        "{out}"
+    );
+    // Still running its old role until it restarts: back in the pool once it asks for a script.
+    wait_for("a's power cycle", 10, || {
+        std::fs::read_to_string(dir.join("n0/power.log"))
+            .unwrap_or_default()
+            .contains("off")
+    });
+    assert!(boot(A).contains("is parked"));
     assert_eq!(state(http, A), "idle");
     let (code, _, err) = common::corral(&[
         "release",

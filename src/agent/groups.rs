@@ -46,6 +46,10 @@ pub struct GroupSpec {
     /// Seconds between checks.
     #[serde(default = "default_interval")]
     pub interval: u64,
+    /// Seconds the group has to come up: failures before its first good round within this time are
+    /// not held against it (no restarts spent).
+    #[serde(default = "default_startup")]
+    pub startup: u64,
     #[serde(default, rename = "resource")]
     pub resources: Vec<ResourceSpec>,
 }
@@ -56,6 +60,14 @@ fn default_restarts() -> u32 {
 fn default_interval() -> u64 {
     2
 }
+fn default_startup() -> u64 {
+    30
+}
+/// Good rounds in a row after which a resource's restarts are refilled.
+const REFILL_AFTER: u32 = 30;
+/// Bound on a check command, and on a one-shot start or stop command.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One resource. `start` alone is a process that must keep running; with `oneshot = true` it is a
 /// command that must succeed (and `stop` undoes it). `mount` and `address` are checked against the
@@ -142,14 +154,18 @@ pub struct Group {
     pub name: String,
     /// For each resource, the resources (indexes) that depend on it, directly or not.
     dependents: Vec<Vec<usize>>,
+    restarts: u32,
     restarts_left: Vec<u32>,
     state: GroupState,
     detail: String,
+    /// Until then (seconds, the caller's clock), failures before the first good round are forgiven.
+    startup_until: u64,
+    good_rounds: u32,
 }
 
 impl Group {
-    /// A group over resources already in start order.
-    pub fn new(spec: &GroupSpec) -> Group {
+    /// A group over resources already in start order, started at `now` (seconds).
+    pub fn new(spec: &GroupSpec, now: u64) -> Group {
         let rs = &spec.resources;
         let mut dependents = vec![Vec::new(); rs.len()];
         for (i, deps) in dependents.iter_mut().enumerate() {
@@ -170,9 +186,12 @@ impl Group {
         Group {
             name: spec.name.clone(),
             dependents,
+            restarts: spec.restarts,
             restarts_left: vec![spec.restarts; rs.len()],
             state: GroupState::Starting,
             detail: "starting".into(),
+            startup_until: now + spec.startup,
+            good_rounds: 0,
         }
     }
 
@@ -186,8 +205,14 @@ impl Group {
         (0..self.dependents.len()).rev().map(Step::Stop).collect()
     }
 
-    /// The results of one round of checks (one per resource, in order); returns what to restart.
-    pub fn checked(&mut self, results: &[Result<(), String>], names: &[String]) -> Vec<Step> {
+    /// The results of one round of checks at `now` (seconds; one result per resource, in order);
+    /// returns what to restart.
+    pub fn checked(
+        &mut self,
+        results: &[Result<(), String>],
+        names: &[String],
+        now: u64,
+    ) -> Vec<Step> {
         if self.state == GroupState::Failed {
             return Vec::new();
         }
@@ -198,9 +223,18 @@ impl Group {
         else {
             self.state = GroupState::Running;
             self.detail = format!("{} resource(s) running", results.len());
+            self.good_rounds += 1;
+            if self.good_rounds >= REFILL_AFTER {
+                self.restarts_left.fill(self.restarts);
+            }
             return Vec::new();
         };
+        self.good_rounds = 0;
         let name = names.get(i).map(String::as_str).unwrap_or("?");
+        if self.state == GroupState::Starting && now < self.startup_until {
+            self.detail = format!("starting: {name}: {err}");
+            return Vec::new();
+        }
         if self.restarts_left[i] == 0 {
             self.state = GroupState::Failed;
             self.detail = format!("{name}: {err}; no restarts left");
@@ -243,15 +277,35 @@ fn sh(cmd: &str) -> Command {
     c
 }
 
+/// Runs a shell command to its end, or kills it after `limit`.
+fn run_bounded(cmd: &str, limit: Duration) -> Result<std::process::ExitStatus, String> {
+    let mut child = sh(cmd)
+        .spawn()
+        .map_err(|e| format!("cannot run `{cmd}`: {e}"))?;
+    let t = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Ok(st),
+            Ok(None) if t.elapsed() >= limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("`{cmd}` still running after {limit:?}: killed"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("waiting for `{cmd}`: {e}")),
+        }
+    }
+}
+
 impl Running {
     fn start(&mut self) {
         self.start_error = None;
         let Some(cmd) = &self.spec.start else { return };
         if self.spec.oneshot {
-            match sh(cmd).status() {
+            match run_bounded(cmd, COMMAND_TIMEOUT) {
                 Ok(s) if s.success() => {}
                 Ok(s) => self.start_error = Some(format!("`{cmd}` exited with {s}")),
-                Err(e) => self.start_error = Some(format!("cannot run `{cmd}`: {e}")),
+                Err(e) => self.start_error = Some(e),
             }
         } else {
             match sh(&format!("exec {cmd}")).spawn() {
@@ -267,7 +321,7 @@ impl Running {
             let _ = c.wait();
         }
         if let Some(cmd) = &self.spec.stop {
-            let _ = sh(cmd).status();
+            let _ = run_bounded(cmd, COMMAND_TIMEOUT);
         }
     }
 
@@ -298,10 +352,10 @@ impl Running {
             }
         }
         if let Some(cmd) = &self.spec.check {
-            match sh(cmd).status() {
+            match run_bounded(cmd, CHECK_TIMEOUT) {
                 Ok(s) if s.success() => {}
                 Ok(s) => return Err(format!("check `{cmd}` exited with {s}")),
-                Err(e) => return Err(format!("cannot run check `{cmd}`: {e}")),
+                Err(e) => return Err(format!("check: {e}")),
             }
         }
         Ok(())
@@ -322,6 +376,8 @@ fn local_address(addr: &str) -> bool {
 /// `statuses` (same order as `groups`).
 pub fn run(groups: Vec<GroupSpec>, statuses: Statuses, stop: Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::Ordering;
+    let t0 = std::time::Instant::now();
+    let secs = || t0.elapsed().as_secs();
     let mut all: Vec<(Group, Vec<Running>, Vec<String>)> = groups
         .iter()
         .map(|g| {
@@ -335,7 +391,7 @@ pub fn run(groups: Vec<GroupSpec>, statuses: Statuses, stop: Arc<std::sync::atom
                 })
                 .collect();
             let names = g.resources.iter().map(|r| r.name.clone()).collect();
-            (Group::new(g), running, names)
+            (Group::new(g, 0), running, names)
         })
         .collect();
     let publish = |all: &[(Group, Vec<Running>, Vec<String>)]| {
@@ -357,12 +413,18 @@ pub fn run(groups: Vec<GroupSpec>, statuses: Statuses, stop: Arc<std::sync::atom
     }
     publish(&all);
     let interval = groups.iter().map(|g| g.interval).min().unwrap_or(2).max(1);
-    while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_secs(interval));
+    'rounds: while !stop.load(Ordering::SeqCst) {
+        // Sleep in small steps: a drain must not wait out a whole interval.
+        for _ in 0..interval * 10 {
+            if stop.load(Ordering::SeqCst) {
+                break 'rounds;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         for (g, rs, names) in all.iter_mut() {
             let results: Vec<Result<(), String>> = rs.iter_mut().map(|r| r.check()).collect();
             let before = g.status();
-            let steps = g.checked(&results, names);
+            let steps = g.checked(&results, names, secs());
             let after = g.status();
             if after != before {
                 tracing::info!(group = %g.name, state = ?after.state, "{}", after.detail);
@@ -407,7 +469,7 @@ after = ["httpd"]
         let g = parse(FILE).unwrap();
         let names: Vec<&str> = g[0].resources.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["fs", "addr", "httpd", "cache"]);
-        let grp = Group::new(&g[0]);
+        let grp = Group::new(&g[0], 0);
         assert_eq!(
             grp.stop_all(),
             [Step::Stop(3), Step::Stop(2), Step::Stop(1), Step::Stop(0)]
@@ -422,21 +484,24 @@ after = ["httpd"]
     fn a_failing_resource_is_restarted_with_its_dependents_then_the_group_fails() {
         let g = parse(FILE).unwrap();
         let names: Vec<String> = g[0].resources.iter().map(|r| r.name.clone()).collect();
-        let mut grp = Group::new(&g[0]);
+        let mut grp = Group::new(&g[0], 0);
         let ok = vec![Ok(()); 4];
-        assert!(grp.checked(&ok, &names).is_empty());
-        assert_eq!(grp.status().state, GroupState::Running);
-        // httpd (2) fails: cache (3) stops first, then httpd; httpd starts, then cache.
         let mut bad = ok.clone();
         bad[2] = Err("process exited".into());
+        // Starting (30 s by default): failures are forgiven, no restart spent.
+        assert!(grp.checked(&bad, &names, 5).is_empty());
+        assert_eq!(grp.status().state, GroupState::Starting);
+        assert!(grp.checked(&ok, &names, 6).is_empty());
+        assert_eq!(grp.status().state, GroupState::Running);
+        // httpd (2) fails: cache (3) stops first, then httpd; httpd starts, then cache.
         assert_eq!(
-            grp.checked(&bad, &names),
+            grp.checked(&bad, &names, 8),
             [Step::Stop(3), Step::Stop(2), Step::Start(2), Step::Start(3)]
         );
         assert!(grp.status().detail.contains("1 left"));
-        assert_eq!(grp.checked(&bad, &names).len(), 4);
+        assert_eq!(grp.checked(&bad, &names, 10).len(), 4);
         // Restarts spent: failed, and it stays failed.
-        assert!(grp.checked(&bad, &names).is_empty());
+        assert!(grp.checked(&bad, &names, 12).is_empty());
         let st = grp.status();
         assert_eq!(st.state, GroupState::Failed);
         assert!(
@@ -444,12 +509,37 @@ after = ["httpd"]
             "{}",
             st.detail
         );
-        assert!(grp.checked(&ok, &names).is_empty());
+        assert!(grp.checked(&ok, &names, 14).is_empty());
         assert_eq!(grp.status().state, GroupState::Failed);
-        // A leaf (cache) restarts alone.
-        let mut grp = Group::new(&g[0]);
+        // A leaf (cache) restarts alone; a long good run refills the restarts.
+        let mut grp = Group::new(&g[0], 0);
         let mut bad = ok.clone();
         bad[3] = Err("x".into());
-        assert_eq!(grp.checked(&bad, &names), [Step::Stop(3), Step::Start(3)]);
+        assert!(grp.checked(&ok, &names, 1).is_empty());
+        assert_eq!(
+            grp.checked(&bad, &names, 2),
+            [Step::Stop(3), Step::Start(3)]
+        );
+        assert_eq!(grp.checked(&bad, &names, 3).len(), 2);
+        for t in 0..REFILL_AFTER as u64 {
+            assert!(grp.checked(&ok, &names, 4 + t).is_empty());
+        }
+        assert_eq!(grp.checked(&bad, &names, 100).len(), 2);
+        assert!(
+            grp.status().detail.contains("1 left"),
+            "{}",
+            grp.status().detail
+        );
+    }
+
+    #[test]
+    fn a_hung_command_is_killed() {
+        let t = std::time::Instant::now();
+        let e = run_bounded("sleep 5", Duration::from_millis(200)).unwrap_err();
+        assert!(e.contains("killed"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        assert!(run_bounded("true", Duration::from_secs(5))
+            .unwrap()
+            .success());
     }
 }

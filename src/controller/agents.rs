@@ -31,7 +31,11 @@ pub struct Agents {
     /// node → its latest boot's token and role
     boots: HashMap<Mac, (String, Option<SlotRef>)>,
     beats: HashMap<Mac, Beat>,
+    /// The token the node's last heartbeat carried: a heartbeat with another is a new boot's first.
+    beat_token: HashMap<Mac, String>,
     orders: HashMap<Mac, Order>,
+    /// The id of the latest order sent to each node: an acknowledgement of an earlier one is stale.
+    latest: HashMap<Mac, u64>,
     wakers: HashMap<Mac, Arc<tokio::sync::Notify>>,
     next_order: u64,
 }
@@ -126,10 +130,13 @@ impl Controller {
         let interval = self.heartbeat_interval();
         let first = {
             let mut a = self.agents();
-            let first = a
-                .beats
-                .get(&mac)
-                .is_none_or(|b| b.role != role || b.heartbeat.uptime_secs > hb.uptime_secs);
+            // Every boot gets its own token, so the first heartbeat with a token is the boot's first
+            // (uptimes cannot tell: a reboot may beat later in its boot than the last beat of the one
+            // before it).
+            let first = a.beat_token.get(&mac).map(String::as_str) != Some(token);
+            if first {
+                a.beat_token.insert(mac, token.to_string());
+            }
             a.beats.insert(
                 mac,
                 Beat {
@@ -189,6 +196,7 @@ impl Controller {
         a.next_order += 1;
         let id = a.next_order;
         a.orders.insert(mac, Order { id, kind });
+        a.latest.insert(mac, id);
         // Every waiter wakes: a long poll of an earlier boot (its node rebooted while corral held the
         // request) must not swallow the order; it finds its token dead and leaves it for the current one.
         if let Some(w) = a.wakers.get(&mac) {
@@ -215,6 +223,12 @@ impl Controller {
     pub fn agent_ack(&self, token: &str, ack: Ack) -> Result<(), AgentError> {
         let (mac, _) = self.node_of(token)?;
         tracing::info!(%mac, id = ack.id, ok = ack.ok, detail = %ack.detail, "agent acknowledged an order");
+        // A late acknowledgement of an earlier order (a drain that overran its grace, say) must not be
+        // taken for the answer to the current one.
+        if self.agents().latest.get(&mac) != Some(&ack.id) {
+            tracing::info!(%mac, id = ack.id, "stale acknowledgement ignored");
+            return Ok(());
+        }
         self.move_input(
             mac,
             Input::Acked {

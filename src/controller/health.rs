@@ -25,6 +25,7 @@ use super::Controller;
 use crate::agent::proto::{Heartbeat, OrderKind};
 use crate::health::{NodeWatch, Verdict};
 use crate::mac::Mac;
+use crate::metrics::Counter;
 use crate::policy::plan::SlotRef;
 use crate::policy::OnFailure;
 use crate::power::PowerDriver;
@@ -59,6 +60,16 @@ struct Failover {
     alerted: bool,
 }
 
+/// What the health side has done, for `/metrics`.
+#[derive(Default)]
+pub struct HealthCounts {
+    pub probes: Counter,
+    pub probe_failures: Counter,
+    pub failovers: Counter,
+    pub failovers_done: Counter,
+    pub alerts: Counter,
+}
+
 #[derive(Default)]
 pub struct Health {
     /// node → the role it is watched in, and the watch.
@@ -75,6 +86,8 @@ pub struct Health {
     history: BTreeMap<SlotRef, Vec<u64>>,
     /// Slots already alerted for failing over too often (until their history thins out).
     churn_alerted: BTreeSet<SlotRef>,
+    /// Counts for `/metrics`.
+    pub counts: HealthCounts,
     /// Slots whose previous node was just fenced: the replacement waits until then.
     settling: BTreeMap<SlotRef, Instant>,
 }
@@ -92,6 +105,65 @@ struct Acting {
 impl Controller {
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
         self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends the health counters and gauges in Prometheus text format.
+    pub fn report_health(&self, out: &mut String) {
+        use crate::metrics::{write_counter, write_gauge};
+        let failed = self
+            .fleet_state()
+            .nodes
+            .values()
+            .filter(|n| !n.healthy)
+            .count() as u64;
+        let h = self.health();
+        for (name, help, c) in [
+            (
+                "corral_health_probes_total",
+                "Application probes run",
+                &h.counts.probes,
+            ),
+            (
+                "corral_health_probe_failures_total",
+                "Application probes that failed",
+                &h.counts.probe_failures,
+            ),
+            (
+                "corral_failovers_total",
+                "Failovers started (failed or slow nodes)",
+                &h.counts.failovers,
+            ),
+            (
+                "corral_failovers_done_total",
+                "Failovers confirmed by the replacement",
+                &h.counts.failovers_done,
+            ),
+            (
+                "corral_alerts_total",
+                "Alerts raised by failover",
+                &h.counts.alerts,
+            ),
+        ] {
+            write_counter(out, name, help, c.get());
+        }
+        write_gauge(
+            out,
+            "corral_failovers_running",
+            "Failovers in progress",
+            h.failovers.len() as u64,
+        );
+        write_gauge(
+            out,
+            "corral_nodes_quarantined",
+            "Nodes kept up after a failure",
+            h.quarantined.len() as u64,
+        );
+        write_gauge(
+            out,
+            "corral_nodes_failed",
+            "Nodes out of service (failed or quarantined)",
+            failed,
+        );
     }
 
     /// Whether the node is quarantined (kept up after a failure, no new work).
@@ -143,13 +215,23 @@ impl Controller {
         let w = h.watches.entry(mac).or_insert_with(|| {
             (
                 role.clone(),
-                NodeWatch::new(c.spec.health(), policy.heartbeat_interval, now_ms),
+                NodeWatch::new(
+                    c.spec.health(),
+                    policy.heartbeat_interval,
+                    now_ms,
+                    policy.boot_timeout * 1000,
+                ),
             )
         });
         if &w.0 != role {
             *w = (
                 role.clone(),
-                NodeWatch::new(c.spec.health(), policy.heartbeat_interval, now_ms),
+                NodeWatch::new(
+                    c.spec.health(),
+                    policy.heartbeat_interval,
+                    now_ms,
+                    policy.boot_timeout * 1000,
+                ),
             );
         }
         w.1.heartbeat(hb, now_ms);
@@ -181,9 +263,13 @@ impl Controller {
     fn verdicts(&self, now: u64) -> Vec<Acting> {
         let fleet = self.fleet_state();
         let mut h = self.health();
-        let failing: BTreeSet<Mac> = h.failovers.values().map(|f| f.old).collect();
+        let failing: BTreeSet<(Mac, SlotRef)> = h
+            .failovers
+            .iter()
+            .map(|(s, f)| (f.old, s.clone()))
+            .collect();
         h.watches.retain(|mac, (slot, _)| {
-            fleet.assignments.get(mac) == Some(slot) && !failing.contains(mac)
+            fleet.assignments.get(mac) == Some(slot) && !failing.contains(&(*mac, slot.clone()))
         });
         let mut out = Vec::new();
         let mut cleared = Vec::new();
@@ -258,6 +344,10 @@ impl Controller {
                     tracing::debug!(%mac, error = %e, "probe failed");
                 }
                 let mut h = me.health();
+                h.counts.probes.inc();
+                if result.is_err() {
+                    h.counts.probe_failures.inc();
+                }
                 h.probing.remove(&mac);
                 if let Some((s, w)) = h.watches.get_mut(&mac) {
                     if *s == slot {
@@ -292,6 +382,7 @@ impl Controller {
     /// Raises an alert: an event, a warning in the log and, when configured, a webhook call.
     pub(crate) fn alert(&self, mac: Option<Mac>, cluster: Option<&str>, message: String) {
         tracing::warn!(node = ?mac.map(|m| m.to_string()), cluster, "ALERT: {message}");
+        self.health().counts.alerts.inc();
         self.event("alert", mac, cluster, message.clone(), None);
         self.send_webhook(mac, cluster, &message);
     }
@@ -324,6 +415,16 @@ impl Controller {
                 Err(e) => tracing::warn!(error = %e, "alert webhook failed"),
             }
         });
+    }
+
+    /// Whether the slot's identity has a fixed address (every node in it answers on that address).
+    pub(crate) fn slot_has_fixed_address(&self, slot: &SlotRef) -> bool {
+        self.state()
+            .policy
+            .as_ref()
+            .and_then(|p| p.cluster(&slot.cluster))
+            .and_then(|c| c.identities.get(slot.slot as usize))
+            .is_some_and(|i| i.address.is_some())
     }
 
     /// The node's power driver, if the policy gives it one.
@@ -393,6 +494,7 @@ impl Controller {
             }
         );
         tracing::warn!("{msg}");
+        self.health().counts.failovers.inc();
         self.event(
             "health-failed",
             Some(mac),
@@ -484,29 +586,46 @@ impl Controller {
     async fn fence_failed(self: Arc<Self>, mac: Mac, slot: SlotRef) {
         let t = Instant::now();
         let driver = self.power_driver(mac);
-        let how = match &driver {
+        let (off, how) = match &driver {
             Ok(Some(d)) => {
                 let d = d.clone();
                 let call = tokio::task::spawn_blocking(move || d.off(true));
                 match tokio::time::timeout(FENCE_CALL_TIMEOUT, call).await {
-                    Ok(Ok(Ok(()))) => "switched off".to_string(),
-                    Ok(Ok(Err(e))) => format!("power off failed ({e})"),
-                    Ok(Err(e)) => format!("power off panicked ({e})"),
-                    Err(_) => "power off timed out".to_string(),
+                    Ok(Ok(Ok(()))) => (true, "switched off".to_string()),
+                    Ok(Ok(Err(e))) => (false, format!("power off failed ({e})")),
+                    Ok(Err(e)) => (false, format!("power off panicked ({e})")),
+                    Err(_) => (false, "power off timed out".to_string()),
                 }
             }
             Ok(None) if self.agent_alive(mac, unix_ms()) => {
                 self.send_order(mac, OrderKind::Reboot);
-                "no power control: its agent was told to restart".to_string()
+                (
+                    false,
+                    "no power control: its agent was told to restart".to_string(),
+                )
             }
-            Ok(None) => "no power control and no agent".to_string(),
-            Err(e) => format!("power driver: {e}"),
+            Ok(None) => (false, "no power control and no agent".to_string()),
+            Err(e) => (false, format!("power driver: {e}")),
         };
+        // Closing its export fences a node that may still run, since the slot's next node has another
+        // address; with a fixed slot address it would not, so the slot stays held.
+        if !off && self.slot_has_fixed_address(&slot) {
+            self.alert(
+                Some(mac),
+                Some(&slot.cluster),
+                format!(
+                    "{mac} cannot be fenced ({how}) and shares {}/{}'s fixed address: the slot stays held until it boots again or is released",
+                    slot.cluster, slot.slot
+                ),
+            );
+            return;
+        }
         {
-            self.fleet().holds.remove(&mac);
+            // Settling first, so the replacement never sees neither.
             self.health()
                 .settling
                 .insert(slot.clone(), Instant::now() + FENCE_SETTLE);
+            self.fleet().holds.remove(&mac);
         }
         let secs = t.elapsed();
         self.add_server_time(&slot, secs);
@@ -612,6 +731,7 @@ impl Controller {
         self.count_failover(&slot, now);
         let msg = format!("{mac} in {}/{} is slow: {why}; its slot moves to another node and it returns to the pool", slot.cluster, slot.slot);
         tracing::warn!("{msg}");
+        self.health().counts.failovers.inc();
         self.event("health-slow", Some(mac), Some(&slot.cluster), msg, None);
         let mut h = self.health();
         h.watches.remove(&mac);
@@ -654,6 +774,16 @@ impl Controller {
         for (slot, f) in failovers {
             let c = policy.cluster(&slot.cluster);
             let attempts_allowed = c.map(|c| c.spec.health().failover_attempts).unwrap_or(3);
+            // Nothing left to follow: the slot is gone or no longer wanted, or its old node holds it
+            // again (released by the operator and chosen anew).
+            let wanted = c.is_some_and(|c| {
+                slot.slot
+                    < crate::policy::plan::desired(c, &fleet, now / 1000, policy.utc_offset_minutes)
+            });
+            if !wanted || owner_of(&slot) == Some(f.old) {
+                self.health().failovers.remove(&slot);
+                continue;
+            }
             let owner = owner_of(&slot).filter(|m| *m != f.old);
             match (owner, f.new) {
                 (None, _) => {
@@ -693,6 +823,14 @@ impl Controller {
                     tokio::spawn(self.clone().wake(new));
                 }
                 (Some(new), Some((_, since))) => {
+                    // The replacement's boot clock starts once it may boot: not while the old node
+                    // is still being fenced or drained.
+                    if self.bootable_slot_of(new).is_none() {
+                        if let Some(x) = self.health().failovers.get_mut(&slot) {
+                            x.new = Some((new, now));
+                        }
+                        continue;
+                    }
                     let confirmed = {
                         let h = self.health();
                         h.watches
@@ -718,7 +856,11 @@ impl Controller {
                             msg,
                             Some(total),
                         );
-                        self.health().failovers.remove(&slot);
+                        {
+                            let mut h = self.health();
+                            h.failovers.remove(&slot);
+                            h.counts.failovers_done.inc();
+                        }
                     } else if now.saturating_sub(since) > policy.boot_timeout * 1000
                         && !self.moving(new)
                     {
@@ -733,7 +875,10 @@ impl Controller {
                             ),
                             None,
                         );
+                        // Fenced like any failed node: it may yet come up late.
+                        self.fleet().holds.insert(new, slot.clone());
                         self.mark_failed(new, false, "did not come up as a replacement");
+                        tokio::spawn(self.clone().fence_failed(new, slot.clone()));
                         if f.attempts >= attempts_allowed {
                             self.alert(
                                 Some(f.old),
@@ -834,8 +979,10 @@ impl Controller {
         }
     }
 
-    /// The operator returns a quarantined or failed node to the pool.
-    pub fn release_node(&self, mac: Mac) -> Result<String, String> {
+    /// The operator returns a quarantined or failed node to the pool. A quarantined node still runs its
+    /// old role: it is restarted (power cycle, else its agent) and rejoins the pool when it asks for a
+    /// script; a failed node is trusted at once.
+    pub fn release_node(self: &Arc<Self>, mac: Mac) -> Result<String, String> {
         if self.slot_of(mac).is_some() {
             return Err(format!(
                 "{mac} fills a slot: it is neither failed nor quarantined"
@@ -844,18 +991,32 @@ impl Controller {
         if !self.fleet().state.nodes.contains_key(&mac) {
             return Err(format!("{mac} is not a known node"));
         }
-        let was_quarantined = self.quarantined(mac);
-        if !self.mark_healthy(mac) {
-            return Err(format!("{mac} is not failed or quarantined"));
-        }
-        let msg = format!(
-            "{mac} released by the operator{}: back in the pool",
-            if was_quarantined {
-                " from quarantine"
-            } else {
-                ""
+        let msg = if self.quarantined(mac) {
+            self.health().quarantined.remove(&mac);
+            if let Err(e) = self.store.set_node_flag(mac, None) {
+                tracing::error!(%mac, error = %e, "cannot clear a quarantine flag");
             }
-        );
+            let how = match self.power_driver(mac) {
+                Ok(Some(d)) => {
+                    tokio::task::spawn_blocking(move || {
+                        let _ = d.off(true);
+                        let _ = d.boot_network_once();
+                        d.on()
+                    });
+                    "power cycled"
+                }
+                _ if self.agent_alive(mac, unix_ms()) => {
+                    self.send_order(mac, OrderKind::Reboot);
+                    "told by its agent to restart"
+                }
+                _ => "to be restarted by hand",
+            };
+            format!("{mac} released from quarantine: {how}; it rejoins the pool when it boots")
+        } else if self.mark_healthy(mac) {
+            format!("{mac} released by the operator: back in the pool")
+        } else {
+            return Err(format!("{mac} is not failed or quarantined"));
+        };
         self.event("node-released", Some(mac), None, msg.clone(), None);
         if let Err(e) = self.replan(crate::unix_now()) {
             tracing::error!(error = %e, "planning after a release failed");

@@ -668,7 +668,9 @@ impl Controller {
                     if healthy {
                         fleet.reboot.insert(*node, decided);
                         fleet.manual.remove(node);
-                        fleet.holds.insert(*node, from.clone());
+                        // A node decided again before it was switched off still runs the role of its
+                        // first hold: that disk stays its own.
+                        fleet.holds.entry(*node).or_insert_with(|| from.clone());
                         moves = true;
                     }
                 }

@@ -177,6 +177,7 @@ impl Controller {
         let mut server = t0.duration_since(decided);
         let (mut m, first) = Move::start(spec, 0);
         let mut queue: VecDeque<Output> = first.into();
+        let mut fenced = false;
         let outcome = loop {
             let mut finished = None;
             while let Some(o) = queue.pop_front() {
@@ -187,6 +188,7 @@ impl Controller {
                         server += t.elapsed();
                     }
                     Output::Fence => {
+                        fenced = true;
                         self.fence(mac);
                         server += t.elapsed();
                     }
@@ -223,19 +225,43 @@ impl Controller {
             };
             queue.extend(m.on(input, ms()));
         };
+        let total = t0.elapsed().as_secs_f64() + t0.duration_since(decided).as_secs_f64();
+        let (ok, message) = outcome;
+        // A node that failed before it was switched off may still run its old role. Closing its disk
+        // export fences it, unless it shares an address with whoever gets the slot next (a fixed slot
+        // address): then the hold stays until an operator or a later boot clears it.
+        let held = self.fleet().holds.get(&mac).cloned();
+        let keep_hold = !ok
+            && !fenced
+            && held
+                .as_ref()
+                .is_some_and(|s| self.slot_has_fixed_address(s));
+        {
+            let mut fleet = self.fleet();
+            // A move confirms the node in its *current* place (a heartbeat in the role it holds now, or
+            // parked while it holds none), so a decision made during the move is carried out too.
+            fleet.reboot.remove(&mac);
+            if !keep_hold {
+                fleet.holds.remove(&mac);
+            }
+        }
+        // Only now may a new move start: the state above is settled.
         self.moves
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&mac);
-        let total = t0.elapsed().as_secs_f64() + t0.duration_since(decided).as_secs_f64();
-        let (ok, message) = outcome;
-        {
-            let mut fleet = self.fleet();
-            fleet.reboot.remove(&mac);
-            fleet.holds.remove(&mac);
-        }
         if !ok {
             self.mark_failed(mac, false, &message);
+        }
+        if let (true, Some(s)) = (keep_hold, held) {
+            self.alert(
+                Some(mac),
+                Some(&s.cluster),
+                format!(
+                    "{mac} could not be switched off and shares {}/{}'s fixed address: the slot stays held until it boots again or is released",
+                    s.cluster, s.slot
+                ),
+            );
         }
         let kind = if ok { "move-done" } else { "node-failed" };
         self.move_event(

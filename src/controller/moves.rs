@@ -54,10 +54,13 @@ pub enum Input {
         call: Call,
         result: Result<Option<PowerState>, String>,
     },
-    /// The node's agent heartbeated with the token of the boot into its new role.
+    /// The node's agent heartbeated with the token of the boot into the role it now holds.
     NewRoleHeartbeat,
     /// The node asked for its script while unassigned (it is parked in the pool).
     Parked,
+    // Either confirms a move, whatever its plan was: the planner may have given a node on its way to the
+    // pool a new role (or released one on its way to a role) while it was being moved; the node is up in
+    // its current place either way. The shell sends each only when it holds.
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -369,16 +372,16 @@ impl Move {
                     self.finish(false, &msg, &mut out);
                 }
             },
-            (Step::Confirming, Input::NewRoleHeartbeat) if self.spec.to_role => {
+            (Step::Confirming, Input::NewRoleHeartbeat) => {
                 let total = now.saturating_sub(self.started) as f64 / 1000.0;
                 out.push(Output::Event {
                     kind: "move-confirmed",
-                    message: format!("the new role heartbeats; whole move {total:.2} s"),
+                    message: format!("the node heartbeats in its role; whole move {total:.2} s"),
                     secs: self.secs(now),
                 });
                 self.finish(true, "moved", &mut out);
             }
-            (Step::Confirming, Input::Parked) if !self.spec.to_role => {
+            (Step::Confirming, Input::Parked) => {
                 let total = now.saturating_sub(self.started) as f64 / 1000.0;
                 out.push(Output::Event {
                     kind: "move-confirmed",
@@ -483,8 +486,8 @@ mod tests {
         );
         assert_eq!(kinds(&m.on(done(Call::On), 2_700)), ["move-power-on"]);
         assert_eq!(m.step(), Step::Confirming);
-        // Parked is not a confirmation of a new role.
-        assert!(m.on(Input::Parked, 10_000).is_empty());
+        // Nothing before the node shows up.
+        assert!(m.on(Input::Tick, 10_000).is_empty());
         let out = m.on(Input::NewRoleHeartbeat, 20_700);
         assert_eq!(kinds(&out), ["move-confirmed", "finished:true"]);
         assert!(matches!(out[0], Output::Event { secs, .. } if secs == 18.0));
@@ -627,9 +630,21 @@ mod tests {
         let _ = m.on(off(), 30);
         let _ = m.on(done(Call::BootNetwork), 40);
         let _ = m.on(done(Call::On), 50);
-        assert!(m.on(Input::NewRoleHeartbeat, 60).is_empty());
         assert_eq!(
             kinds(&m.on(Input::Parked, 70)),
+            ["move-confirmed", "finished:true"]
+        );
+        // A node given a role while on its way to the pool confirms by heartbeating in it.
+        let mut s = spec(false, true);
+        s.to_role = false;
+        let (mut m, _) = Move::start(s, 0);
+        let _ = m.on(done(Call::Off { hard: false }), 10);
+        let _ = m.on(Input::Tick, 20);
+        let _ = m.on(off(), 30);
+        let _ = m.on(done(Call::BootNetwork), 40);
+        let _ = m.on(done(Call::On), 50);
+        assert_eq!(
+            kinds(&m.on(Input::NewRoleHeartbeat, 60)),
             ["move-confirmed", "finished:true"]
         );
     }

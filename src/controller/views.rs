@@ -202,5 +202,6 @@ impl crate::metrics::Report for ControllerMetrics {
             "Nodes moved while running their old role",
             self.0.reboot_pending().len() as u64,
         );
+        self.0.report_health(out);
     }
 }

@@ -67,10 +67,16 @@ pub struct ProbeWatch {
     failures: u32,
     last_error: String,
     in_flight: bool,
+    /// Until the first success, failures count only from this moment: the application may still be
+    /// starting after the node's first heartbeat.
+    counts_from: u64,
+    answered: bool,
 }
 
 impl ProbeWatch {
-    pub fn new(interval_ms: u64, failures: u32, now: u64) -> ProbeWatch {
+    /// Probes every `interval_ms` from `now`; before the first success, failures count only after
+    /// `startup_ms`.
+    pub fn new(interval_ms: u64, failures: u32, now: u64, startup_ms: u64) -> ProbeWatch {
         ProbeWatch {
             interval_ms,
             failures_allowed: failures.max(1),
@@ -78,6 +84,8 @@ impl ProbeWatch {
             failures: 0,
             last_error: String::new(),
             in_flight: false,
+            counts_from: now + startup_ms,
+            answered: false,
         }
     }
 
@@ -91,13 +99,18 @@ impl ProbeWatch {
         true
     }
 
-    /// A probe's outcome (a timeout is an `Err`).
-    pub fn finished(&mut self, result: Result<(), String>) {
+    /// A probe's outcome at `now` (a timeout is an `Err`).
+    pub fn finished(&mut self, result: Result<(), String>, now: u64) {
         self.in_flight = false;
         match result {
-            Ok(()) => self.failures = 0,
+            Ok(()) => {
+                self.failures = 0;
+                self.answered = true;
+            }
             Err(e) => {
-                self.failures += 1;
+                if self.answered || now >= self.counts_from {
+                    self.failures += 1;
+                }
                 self.last_error = e;
             }
         }
@@ -196,8 +209,9 @@ pub struct NodeWatch {
 
 impl NodeWatch {
     /// Starts watching a node at `now` (ms) under `spec`, with agents heartbeating every
-    /// `heartbeat_interval` seconds.
-    pub fn new(spec: &HealthSpec, heartbeat_interval: u64, now: u64) -> NodeWatch {
+    /// `heartbeat_interval` seconds; probe failures before the first good answer count only after
+    /// `startup_ms`.
+    pub fn new(spec: &HealthSpec, heartbeat_interval: u64, now: u64, startup_ms: u64) -> NodeWatch {
         let timeout = spec
             .heartbeat_timeout
             .map(|t| t.0)
@@ -207,7 +221,7 @@ impl NodeWatch {
             probe: spec
                 .probe
                 .as_ref()
-                .map(|p| ProbeWatch::new(p.interval.0 * 1000, p.failures, now)),
+                .map(|p| ProbeWatch::new(p.interval.0 * 1000, p.failures, now, startup_ms)),
             rules: spec
                 .slow
                 .iter()
@@ -274,7 +288,7 @@ impl NodeWatch {
             self.observe("probe_ms", *ms, now);
         }
         if let Some(p) = self.probe.as_mut() {
-            p.finished(result.map(|_| ()));
+            p.finished(result.map(|_| ()), now);
         }
     }
 
@@ -316,26 +330,53 @@ mod tests {
 
     #[test]
     fn probes_run_on_schedule_and_fail_after_n_in_a_row() {
-        let mut p = ProbeWatch::new(1_000, 3, 0);
+        let mut p = ProbeWatch::new(1_000, 3, 0, 0);
         assert!(p.start(0));
         assert!(!p.start(500), "one at a time");
-        p.finished(Err("refused".into()));
+        p.finished(Err("refused".into()), 0);
         assert!(!p.start(999));
         assert!(p.start(1_000));
-        p.finished(Err("refused".into()));
+        p.finished(Err("refused".into()), 1_000);
         assert_eq!(p.check(), None);
         assert!(p.start(2_000));
-        p.finished(Ok(()));
+        p.finished(Ok(()), 2_000);
         // Success cleared the count: three more failures are needed.
         for t in [3_000, 4_000] {
             assert!(p.start(t));
-            p.finished(Err("timeout".into()));
+            p.finished(Err("timeout".into()), t);
         }
         assert_eq!(p.check(), None);
         assert!(p.start(5_000));
-        p.finished(Err("timeout".into()));
+        p.finished(Err("timeout".into()), 5_000);
         assert!(
             matches!(p.check(), Some(Verdict::Failed(m)) if m.contains("3 times") && m.contains("timeout"))
+        );
+    }
+
+    #[test]
+    fn probe_failures_wait_for_the_application_to_start() {
+        // 30 s to start: failures before then do not count, unless the application answered once.
+        let mut p = ProbeWatch::new(1_000, 2, 0, 30_000);
+        for t in (0..30).map(|s| s * 1_000) {
+            assert!(p.start(t));
+            p.finished(Err("refused".into()), t);
+        }
+        assert_eq!(p.check(), None, "still starting");
+        for t in [30_000, 31_000] {
+            assert!(p.start(t));
+            p.finished(Err("refused".into()), t);
+        }
+        assert!(p.check().is_some(), "failures count after the startup time");
+        let mut p = ProbeWatch::new(1_000, 2, 0, 30_000);
+        assert!(p.start(0));
+        p.finished(Ok(()), 0);
+        for t in [1_000, 2_000] {
+            assert!(p.start(t));
+            p.finished(Err("refused".into()), t);
+        }
+        assert!(
+            p.check().is_some(),
+            "after a first answer, failures count at once"
         );
     }
 
@@ -385,7 +426,7 @@ slow = [{ metric = "probe_ms", above = 500.0, for = "30s" },
         { metric = "swap_pages_per_s", above = 100.0, for = "20s" }]
 "#,
         );
-        let mut w = NodeWatch::new(&h, 1, 0);
+        let mut w = NodeWatch::new(&h, 1, 0, 0);
         assert!(!w.confirmed());
         let mut hb = Heartbeat {
             uptime_secs: 10.0,
@@ -434,7 +475,7 @@ slow = [{ metric = "probe_ms", above = 500.0, for = "30s" },
         }
         assert!(matches!(w.check(68_000), Some(Verdict::Failed(ref m)) if m.contains("refused")));
         // Silence: failed by heartbeat loss 10 s after the last beat.
-        let mut w = NodeWatch::new(&h, 1, 0);
+        let mut w = NodeWatch::new(&h, 1, 0, 0);
         w.heartbeat(&hb, 5_000);
         assert_eq!(w.check(15_000), None);
         assert!(
@@ -445,7 +486,7 @@ slow = [{ metric = "probe_ms", above = 500.0, for = "30s" },
     #[test]
     fn a_failed_service_group_fails_the_node_and_recovery_clears_it() {
         use crate::agent::proto::GroupStatus;
-        let mut w = NodeWatch::new(&HealthSpec::default(), 5, 0);
+        let mut w = NodeWatch::new(&HealthSpec::default(), 5, 0, 0);
         let mut hb = Heartbeat {
             groups: vec![GroupStatus {
                 name: "web".into(),

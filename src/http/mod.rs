@@ -628,8 +628,11 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
         }
         BootDecision::Park => {
             tracing::debug!(%mac, "node script: parked");
-            ctx.controller
-                .move_input(mac, crate::controller::moves::Input::Parked);
+            // Parked for want of a role (not while waiting for its slot's disk to be freed).
+            if ctx.controller.slot_of(mac).is_none() {
+                ctx.controller
+                    .move_input(mac, crate::controller::moves::Input::Parked);
+            }
             state.templates.parked.render(&[
                 ("base_url", &base_url),
                 ("mac", &mac_s),

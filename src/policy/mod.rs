@@ -652,6 +652,15 @@ fn build(
         }
         if let Some(h) = &c.health {
             check_health(h, &at, errs);
+            // A quarantined node stays up on its slot's address, which its replacement takes too.
+            if h.on_failure == OnFailure::Quarantine
+                && c.identity.as_ref().is_some_and(|i| i.addresses.is_some())
+            {
+                errs.push((
+                    at(&["health", "on_failure"]),
+                    "`quarantine` keeps a failed node up, but this cluster's slots have fixed addresses (identity.addresses) that its replacement needs: use `pool`".into(),
+                ));
+            }
         }
         let mut maintenance = Vec::new();
         let (patterns, inherited) = match &c.maintenance {
@@ -1090,6 +1099,12 @@ on_failure = \"quarantine\"
         ] {
             assert!(e.contains(want), "missing {want:?} in\n{e}");
         }
+        let fixed = "[[cluster]]\nname = \"w\"\nmax = 1\nimages = [\"a\"]\nidentity = { hostname = \"w-{n}\", addresses = \"10.0.0.1-10.0.0.1\" }\nhealth = { on_failure = \"quarantine\" }\n";
+        let e = parse(fixed).unwrap_err().to_string();
+        assert!(
+            e.contains("policy.toml:6:") && e.contains("fixed addresses"),
+            "{e}"
+        );
         let bad_choice = "[[cluster]]\nname = \"w\"\nmax = 1\nimages = [\"a\"]\nhealth = { on_failure = \"reboot\" }\n";
         let e = parse(bad_choice).unwrap_err().to_string();
         assert!(e.contains("policy.toml:5:") && e.contains("reboot"), "{e}");
