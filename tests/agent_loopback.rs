@@ -119,28 +119,15 @@ fn agent_drains_powers_off_and_confirms_a_move_with_the_command_driver() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let http = free_port();
-    common::image(dir, "img");
     // The image's command line carries the agent's settings.
-    std::fs::write(
-        dir.join("images/img/image.toml"),
-        "kernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"host={{hostname}} {{agent}}\"\n",
-    )
-    .unwrap();
+    common::agent_image(dir, "img");
     std::fs::write(
         dir.join("drain.sh"),
         format!("#!/bin/sh\necho drained > {}/drained\n", dir.display()),
     )
     .unwrap();
     std::fs::write(dir.join("policy.toml"), policy(0, dir)).unwrap();
-    std::fs::write(
-        dir.join("corral.toml"),
-        format!(
-            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"{d}/state\"\nimages_dir = \"{d}/images\"\nscripts_dir = \"{s}\"\npolicy = \"{d}/policy.toml\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
-            d = dir.display(),
-            s = Path::new(env!("CARGO_MANIFEST_DIR")).join("boot-scripts").display()
-        ),
-    )
-    .unwrap();
+    common::loopback_config(dir, http, "", "");
     let _server = start(dir, http);
     let boot = format!("http://127.0.0.1:{http}/boot/{MAC}?buildarch=x86_64");
 

@@ -3,15 +3,13 @@
 //! file, writes its own file, powers off; booted again it reads its file back; a second node in another
 //! slot of the same cluster sees the base and not the first node's file. The base image never changes.
 
+mod common;
+
 use corral::lab::{vm_mac, Firmware, Lab, Vm};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
 
 /// The value after `key=` on the first serial line that starts with `prefix` and has that key.
 fn field(vm: &mut Vm, lab: &Lab, key: &str) -> String {
@@ -57,7 +55,7 @@ fn boot(lab: &mut Lab, name: &str, mac: &str) -> (Vm, String, String, String) {
 
 #[test]
 fn slot_disks_follow_the_slot_across_reboots() {
-    if !is_root() {
+    if !common::is_root() {
         eprintln!("skipped: needs root for namespaces and taps");
         return;
     }
@@ -80,15 +78,7 @@ fn slot_disks_follow_the_slot_across_reboots() {
         "arch = \"x86_64\"\nkernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"console=ttyS0 panic=-1 quiet corral.slot={{cluster}}/{{slot}} corral.disk={{disk}} corral.testos.write={{mac}}\"\n",
     )
     .unwrap();
-    let disks = tmp.path().join("disks");
-    std::fs::create_dir_all(&disks).unwrap();
-    let st = std::process::Command::new("bash")
-        .arg(root.join("tests/testos/mkbase.sh"))
-        .arg(disks.join("base.img"))
-        .arg("64")
-        .status()
-        .unwrap();
-    assert!(st.success(), "mkbase.sh failed");
+    let disks = common::base_disk(tmp.path());
     let base_before = std::fs::read(disks.join("base.img")).unwrap();
     let policy = tmp.path().join("policy.toml");
     std::fs::write(

@@ -61,60 +61,12 @@ slow = [{{ metric = "probe_ms", above = 500.0, for = "8s" }}]
     p
 }
 
-fn api(lab: &Lab, path: &str) -> serde_json::Value {
-    let out = lab
-        .run_in_server(
-            "curl",
-            &["-s", &format!("http://{}{path}", lab.server_ip())],
-        )
-        .unwrap();
-    serde_json::from_str(&out).unwrap_or(serde_json::Value::Null)
-}
-
-/// All events, oldest first.
-fn events(lab: &Lab) -> Vec<serde_json::Value> {
-    let mut ev = api(lab, "/api/v1/events?limit=2000")
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    ev.reverse();
-    ev
-}
+use common::{lab_api as api, lab_events as events, lab_log as corral_log, lab_wait as wait, tail};
 
 fn event_of(lab: &Lab, kind: &str, mac: &str) -> Option<serde_json::Value> {
     events(lab)
         .into_iter()
         .find(|e| e["kind"] == kind && e["node"].as_str() == Some(mac))
-}
-
-fn corral_log(lab: &Lab) -> String {
-    std::fs::read_to_string(lab.dir.join("corral.log")).unwrap_or_default()
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let v: Vec<char> = s.chars().collect();
-    v[v.len().saturating_sub(n)..].iter().collect()
-}
-
-fn wait<T>(lab: &Lab, what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}\nevents: {:#?}\ncorral log (end):\n{}",
-            events(lab)
-                .iter()
-                .rev()
-                .take(25)
-                .map(|e| format!("{} {} {}", e["kind"], e["node"], e["message"]))
-                .collect::<Vec<_>>(),
-            tail(&corral_log(lab), 4000)
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 /// The part of a VM's serial log after byte `from`.
@@ -202,15 +154,7 @@ fn failed_and_slow_nodes_are_replaced_and_no_spare_raises_an_alert() {
         &["app"],
         "console=ttyS0 panic=-1 quiet corral.slot={{cluster}}/{{slot}} corral.hostname={{hostname}} corral.disk={{disk}} corral.testos.write={{mac}} {{agent}}",
     );
-    let disks = tmp.path().join("disks");
-    std::fs::create_dir_all(&disks).unwrap();
-    let st = std::process::Command::new("bash")
-        .arg(root.join("tests/testos/mkbase.sh"))
-        .arg(disks.join("base.img"))
-        .arg("64")
-        .status()
-        .unwrap();
-    assert!(st.success(), "mkbase.sh failed");
+    let disks = common::base_disk(tmp.path());
 
     let mut lab = Lab::new(&tmp.path().join("lab")).unwrap();
     lab.disks_dir = Some(disks);

@@ -61,67 +61,20 @@ drain = {{ grace = "5s" }}
     p
 }
 
-fn api(lab: &Lab, path: &str) -> serde_json::Value {
-    let out = lab
-        .run_in_server(
-            "curl",
-            &["-s", &format!("http://{}{path}", lab.server_ip())],
-        )
-        .unwrap();
-    serde_json::from_str(&out).unwrap_or(serde_json::Value::Null)
-}
+use common::{lab_api as api, lab_log as corral_log, lab_wait as wait, tail};
 
 /// Events of one node, oldest first.
 fn events_of(lab: &Lab, mac: &str) -> Vec<serde_json::Value> {
-    let mut ev: Vec<serde_json::Value> = api(lab, "/api/v1/events?limit=1000")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    common::lab_events(lab)
         .into_iter()
         .filter(|e| e["node"].as_str() == Some(mac))
-        .collect();
-    ev.reverse();
-    ev
+        .collect()
 }
 
 fn kinds(ev: &[serde_json::Value]) -> Vec<String> {
     ev.iter()
         .map(|e| e["kind"].as_str().unwrap_or("").to_string())
         .collect()
-}
-
-fn corral_log(lab: &Lab) -> String {
-    std::fs::read_to_string(lab.dir.join("corral.log")).unwrap_or_default()
-}
-
-/// Waits until `f` returns Some, or fails with the corral log.
-fn wait<T>(lab: &Lab, what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}\ncorral log (end):\n{}",
-            tail(&corral_log(lab), 4000)
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    s.chars()
-        .rev()
-        .take(n)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect()
-}
-
-fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// The agent-up event of a node for a role, if any.
@@ -136,7 +89,7 @@ fn agent_up_as(lab: &Lab, mac: &str, host: &str) -> bool {
 
 #[test]
 fn a_running_node_moves_to_a_higher_cluster_and_a_dead_one_is_replaced() {
-    if !is_root() {
+    if !common::is_root() {
         eprintln!("skipped: needs root for namespaces and taps");
         return;
     }

@@ -171,23 +171,16 @@ fn quarantine_retry_limit_alert_webhook_and_release() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let http = free_port();
-    common::image(dir, "img");
-    std::fs::write(
-        dir.join("images/img/image.toml"),
-        "kernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"host={{hostname}} {{agent}}\"\n",
-    )
-    .unwrap();
+    // The image's command line carries the agent's settings.
+    common::agent_image(dir, "img");
     let (hook, calls) = webhook_receiver();
     std::fs::write(dir.join("policy.toml"), policy(dir, hook)).unwrap();
-    std::fs::write(
-        dir.join("corral.toml"),
-        format!(
-            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"{d}/state\"\nimages_dir = \"{d}/images\"\nscripts_dir = \"{s}\"\npolicy = \"{d}/policy.toml\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{http}\"\napi_token = \"op-secret\"\n[boot]\npark_poll = 1\n",
-            d = dir.display(),
-            s = Path::new(env!("CARGO_MANIFEST_DIR")).join("boot-scripts").display()
-        ),
-    )
-    .unwrap();
+    common::loopback_config(
+        dir,
+        http,
+        "api_token = \"op-secret\"\n",
+        "[boot]\npark_poll = 1\n",
+    );
     let server = start(dir, http);
     let boot = |mac: &str| {
         get(&format!(

@@ -683,25 +683,11 @@ impl Controller {
             .map(|c| c.spec.health().failover_attempts)
             .unwrap_or(3) as usize;
         if self.recent_failovers(&slot, now) >= limit {
-            if self
-                .health()
-                .slow_stay
-                .insert(mac, now + SLOW_RETRY_MS)
-                .is_none()
-            {
-                self.event(
-                    "slow-stay",
-                    Some(mac),
-                    Some(&slot.cluster),
-                    format!(
-                        "{mac} in {}/{} is slow ({why}) but the slot already failed over {limit} times within {} min: it keeps running",
-                        slot.cluster,
-                        slot.slot,
-                        CHURN_WINDOW_MS / 60_000
-                    ),
-                    None,
-                );
-            }
+            let why = format!(
+                "{why}) but the slot already failed over {limit} times within {} min",
+                CHURN_WINDOW_MS / 60_000
+            );
+            self.slow_stays(mac, &slot, &why, now);
             return;
         }
         self.fleet().state.slow.insert(mac);
@@ -712,20 +698,12 @@ impl Controller {
             return;
         }
         if self.slot_of(mac).as_ref() == Some(&slot) {
-            if self
-                .health()
-                .slow_stay
-                .insert(mac, now + SLOW_RETRY_MS)
-                .is_none()
-            {
-                self.event(
-                    "slow-stay",
-                    Some(mac),
-                    Some(&slot.cluster),
-                    format!("{mac} in {}/{} is slow ({why}) but no more capable node is free: it keeps running", slot.cluster, slot.slot),
-                    None,
-                );
-            }
+            self.slow_stays(
+                mac,
+                &slot,
+                &format!("{why}) but no more capable node is free"),
+                now,
+            );
             return;
         }
         self.count_failover(&slot, now);
@@ -750,6 +728,28 @@ impl Controller {
                 alerted: false,
             },
         );
+    }
+
+    /// A slow node keeps its slot: said once (`why` ends the parenthesis the message opens), looked at
+    /// again after a while.
+    fn slow_stays(&self, mac: Mac, slot: &SlotRef, why: &str, now: u64) {
+        let first = self
+            .health()
+            .slow_stay
+            .insert(mac, now + SLOW_RETRY_MS)
+            .is_none();
+        if first {
+            self.event(
+                "slow-stay",
+                Some(mac),
+                Some(&slot.cluster),
+                format!(
+                    "{mac} in {}/{} is slow ({why}: it keeps running",
+                    slot.cluster, slot.slot
+                ),
+                None,
+            );
+        }
     }
 
     /// Follows running failovers: the replacement chosen, switched on, confirmed; or retried, or alerted.

@@ -622,30 +622,24 @@ mod tests {
         );
         assert_eq!(kinds(&out), ["move-failed", "finished:false"]);
 
-        let mut s = spec(false, true);
-        s.to_role = false;
-        let (mut m, _) = Move::start(s, 0);
-        let _ = m.on(done(Call::Off { hard: false }), 10);
-        let _ = m.on(Input::Tick, 20);
-        let _ = m.on(off(), 30);
-        let _ = m.on(done(Call::BootNetwork), 40);
-        let _ = m.on(done(Call::On), 50);
-        assert_eq!(
-            kinds(&m.on(Input::Parked, 70)),
-            ["move-confirmed", "finished:true"]
-        );
-        // A node given a role while on its way to the pool confirms by heartbeating in it.
-        let mut s = spec(false, true);
-        s.to_role = false;
-        let (mut m, _) = Move::start(s, 0);
-        let _ = m.on(done(Call::Off { hard: false }), 10);
-        let _ = m.on(Input::Tick, 20);
-        let _ = m.on(off(), 30);
-        let _ = m.on(done(Call::BootNetwork), 40);
-        let _ = m.on(done(Call::On), 50);
-        assert_eq!(
-            kinds(&m.on(Input::NewRoleHeartbeat, 60)),
-            ["move-confirmed", "finished:true"]
-        );
+        // Back to the pool: switched off and on, then confirmed by a parked request, or, for a node the
+        // planner gave a role meanwhile, by a heartbeat in it.
+        let to_pool = || {
+            let mut s = spec(false, true);
+            s.to_role = false;
+            let (mut m, _) = Move::start(s, 0);
+            let _ = m.on(done(Call::Off { hard: false }), 10);
+            let _ = m.on(Input::Tick, 20);
+            let _ = m.on(off(), 30);
+            let _ = m.on(done(Call::BootNetwork), 40);
+            let _ = m.on(done(Call::On), 50);
+            m
+        };
+        for confirmation in [Input::Parked, Input::NewRoleHeartbeat] {
+            assert_eq!(
+                kinds(&to_pool().on(confirmation, 70)),
+                ["move-confirmed", "finished:true"]
+            );
+        }
     }
 }

@@ -112,6 +112,16 @@ pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A minimal image (as [`image`]) whose command line carries the hostname and the agent's settings.
+pub fn agent_image(dir: &Path, name: &str) {
+    image(dir, name);
+    std::fs::write(
+        dir.join("images").join(name).join("image.toml"),
+        "kernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"host={{hostname}} {{agent}}\"\n",
+    )
+    .unwrap();
+}
+
 /// A minimal image in `<dir>/images/<name>` whose command line shows the slot and its disk.
 pub fn image(dir: &Path, name: &str) {
     let d = dir.join("images").join(name);
@@ -147,4 +157,91 @@ pub fn testos_catalog(dir: &Path, names: &[&str], cmdline: &str) -> std::path::P
         .unwrap();
     }
     images
+}
+
+/// GET a JSON path of the corral running in a lab, from inside its namespace (Null if unreadable).
+pub fn lab_api(lab: &corral::lab::Lab, path: &str) -> serde_json::Value {
+    let out = lab
+        .run_in_server(
+            "curl",
+            &["-s", &format!("http://{}{path}", lab.server_ip())],
+        )
+        .unwrap();
+    serde_json::from_str(&out).unwrap_or(serde_json::Value::Null)
+}
+
+/// Every event of a lab's corral, oldest first.
+pub fn lab_events(lab: &corral::lab::Lab) -> Vec<serde_json::Value> {
+    let mut ev = lab_api(lab, "/api/v1/events?limit=2000")
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ev.reverse();
+    ev
+}
+
+/// A lab corral's log.
+pub fn lab_log(lab: &corral::lab::Lab) -> String {
+    std::fs::read_to_string(lab.dir.join("corral.log")).unwrap_or_default()
+}
+
+/// The last `n` characters of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let v: Vec<char> = s.chars().collect();
+    v[v.len().saturating_sub(n)..].iter().collect()
+}
+
+/// Waits until `f` returns Some; on timeout fails with the latest events and the end of corral's log.
+pub fn lab_wait<T>(
+    lab: &corral::lab::Lab,
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}\nevents: {:#?}\ncorral log (end):\n{}",
+            lab_events(lab)
+                .iter()
+                .rev()
+                .take(25)
+                .map(|e| format!("{} {} {}", e["kind"], e["node"], e["message"]))
+                .collect::<Vec<_>>(),
+            tail(&lab_log(lab), 4000)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A 64 MiB ext4 base disk `<dir>/disks/base.img` (tests/testos/mkbase.sh); returns the disks directory.
+pub fn base_disk(dir: &Path) -> std::path::PathBuf {
+    let disks = dir.join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let st = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testos/mkbase.sh"))
+        .arg(disks.join("base.img"))
+        .arg("64")
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkbase.sh failed");
+    disks
+}
+
+/// `<dir>/corral.toml` for a corral on loopback port `http` with `<dir>/images`, `<dir>/policy.toml`,
+/// no DHCP or TFTP; `http_extra` and `extra` are appended to `[http]` and to the file.
+pub fn loopback_config(dir: &Path, http: u16, http_extra: &str, extra: &str) {
+    std::fs::write(
+        dir.join("corral.toml"),
+        format!(
+            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"{d}/state\"\nimages_dir = \"{d}/images\"\nscripts_dir = \"{s}\"\npolicy = \"{d}/policy.toml\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{http}\"\n{http_extra}{extra}",
+            d = dir.display(),
+            s = Path::new(env!("CARGO_MANIFEST_DIR")).join("boot-scripts").display()
+        ),
+    )
+    .unwrap();
 }
