@@ -12,6 +12,7 @@ pub mod dhcp;
 pub mod disk;
 pub mod health;
 pub mod http;
+pub mod iscsi;
 pub mod lab;
 pub mod mac;
 pub mod metrics;
