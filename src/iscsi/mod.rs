@@ -1,8 +1,9 @@
 //! The iSCSI room: slot disks as iSCSI targets, for firmware that boots whole-disk images (iPXE
 //! `sanboot`) and for the operating systems that then attach the same disk.
 //!
-//! Built as sans-IO cores with a thin shell, like the NBD room. So far: [`scsi`], the block device
-//! (CDB in, status, sense and data out). The PDU layer, login negotiation, sessions and the tokio
-//! shell follow.
+//! Built as sans-IO cores with a thin shell, like the NBD room. So far: [`pdu`], framing and the PDUs
+//! of RFC 7143, and [`scsi`], the block device (CDB in, status, sense and data out). Login negotiation,
+//! sessions and the tokio shell follow.
 
+pub mod pdu;
 pub mod scsi;

@@ -267,3 +267,16 @@ fn unmap_and_write_same() {
         Some(Sense::INVALID_FIELD_IN_CDB)
     );
 }
+
+proptest::proptest! {
+    /// Any CDB with any data: a reply, never a panic, never a read or write outside the disk.
+    #[test]
+    fn arbitrary_commands_never_panic(
+        cdb in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32),
+        data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+    ) {
+        let (l, _) = lun(16);
+        let r = l.execute(&cdb, &data);
+        proptest::prop_assert!(r.status == GOOD || r.sense.is_some());
+    }
+}
