@@ -2,8 +2,10 @@
 //! `sanboot`) and for the operating systems that then attach the same disk.
 //!
 //! Built as sans-IO cores with a thin shell, like the NBD room. So far: [`pdu`], framing and the PDUs
-//! of RFC 7143, and [`scsi`], the block device (CDB in, status, sense and data out). Login negotiation,
-//! sessions and the tokio shell follow.
+//! of RFC 7143; [`login`], the login negotiation (CHAP, mutual CHAP, operational keys); and [`scsi`],
+//! the block device (CDB in, status, sense and data out). Sessions (full feature phase, R2T, task
+//! management, discovery, reinstatement) and the tokio shell follow.
 
+pub mod login;
 pub mod pdu;
 pub mod scsi;
