@@ -3,9 +3,11 @@
 //!
 //! Built as sans-IO cores with a thin shell, like the NBD room. So far: [`pdu`], framing and the PDUs
 //! of RFC 7143; [`login`], the login negotiation (CHAP, mutual CHAP, operational keys); and [`scsi`],
-//! the block device (CDB in, status, sense and data out). Sessions (full feature phase, R2T, task
-//! management, discovery, reinstatement) and the tokio shell follow.
+//! the block device (CDB in, status, sense and data out); and [`session`], the full feature phase of a
+//! connection (command numbering, Data-In, R2T, task management, SendTargets, logout). The tokio shell
+//! (targets per slot, address checks, reinstatement, sanboot scripts) follows.
 
 pub mod login;
 pub mod pdu;
 pub mod scsi;
+pub mod session;

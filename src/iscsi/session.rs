@@ -1,0 +1,464 @@
+//! The full feature phase of one connection as a state machine: request PDUs in, response PDUs and SCSI
+//! work out. The shell runs the SCSI commands it is handed (they touch the disk) and feeds their
+//! [`scsi::Reply`](super::scsi::Reply) back; nothing here blocks or reads a clock.
+//!
+//! - Command numbering: non-immediate commands advance ExpCmdSN; MaxCmdSN keeps a window of
+//!   [`CMD_WINDOW`] open; every response carries StatSN, ExpCmdSN and MaxCmdSN.
+//! - Reads: the reply's data goes out in Data-In PDUs no larger than the initiator's
+//!   MaxRecvDataSegmentLength, the last carrying the status when the command succeeded (phase collapse);
+//!   otherwise a SCSI Response with sense data. Residuals are reported against the expected length.
+//! - Writes: immediate data, unsolicited Data-Out up to FirstBurstLength (when InitialR2T=No), then R2Ts
+//!   of at most MaxBurstLength each, at most MaxOutstandingR2T at once; the command runs when its data
+//!   is complete.
+//! - NOP-Out pings are echoed; Task Management ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LUN RESET and
+//!   the target resets drop the tasks they name; Text `SendTargets` lists targets; Logout ends the
+//!   connection. Anything else gets a Reject.
+
+use std::collections::BTreeMap;
+
+use super::login::Params;
+use super::pdu::{self, op, reject, Numbers, Pdu, NO_TAG};
+use super::scsi;
+
+/// Commands the initiator may have outstanding beyond ExpCmdSN.
+pub const CMD_WINDOW: u32 = 64;
+
+/// Work for the shell.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Send this PDU.
+    Send(Pdu),
+    /// Run this SCSI command and hand the reply to [`Session::completed`].
+    Execute {
+        itt: u32,
+        lun: u64,
+        cdb: Vec<u8>,
+        data_out: Vec<u8>,
+    },
+    /// Send what came before, then close the connection (after a Logout, or a fatal protocol error).
+    Close,
+}
+
+/// A write command collecting its data.
+#[derive(Debug)]
+struct Collecting {
+    lun: u64,
+    cdb: Vec<u8>,
+    expected: u32,
+    buf: Vec<u8>,
+    received: u32,
+    /// Offset up to which the initiator has been asked for (or was allowed to send) data.
+    requested: u32,
+    /// Unsolicited data (immediate and Data-Out without a transfer tag) may not go beyond this.
+    unsolicited: u32,
+    next_r2t_sn: u32,
+    /// R2Ts out whose data has not all arrived: ttt → (offset, len, received).
+    outstanding: BTreeMap<u32, (u32, u32, u32)>,
+}
+
+/// A command waiting for its reply.
+#[derive(Debug)]
+struct Running {
+    /// Bytes the initiator expects back (reads).
+    expected_in: u32,
+    write: bool,
+}
+
+/// One connection in the full feature phase.
+pub struct Session {
+    params: Params,
+    stat_sn: u32,
+    exp_cmd_sn: u32,
+    collecting: BTreeMap<u32, Collecting>,
+    running: BTreeMap<u32, Running>,
+    next_ttt: u32,
+    /// Targets listed to a SendTargets request: (name, address).
+    targets: Vec<(String, String)>,
+}
+
+impl Session {
+    /// A session after login: `stat_sn` is the next StatSN, `exp_cmd_sn` the CmdSN of the login.
+    pub fn new(params: Params, stat_sn: u32, exp_cmd_sn: u32) -> Session {
+        Session {
+            params,
+            stat_sn,
+            exp_cmd_sn,
+            collecting: BTreeMap::new(),
+            running: BTreeMap::new(),
+            next_ttt: 1,
+            targets: Vec::new(),
+        }
+    }
+
+    /// What a discovery session's SendTargets answers with.
+    pub fn set_targets(&mut self, targets: Vec<(String, String)>) {
+        self.targets = targets;
+    }
+
+    fn numbers(&self) -> Numbers {
+        Numbers {
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.exp_cmd_sn.wrapping_add(CMD_WINDOW - 1),
+        }
+    }
+
+    /// Numbers for a response that carries a status: StatSN advances.
+    fn status_numbers(&mut self) -> Numbers {
+        let n = self.numbers();
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        n
+    }
+
+    /// Counts a command in: non-immediate commands advance ExpCmdSN. Returns false for a CmdSN outside
+    /// the window (the PDU is then dropped, as RFC 7143 3.2.2.1 says).
+    fn admit(&mut self, p: &Pdu) -> bool {
+        let sn = p.cmd_sn();
+        if p.immediate() {
+            return true;
+        }
+        let ahead = sn.wrapping_sub(self.exp_cmd_sn);
+        if ahead >= CMD_WINDOW {
+            return false;
+        }
+        if ahead == 0 {
+            self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
+        }
+        true
+    }
+
+    fn reject(&self, reason: u8, p: &Pdu) -> Event {
+        Event::Send(pdu::reject(reason, &p.bhs, self.numbers()))
+    }
+
+    /// Handles one PDU from the initiator.
+    pub fn on_pdu(&mut self, p: &Pdu) -> Vec<Event> {
+        match p.opcode() {
+            op::SCSI_COMMAND => self.command(p),
+            op::DATA_OUT => self.data_out(p),
+            op::NOP_OUT => {
+                if !self.admit(p) {
+                    return Vec::new();
+                }
+                if p.itt() == NO_TAG {
+                    // The answer to a ping of ours: nothing to say.
+                    return Vec::new();
+                }
+                let n = self.status_numbers();
+                vec![Event::Send(pdu::nop_in(
+                    p.lun(),
+                    p.itt(),
+                    NO_TAG,
+                    p.data.clone(),
+                    n,
+                ))]
+            }
+            op::TASK_MGMT => {
+                if !self.admit(p) {
+                    return Vec::new();
+                }
+                let response = self.task_management(p);
+                let n = self.status_numbers();
+                vec![Event::Send(pdu::task_response(p.itt(), response, n))]
+            }
+            op::TEXT => {
+                if !self.admit(p) {
+                    return Vec::new();
+                }
+                self.text(p)
+            }
+            op::LOGOUT => {
+                let _ = self.admit(p);
+                let n = self.status_numbers();
+                vec![
+                    Event::Send(pdu::logout_response(p.itt(), 0, n)),
+                    Event::Close,
+                ]
+            }
+            op::SNACK => vec![self.reject(reject::SNACK_REJECT, p)],
+            op::LOGIN => vec![self.reject(reject::PROTOCOL_ERROR, p), Event::Close],
+            _ => vec![self.reject(reject::COMMAND_NOT_SUPPORTED, p)],
+        }
+    }
+
+    fn command(&mut self, p: &Pdu) -> Vec<Event> {
+        if !self.admit(p) {
+            return Vec::new();
+        }
+        let itt = p.itt();
+        if self.collecting.contains_key(&itt) || self.running.contains_key(&itt) {
+            return vec![self.reject(reject::TASK_IN_PROGRESS, p)];
+        }
+        let flags = p.flags();
+        let (read, write) = (flags & 0x40 != 0, flags & 0x20 != 0);
+        let expected = p.u32_at(20);
+        let cdb = p.cdb();
+        let lun = p.lun();
+        if !write {
+            if !p.data.is_empty() {
+                return vec![self.reject(reject::PROTOCOL_ERROR, p)];
+            }
+            self.running.insert(
+                itt,
+                Running {
+                    expected_in: if read { expected } else { 0 },
+                    write: false,
+                },
+            );
+            return vec![Event::Execute {
+                itt,
+                lun,
+                cdb,
+                data_out: Vec::new(),
+            }];
+        }
+        // Immediate data: only as negotiated, never beyond FirstBurstLength or the expected length.
+        let imm = p.data.len() as u32;
+        if (imm > 0 && !self.params.immediate_data)
+            || imm > self.params.first_burst
+            || imm > expected
+        {
+            return vec![self.reject(reject::PROTOCOL_ERROR, p)];
+        }
+        let mut c = Collecting {
+            lun,
+            cdb,
+            expected,
+            buf: vec![0; expected as usize],
+            received: imm,
+            requested: 0,
+            unsolicited: 0,
+            next_r2t_sn: 0,
+            outstanding: BTreeMap::new(),
+        };
+        c.buf[..imm as usize].copy_from_slice(&p.data);
+        // Without InitialR2T the initiator may send up to FirstBurstLength unsolicited.
+        c.requested = if self.params.initial_r2t {
+            imm
+        } else {
+            expected.min(self.params.first_burst).max(imm)
+        };
+        c.unsolicited = c.requested;
+        self.collecting.insert(itt, c);
+        self.advance_write(itt)
+    }
+
+    /// Sends R2Ts for a write while it may, or runs it once its data is complete.
+    fn advance_write(&mut self, itt: u32) -> Vec<Event> {
+        let mut out = Vec::new();
+        let n = self.numbers();
+        let (max_burst, max_r2t) = (self.params.max_burst, self.params.max_outstanding_r2t);
+        let Some(c) = self.collecting.get_mut(&itt) else {
+            return out;
+        };
+        if c.received >= c.expected && c.outstanding.is_empty() {
+            let c = self
+                .collecting
+                .remove(&itt)
+                .unwrap_or_else(|| unreachable!());
+            self.running.insert(
+                itt,
+                Running {
+                    expected_in: 0,
+                    write: true,
+                },
+            );
+            out.push(Event::Execute {
+                itt,
+                lun: c.lun,
+                cdb: c.cdb,
+                data_out: c.buf,
+            });
+            return out;
+        }
+        // Unsolicited data still to come: wait for it before asking for more.
+        if c.received < c.requested && c.outstanding.is_empty() {
+            return out;
+        }
+        while c.requested < c.expected && (c.outstanding.len() as u32) < max_r2t {
+            let len = (c.expected - c.requested).min(max_burst);
+            let ttt = self.next_ttt;
+            self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
+            if self.next_ttt == NO_TAG {
+                self.next_ttt = 1;
+            }
+            c.outstanding.insert(ttt, (c.requested, len, 0));
+            out.push(Event::Send(pdu::r2t(
+                c.lun,
+                itt,
+                ttt,
+                c.next_r2t_sn,
+                c.requested,
+                len,
+                n,
+            )));
+            c.next_r2t_sn += 1;
+            c.requested += len;
+        }
+        out
+    }
+
+    fn data_out(&mut self, p: &Pdu) -> Vec<Event> {
+        let itt = p.itt();
+        let ttt = p.u32_at(20);
+        let offset = p.u32_at(40);
+        let len = p.data.len() as u32;
+        let Some(c) = self.collecting.get_mut(&itt) else {
+            // Data for a task that was aborted or never was: dropped (RFC 7143 11.7.5 allows a Reject).
+            return vec![self.reject(reject::INVALID_PDU_FIELD, p)];
+        };
+        let end = offset.checked_add(len);
+        let ok_range = end.is_some_and(|e| e <= c.expected);
+        let allowed = if ttt == NO_TAG {
+            // Unsolicited: within the first burst, after any immediate data.
+            end.is_some_and(|e| e <= c.unsolicited)
+        } else {
+            match c.outstanding.get(&ttt) {
+                Some((o, l, _)) => offset >= *o && end.is_some_and(|e| e <= o + l),
+                None => false,
+            }
+        };
+        if !ok_range || !allowed {
+            return vec![self.reject(reject::PROTOCOL_ERROR, p), Event::Close];
+        }
+        c.buf[offset as usize..(offset + len) as usize].copy_from_slice(&p.data);
+        c.received += len;
+        if ttt != NO_TAG {
+            if let Some(r) = c.outstanding.get_mut(&ttt) {
+                r.2 += len;
+                if r.2 >= r.1 {
+                    c.outstanding.remove(&ttt);
+                }
+            }
+        }
+        if p.final_bit() || c.received >= c.expected {
+            return self.advance_write(itt);
+        }
+        Vec::new()
+    }
+
+    /// The reply of a command handed out by [`Event::Execute`].
+    pub fn completed(&mut self, itt: u32, reply: scsi::Reply) -> Vec<Event> {
+        let Some(r) = self.running.remove(&itt) else {
+            // Aborted meanwhile: its answer is dropped.
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if r.write {
+            // The whole expected length was collected before the command ran: no residual.
+            let n = self.status_numbers();
+            let sense = reply.sense.map(|s| s.fixed());
+            out.push(Event::Send(pdu::scsi_response(
+                itt,
+                reply.status,
+                sense.as_ref().map(|s| &s[..]),
+                0,
+                n,
+            )));
+            return out;
+        }
+        if reply.status != scsi::GOOD || reply.data.is_empty() {
+            let residual = i64::from(r.expected_in);
+            let n = self.status_numbers();
+            let sense = reply.sense.map(|s| s.fixed());
+            out.push(Event::Send(pdu::scsi_response(
+                itt,
+                reply.status,
+                sense.as_ref().map(|s| &s[..]),
+                if reply.status == scsi::GOOD {
+                    residual
+                } else {
+                    0
+                },
+                n,
+            )));
+            return out;
+        }
+        let mut data = reply.data;
+        let residual = i64::from(r.expected_in) - data.len() as i64;
+        data.truncate(r.expected_in as usize);
+        let chunk = self.params.initiator_max_recv.max(512) as usize;
+        let total = data.len();
+        let mut offset = 0usize;
+        let mut data_sn = 0u32;
+        while offset < total {
+            let end = (offset + chunk).min(total);
+            let last = end == total;
+            let n = if last {
+                self.status_numbers()
+            } else {
+                self.numbers()
+            };
+            out.push(Event::Send(pdu::data_in(
+                itt,
+                data_sn,
+                offset as u32,
+                data[offset..end].to_vec(),
+                last,
+                last.then_some((scsi::GOOD, residual)),
+                n,
+            )));
+            offset = end;
+            data_sn += 1;
+        }
+        out
+    }
+
+    /// Task management: returns the response code (0 complete, 1 no such task, 5 not supported).
+    fn task_management(&mut self, p: &Pdu) -> u8 {
+        let function = p.flags() & 0x7F;
+        match function {
+            // ABORT TASK
+            1 => {
+                // A task that already completed counts as aborted too ("function complete").
+                let rtt = p.u32_at(20);
+                self.collecting.remove(&rtt);
+                self.running.remove(&rtt);
+                0
+            }
+            // ABORT TASK SET, CLEAR TASK SET, LUN RESET, TARGET WARM/COLD RESET
+            2 | 3 | 5 | 6 | 7 => {
+                self.collecting.clear();
+                self.running.clear();
+                0
+            }
+            _ => 5,
+        }
+    }
+
+    fn text(&mut self, p: &Pdu) -> Vec<Event> {
+        let keys = match pdu::parse_text(&p.data) {
+            Ok(k) => k,
+            Err(_) => return vec![self.reject(reject::PROTOCOL_ERROR, p)],
+        };
+        let mut answer = Vec::new();
+        for (k, v) in keys {
+            if k == "SendTargets" {
+                for (name, addr) in &self.targets {
+                    if v == "All" || v == *name || v.is_empty() {
+                        answer.push(("TargetName".to_string(), name.clone()));
+                        answer.push(("TargetAddress".to_string(), addr.clone()));
+                    }
+                }
+            } else {
+                answer.push((k, "NotUnderstood".to_string()));
+            }
+        }
+        let n = self.status_numbers();
+        let mut r = Pdu::new(op::TEXT_RESPONSE);
+        r.set_u64(8, p.lun())
+            .set_u32(16, p.itt())
+            .set_u32(20, NO_TAG);
+        vec![Event::Send(
+            r.numbered(n).with_data(pdu::encode_text(&answer)),
+        )]
+    }
+
+    /// Tasks in flight (for the shell's bookkeeping and tests).
+    pub fn tasks(&self) -> usize {
+        self.collecting.len() + self.running.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

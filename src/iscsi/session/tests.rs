@@ -1,0 +1,267 @@
+//! The full feature phase: reads split to the initiator's segment size, writes through immediate data,
+//! unsolicited data and R2Ts, pings, task management, discovery, logout and bad PDUs.
+
+use super::*;
+
+fn params() -> Params {
+    Params {
+        initiator_max_recv: 8192,
+        target_max_recv: 262_144,
+        max_burst: 16_384,
+        first_burst: 4096,
+        initial_r2t: true,
+        immediate_data: true,
+        max_outstanding_r2t: 2,
+        default_time2wait: 2,
+        default_time2retain: 0,
+    }
+}
+
+fn cmd(
+    itt: u32,
+    sn: u32,
+    read: bool,
+    write: bool,
+    expected: u32,
+    cdb: &[u8],
+    data: Vec<u8>,
+) -> Pdu {
+    let mut p = Pdu::new(op::SCSI_COMMAND);
+    p.bhs[1] = 0x80 | if read { 0x40 } else { 0 } | if write { 0x20 } else { 0 };
+    p.set_u32(16, itt).set_u32(20, expected).set_u32(24, sn);
+    p.bhs[32..32 + cdb.len()].copy_from_slice(cdb);
+    p.with_data(data)
+}
+
+fn data_out(itt: u32, ttt: u32, offset: u32, data: Vec<u8>, last: bool) -> Pdu {
+    let mut p = Pdu::new(op::DATA_OUT);
+    p.bhs[1] = if last { 0x80 } else { 0 };
+    p.set_u32(16, itt).set_u32(20, ttt).set_u32(40, offset);
+    p.with_data(data)
+}
+
+fn sent(ev: &[Event]) -> Vec<&Pdu> {
+    ev.iter()
+        .filter_map(|e| match e {
+            Event::Send(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn reads_come_back_in_segments_with_status_in_the_last() {
+    let mut s = Session::new(params(), 10, 1);
+    let ev = s.on_pdu(&cmd(5, 1, true, false, 20_000, &[0x28], vec![]));
+    assert!(matches!(&ev[..], [Event::Execute { itt: 5, .. }]));
+    let ev = s.completed(5, scsi::Reply::data(vec![7; 20_000]));
+    let pdus = sent(&ev);
+    assert_eq!(pdus.len(), 3, "8192 + 8192 + 3616");
+    assert_eq!(
+        pdus.iter().map(|p| p.data.len()).collect::<Vec<_>>(),
+        [8192, 8192, 3616]
+    );
+    assert_eq!(
+        (pdus[1].u32_at(36), pdus[1].u32_at(40)),
+        (1, 8192),
+        "DataSN, offset"
+    );
+    let last = pdus[2];
+    assert_eq!(last.flags() & 0x81, 0x81, "F and S");
+    assert_eq!(
+        (last.u32_at(24), last.u32_at(28)),
+        (10, 2),
+        "StatSN, ExpCmdSN"
+    );
+    assert_eq!(pdus[0].flags() & 0x01, 0, "no status before the last");
+    // A short reply: underflow residual.
+    s.on_pdu(&cmd(6, 2, true, false, 4096, &[0x12], vec![]));
+    let ev = s.completed(6, scsi::Reply::data(vec![1; 36]));
+    let p = sent(&ev)[0];
+    assert_eq!((p.flags() & 0x03, p.u32_at(44)), (0x03, 4060));
+    // CHECK CONDITION: a SCSI Response with sense.
+    s.on_pdu(&cmd(7, 3, true, false, 512, &[0x28], vec![]));
+    let ev = s.completed(7, scsi::Reply::check(scsi::Sense::LBA_OUT_OF_RANGE));
+    let p = sent(&ev)[0];
+    assert_eq!(
+        (p.opcode(), p.bhs[3], p.data[2 + 12]),
+        (op::SCSI_RESPONSE, 2, 0x21)
+    );
+    assert_eq!(s.tasks(), 0);
+}
+
+#[test]
+fn writes_collect_immediate_unsolicited_and_solicited_data() {
+    // InitialR2T=Yes: 1024 bytes immediate, the rest by R2Ts of 16 KiB, two at a time.
+    let mut s = Session::new(params(), 1, 1);
+    let total = 40_000u32;
+    let payload: Vec<u8> = (0..total).map(|i| (i % 253) as u8).collect();
+    let ev = s.on_pdu(&cmd(
+        9,
+        1,
+        false,
+        true,
+        total,
+        &[0x2A],
+        payload[..1024].to_vec(),
+    ));
+    let r2ts = sent(&ev);
+    assert_eq!(r2ts.len(), 2);
+    assert_eq!(
+        r2ts.iter()
+            .map(|p| (p.u32_at(40), p.u32_at(44)))
+            .collect::<Vec<_>>(),
+        [(1024, 16_384), (17_408, 16_384)]
+    );
+    let (t1, t2) = (r2ts[0].u32_at(20), r2ts[1].u32_at(20));
+    // The first burst arrives in two PDUs; its completion opens the third R2T.
+    assert!(s
+        .on_pdu(&data_out(9, t1, 1024, payload[1024..9216].to_vec(), false))
+        .is_empty());
+    let ev = s.on_pdu(&data_out(9, t1, 9216, payload[9216..17_408].to_vec(), true));
+    let r = sent(&ev);
+    assert_eq!(
+        (r.len(), r[0].u32_at(40), r[0].u32_at(44)),
+        (1, 33_792, 6208)
+    );
+    let t3 = r[0].u32_at(20);
+    assert_eq!(r[0].u32_at(36), 2, "R2TSN");
+    assert!(s
+        .on_pdu(&data_out(9, t3, 33_792, payload[33_792..].to_vec(), true))
+        .is_empty());
+    let ev = s.on_pdu(&data_out(
+        9,
+        t2,
+        17_408,
+        payload[17_408..33_792].to_vec(),
+        true,
+    ));
+    match &ev[..] {
+        [Event::Execute {
+            itt: 9,
+            data_out,
+            cdb,
+            ..
+        }] => {
+            assert_eq!(data_out, &payload);
+            assert_eq!(cdb[0], 0x2A);
+        }
+        other => panic!("{other:?}"),
+    }
+    let ev = s.completed(9, scsi::Reply::good());
+    let p = sent(&ev)[0];
+    assert_eq!(
+        (p.opcode(), p.bhs[3], p.u32_at(24)),
+        (op::SCSI_RESPONSE, 0, 1)
+    );
+
+    // InitialR2T=No: the first burst comes unsolicited, then one R2T for the rest.
+    let mut s = Session::new(
+        Params {
+            initial_r2t: false,
+            ..params()
+        },
+        1,
+        1,
+    );
+    let ev = s.on_pdu(&cmd(3, 1, false, true, 6000, &[0x2A], vec![1; 1000]));
+    assert!(ev.is_empty(), "waits for the unsolicited burst");
+    let ev = s.on_pdu(&data_out(3, NO_TAG, 1000, vec![2; 3096], true));
+    let r = sent(&ev);
+    assert_eq!((r.len(), r[0].u32_at(40), r[0].u32_at(44)), (1, 4096, 1904));
+    let ev = s.on_pdu(&data_out(3, r[0].u32_at(20), 4096, vec![3; 1904], true));
+    assert!(matches!(&ev[..], [Event::Execute { itt: 3, .. }]));
+}
+
+#[test]
+fn bad_data_and_bad_commands() {
+    let mut s = Session::new(params(), 1, 1);
+    // Data beyond what an R2T asked for: a protocol error that ends the connection.
+    let ev = s.on_pdu(&cmd(1, 1, false, true, 8192, &[0x2A], vec![]));
+    let t = sent(&ev)[0].u32_at(20);
+    let ev = s.on_pdu(&data_out(1, t, 4096, vec![0; 8192], true));
+    assert!(matches!(&ev[..], [Event::Send(r), Event::Close] if r.opcode() == op::REJECT));
+    // Unsolicited data when InitialR2T=Yes.
+    let mut s = Session::new(params(), 1, 1);
+    s.on_pdu(&cmd(1, 1, false, true, 8192, &[0x2A], vec![]));
+    let ev = s.on_pdu(&data_out(1, NO_TAG, 0, vec![0; 512], false));
+    assert!(matches!(ev.last(), Some(Event::Close)));
+    // Immediate data beyond FirstBurstLength.
+    let mut s = Session::new(params(), 1, 1);
+    let ev = s.on_pdu(&cmd(2, 1, false, true, 65_536, &[0x2A], vec![0; 8192]));
+    assert_eq!(sent(&ev)[0].opcode(), op::REJECT);
+    // Data-Out for an unknown task.
+    let ev = s.on_pdu(&data_out(77, 5, 0, vec![0; 512], true));
+    assert_eq!(sent(&ev)[0].opcode(), op::REJECT);
+    // A task tag already in use.
+    s.on_pdu(&cmd(4, 2, true, false, 512, &[0x28], vec![]));
+    let ev = s.on_pdu(&cmd(4, 3, true, false, 512, &[0x28], vec![]));
+    assert_eq!(sent(&ev)[0].bhs[2], reject::TASK_IN_PROGRESS);
+    // A CmdSN far outside the window is dropped silently.
+    assert!(s
+        .on_pdu(&cmd(8, 1000, true, false, 512, &[0x28], vec![]))
+        .is_empty());
+    // SNACK (ERL 0) and unknown opcodes are rejected.
+    assert_eq!(
+        sent(&s.on_pdu(&Pdu::new(op::SNACK)))[0].bhs[2],
+        reject::SNACK_REJECT
+    );
+    assert_eq!(
+        sent(&s.on_pdu(&Pdu::new(0x1C)))[0].bhs[2],
+        reject::COMMAND_NOT_SUPPORTED
+    );
+}
+
+#[test]
+fn pings_tasks_text_and_logout() {
+    let mut s = Session::new(params(), 1, 1);
+    s.set_targets(vec![(
+        "iqn.2026-11.io.corral:web.0".into(),
+        "10.0.0.1:3260,1".into(),
+    )]);
+    let mut nop = Pdu::new(op::NOP_OUT);
+    nop.bhs[0] |= 0x40;
+    nop.set_u32(16, 3);
+    let ev = s.on_pdu(&nop.clone().with_data(b"ping".to_vec()));
+    let p = sent(&ev)[0];
+    assert_eq!(
+        (p.opcode(), p.itt(), p.u32_at(20), &p.data[..]),
+        (op::NOP_IN, 3, NO_TAG, &b"ping"[..])
+    );
+    nop.set_u32(16, NO_TAG);
+    assert!(s.on_pdu(&nop).is_empty(), "an answer to our ping");
+    // ABORT TASK of a pending write; its late data is then rejected.
+    s.on_pdu(&cmd(11, 1, false, true, 8192, &[0x2A], vec![]));
+    assert_eq!(s.tasks(), 1);
+    let mut tm = Pdu::new(op::TASK_MGMT);
+    tm.bhs[0] |= 0x40;
+    tm.bhs[1] = 0x80 | 1;
+    tm.set_u32(16, 12).set_u32(20, 11);
+    let p = sent(&s.on_pdu(&tm))[0].clone();
+    assert_eq!(
+        (p.opcode(), p.bhs[2], p.itt()),
+        (op::TASK_MGMT_RESPONSE, 0, 12)
+    );
+    assert_eq!(s.tasks(), 0);
+    // LUN RESET drops a running read: its reply goes nowhere.
+    s.on_pdu(&cmd(13, 2, true, false, 512, &[0x28], vec![]));
+    tm.bhs[1] = 0x80 | 5;
+    assert_eq!(sent(&s.on_pdu(&tm))[0].bhs[2], 0);
+    assert!(s.completed(13, scsi::Reply::data(vec![0; 512])).is_empty());
+    // An unsupported function.
+    tm.bhs[1] = 0x80 | 8;
+    assert_eq!(sent(&s.on_pdu(&tm))[0].bhs[2], 5);
+    // SendTargets.
+    let mut t = Pdu::new(op::TEXT);
+    t.set_u32(16, 20).set_u32(24, 3);
+    let ev = s.on_pdu(&t.with_data(b"SendTargets=All\0".to_vec()));
+    let kv = pdu::parse_text(&sent(&ev)[0].data).unwrap();
+    assert_eq!(kv[0].1, "iqn.2026-11.io.corral:web.0");
+    assert_eq!(kv[1], ("TargetAddress".into(), "10.0.0.1:3260,1".into()));
+    // Logout: response, then close.
+    let mut lo = Pdu::new(op::LOGOUT);
+    lo.bhs[0] |= 0x40;
+    lo.set_u32(16, 30);
+    let ev = s.on_pdu(&lo);
+    assert!(matches!(&ev[..], [Event::Send(p), Event::Close] if p.opcode() == op::LOGOUT_RESPONSE));
+}
