@@ -110,6 +110,13 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         tracing::info!(listen = %nbd.local_addr(), "nbd ready");
         tasks.spawn(async move { nbd.run().await.map_err(|e| e.context("nbd")) });
     }
+    if config.iscsi.enabled && has_disks {
+        let source = Arc::new(corral::controller::disks::NodeDisks(controller.clone()));
+        let iscsi = corral::iscsi::IscsiServer::bind(config.iscsi.listen, source).await?;
+        metrics.add(iscsi.stats());
+        tracing::info!(listen = %iscsi.local_addr(), "iscsi ready");
+        tasks.spawn(async move { iscsi.run().await.map_err(|e| e.context("iscsi")) });
+    }
     let ra = &config.dhcp.router_advertisement;
     if ra.enabled {
         let iface = config.server.interface.clone().unwrap_or_default();

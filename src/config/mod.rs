@@ -21,6 +21,7 @@ pub struct Config {
     pub tftp: TftpConfig,
     pub http: HttpConfig,
     pub nbd: NbdConfig,
+    pub iscsi: IscsiConfig,
     pub boot: BootConfig,
     /// Where the config was read from, for error messages and relative paths.
     #[serde(skip)]
@@ -206,6 +207,26 @@ impl Default for NbdConfig {
             enabled: true,
             listen: "0.0.0.0:10809".parse().unwrap(),
             admin_hosts: Vec::new(),
+        }
+    }
+}
+
+/// The iSCSI target serving each slot's disk to firmware (iPXE `sanboot`) and initiators.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IscsiConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Target names are `<iqn_prefix>:<cluster>.<slot>`.
+    pub iqn_prefix: String,
+}
+
+impl Default for IscsiConfig {
+    fn default() -> Self {
+        IscsiConfig {
+            enabled: true,
+            listen: "0.0.0.0:3260".parse().unwrap(),
+            iqn_prefix: "iqn.2026-11.io.corral".into(),
         }
     }
 }

@@ -239,3 +239,85 @@ impl ExportSource for NodeDisks {
             .is_some_and(|t| self.0.may_open(&t, peer))
     }
 }
+
+impl NodeDisks {
+    /// The export name (`cluster/slot`) an IQN names, if it is one of this corral's.
+    fn export_of(&self, iqn: &str) -> Option<String> {
+        let prefix = self.0.state().config.iscsi.iqn_prefix.clone();
+        let rest = iqn.strip_prefix(&prefix)?.strip_prefix(':')?;
+        let (cluster, slot) = rest.rsplit_once('.')?;
+        slot.parse::<u32>().ok()?;
+        Some(format!("{cluster}/{slot}"))
+    }
+
+    fn iqn_of(&self, export: &str) -> Option<String> {
+        let (cluster, slot) = export.split_once('/')?;
+        let prefix = self.0.state().config.iscsi.iqn_prefix.clone();
+        Some(format!("{prefix}:{cluster}.{slot}"))
+    }
+}
+
+/// A stable 64-bit NAA identifier (NAA 5 form, locally assigned) for a slot's disk.
+fn naa_of(export: &str) -> u64 {
+    // FNV-1a: stable across runs and releases (unlike the standard library's hasher).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in export.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (0x5u64 << 60) | (h & 0x0FFF_FFFF_FFFF_FFFF)
+}
+
+impl crate::iscsi::TargetSource for NodeDisks {
+    fn discover(&self, peer: IpAddr) -> Vec<(String, String)> {
+        let c = &self.0;
+        let state = c.state();
+        let addr = format!(
+            "{}:{},1",
+            state.config.server.address,
+            state.config.iscsi.listen.port()
+        );
+        c.export_names()
+            .into_iter()
+            .filter(|(_, t)| matches!(t, Target::Slot { .. }) && c.may_open(t, peer))
+            .filter_map(|(name, _)| self.iqn_of(&name).map(|iqn| (iqn, addr.clone())))
+            .collect()
+    }
+
+    fn admit(
+        &self,
+        iqn: &str,
+        peer: IpAddr,
+        _initiator: &str,
+    ) -> Result<Option<crate::iscsi::login::Chap>, crate::iscsi::login::Refusal> {
+        use crate::iscsi::login::Refusal;
+        let export = self.export_of(iqn).ok_or(Refusal::NotFound)?;
+        let target = self.0.target(&export).ok_or(Refusal::NotFound)?;
+        if !matches!(target, Target::Slot { .. }) {
+            return Err(Refusal::NotFound);
+        }
+        if !self.0.may_open(&target, peer) {
+            tracing::warn!(%peer, iqn, "iscsi: refused: not the node assigned to this disk");
+            return Err(Refusal::Forbidden);
+        }
+        Ok(None)
+    }
+
+    fn open(&self, iqn: &str, peer: IpAddr) -> Result<(Arc<dyn Disk>, String, u64), String> {
+        let export = self.export_of(iqn).ok_or("unknown target")?;
+        let exports = PeerExports {
+            controller: self.0.clone(),
+            peer,
+        };
+        let disk = exports
+            .open(&export)
+            .map_err(|e| format!("{export}: {e:?}"))?;
+        let serial = export.replace('/', ".");
+        Ok((disk, serial, naa_of(&export)))
+    }
+
+    fn still_allowed(&self, iqn: &str, peer: IpAddr) -> bool {
+        self.export_of(iqn)
+            .is_some_and(|e| crate::nbd::ExportSource::still_allowed(self, &e, peer))
+    }
+}
