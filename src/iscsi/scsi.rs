@@ -17,7 +17,7 @@ pub const BLOCK: u64 = 512;
 /// Most blocks one READ or WRITE may move (32 MiB), reported in the Block Limits page.
 pub const MAX_TRANSFER_BLOCKS: u32 = 65_536;
 /// Most blocks one UNMAP descriptor or WRITE SAME may cover.
-pub const MAX_UNMAP_BLOCKS: u32 = 1 << 22;
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 /// Most descriptors in one UNMAP parameter list.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 
@@ -152,6 +152,12 @@ pub fn data_out_len(cdb: &[u8]) -> u32 {
     }
 }
 
+/// RDPROTECT/WRPROTECT (byte 1, bits 5-7) set: protection information was asked for, and this disk
+/// has none (INQUIRY says PROTECT=0).
+fn protect_field(cdb: &[u8]) -> bool {
+    cdb[0] != 0x08 && cdb[0] != 0x0A && cdb.get(1).is_some_and(|b| b & 0xE0 != 0)
+}
+
 /// Fills `s` into a space-padded ASCII field of `n` bytes.
 fn ascii(s: &str, n: usize) -> Vec<u8> {
     let mut v: Vec<u8> = s
@@ -247,6 +253,13 @@ impl Lun {
             d.extend(ascii("CORRAL", 8));
             d.extend(ascii("slot disk", 16));
             d.extend(ascii("0001", 4));
+            // Bytes 36..58: vendor specific and reserved; then version descriptors: SAM-5, iSCSI, SPC-4,
+            // SBC-3.
+            d.resize(58, 0);
+            for v in [0x00A0u16, 0x0960, 0x0460, 0x04C0] {
+                d.extend_from_slice(&v.to_be_bytes());
+            }
+            d.resize(74, 0);
             d[4] = (d.len() - 5) as u8;
             return Reply::data(clip(d, alloc));
         }
@@ -311,6 +324,9 @@ impl Lun {
         let Some((lba, n)) = rw_range(cdb) else {
             return Reply::check(Sense::INVALID_FIELD_IN_CDB);
         };
+        if protect_field(cdb) {
+            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+        }
         if n > MAX_TRANSFER_BLOCKS {
             return Reply::check(Sense::INVALID_FIELD_IN_CDB);
         }
@@ -330,6 +346,9 @@ impl Lun {
         let Some((lba, n)) = rw_range(cdb) else {
             return Reply::check(Sense::INVALID_FIELD_IN_CDB);
         };
+        if protect_field(cdb) {
+            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+        }
         if self.disk.read_only() {
             return Reply::check(Sense::WRITE_PROTECTED);
         }
@@ -340,10 +359,12 @@ impl Lun {
             Ok(r) => r,
             Err(s) => return Reply::check(s),
         };
-        if data.len() as u64 != len {
-            // The session delivers exactly the expected transfer length; anything else is a bug there.
+        // The initiator's expected length may exceed what the CDB moves (the session reports the
+        // residual); it may not fall short of it.
+        if (data.len() as u64) < len {
             return Reply::check(Sense::new(ABORTED_COMMAND, 0x0C, 0x0D));
         }
+        let data = &data[..len as usize];
         // FUA: byte 1 bit 3 (not in the 6-byte form).
         let fua = cdb[0] != 0x0A && cdb[1] & 0x08 != 0;
         match self.disk.write(off, data, fua) {
@@ -404,7 +425,8 @@ impl Lun {
             b[5..8].copy_from_slice(&(BLOCK as u32).to_be_bytes()[1..]);
             b
         };
-        let wp = if self.disk.read_only() { 0x80 } else { 0x00 };
+        // Device-specific parameter: WP when read-only; DPOFUA (FUA is honoured, DPO is a hint).
+        let wp = if self.disk.read_only() { 0x80 } else { 0x00 } | 0x10;
         let mut d = if ten {
             let mut h = vec![0u8; 8];
             h[3] = wp;
@@ -466,6 +488,9 @@ impl Lun {
         let Some((lba, n)) = rw_range(cdb) else {
             return Reply::check(Sense::INVALID_FIELD_IN_CDB);
         };
+        if protect_field(cdb) {
+            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+        }
         if self.disk.read_only() {
             return Reply::check(Sense::WRITE_PROTECTED);
         }

@@ -52,8 +52,10 @@ struct Collecting {
     /// Unsolicited data (immediate and Data-Out without a transfer tag) may not go beyond this.
     unsolicited: u32,
     next_r2t_sn: u32,
-    /// R2Ts out whose data has not all arrived: ttt → (offset, len, received).
-    outstanding: BTreeMap<u32, (u32, u32, u32)>,
+    /// R2Ts out whose data has not all arrived: ttt → (offset, len, received, next DataSN).
+    outstanding: BTreeMap<u32, (u32, u32, u32, u32)>,
+    /// The next DataSN of unsolicited Data-Out.
+    unsolicited_sn: u32,
 }
 
 /// A command waiting for its reply.
@@ -62,6 +64,8 @@ struct Running {
     /// Bytes the initiator expects back (reads).
     expected_in: u32,
     write: bool,
+    /// For writes: the expected length minus what the command moves (reported as residual).
+    residual_out: i64,
 }
 
 /// One connection in the full feature phase.
@@ -194,6 +198,8 @@ impl Session {
         let expected = p.u32_at(20);
         let cdb = p.cdb();
         let lun = p.lun();
+        // A write flag on a command that sends nothing (or no expected length): run it as it is.
+        let write = write && expected > 0 && scsi::data_out_len(&cdb) > 0;
         if !write {
             if !p.data.is_empty() {
                 return vec![self.reject(reject::PROTOCOL_ERROR, p)];
@@ -203,6 +209,7 @@ impl Session {
                 Running {
                     expected_in: if read { expected } else { 0 },
                     write: false,
+                    residual_out: 0,
                 },
             );
             return vec![Event::Execute {
@@ -228,6 +235,7 @@ impl Session {
             received: imm,
             requested: 0,
             unsolicited: 0,
+            unsolicited_sn: 0,
             next_r2t_sn: 0,
             outstanding: BTreeMap::new(),
         };
@@ -261,6 +269,7 @@ impl Session {
                 Running {
                     expected_in: 0,
                     write: true,
+                    residual_out: i64::from(c.expected) - i64::from(scsi::data_out_len(&c.cdb)),
                 },
             );
             out.push(Event::Execute {
@@ -282,7 +291,7 @@ impl Session {
             if self.next_ttt == NO_TAG {
                 self.next_ttt = 1;
             }
-            c.outstanding.insert(ttt, (c.requested, len, 0));
+            c.outstanding.insert(ttt, (c.requested, len, 0, 0));
             out.push(Event::Send(pdu::r2t(
                 c.lun,
                 itt,
@@ -309,12 +318,21 @@ impl Session {
         };
         let end = offset.checked_add(len);
         let ok_range = end.is_some_and(|e| e <= c.expected);
+        // Data PDUs of a sequence are numbered from 0 (RFC 7143 11.7.5); with ErrorRecoveryLevel 0 a
+        // gap or repeat is a protocol error.
+        let data_sn = p.u32_at(36);
         let allowed = if ttt == NO_TAG {
             // Unsolicited: within the first burst, after any immediate data.
-            end.is_some_and(|e| e <= c.unsolicited)
+            let ok = end.is_some_and(|e| e <= c.unsolicited) && data_sn == c.unsolicited_sn;
+            c.unsolicited_sn = c.unsolicited_sn.wrapping_add(1);
+            ok
         } else {
-            match c.outstanding.get(&ttt) {
-                Some((o, l, _)) => offset >= *o && end.is_some_and(|e| e <= o + l),
+            match c.outstanding.get_mut(&ttt) {
+                Some((o, l, _, sn)) => {
+                    let ok = offset >= *o && end.is_some_and(|e| e <= *o + *l) && data_sn == *sn;
+                    *sn = sn.wrapping_add(1);
+                    ok
+                }
                 None => false,
             }
         };
@@ -345,14 +363,19 @@ impl Session {
         };
         let mut out = Vec::new();
         if r.write {
-            // The whole expected length was collected before the command ran: no residual.
+            // Residual: the expected length against what the command moved.
             let n = self.status_numbers();
             let sense = reply.sense.map(|s| s.fixed());
+            let residual = if reply.status == scsi::GOOD {
+                r.residual_out
+            } else {
+                0
+            };
             out.push(Event::Send(pdu::scsi_response(
                 itt,
                 reply.status,
                 sense.as_ref().map(|s| &s[..]),
-                0,
+                residual,
                 n,
             )));
             return out;
@@ -377,6 +400,18 @@ impl Session {
         let mut data = reply.data;
         let residual = i64::from(r.expected_in) - data.len() as i64;
         data.truncate(r.expected_in as usize);
+        if data.is_empty() {
+            // Nothing the initiator made room for: status (and the overflow) in a SCSI Response.
+            let n = self.status_numbers();
+            out.push(Event::Send(pdu::scsi_response(
+                itt,
+                scsi::GOOD,
+                None,
+                residual,
+                n,
+            )));
+            return out;
+        }
         let chunk = self.params.initiator_max_recv.max(512) as usize;
         let total = data.len();
         let mut offset = 0usize;

@@ -131,6 +131,11 @@ fn capacity_inquiry_and_vpd() {
     assert_eq!(r.data[2], 6);
     assert_eq!(r.data[4] as usize + 5, r.data.len());
     assert_eq!(&r.data[8..16], b"CORRAL  ");
+    assert_eq!(r.data.len(), 74);
+    assert_eq!(
+        &r.data[58..66],
+        &[0x00, 0xA0, 0x09, 0x60, 0x04, 0x60, 0x04, 0xC0]
+    );
     // Allocation length clips.
     assert_eq!(l.execute(&[0x12, 0, 0, 0, 5, 0], &[]).data.len(), 5);
     // A page without EVPD is an invalid field.
@@ -192,6 +197,7 @@ fn sync_cache_report_luns_mode_sense() {
     assert_eq!(r.data[3], 8, "block descriptor length");
     assert_eq!(&r.data[12..14], &[0x08, 18]);
     assert_eq!(r.data[14] & 0x04, 0x04, "WCE");
+    assert_eq!(r.data[2] & 0x10, 0x10, "DPOFUA");
     // MODE SENSE(10), all pages, no block descriptors.
     let r = l.execute(&[0x5A, 0x08, 0x3F, 0, 0, 0, 0, 1, 0, 0], &[]);
     assert_eq!(be16(&r.data) as usize + 2, r.data.len());

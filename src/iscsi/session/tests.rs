@@ -33,11 +33,26 @@ fn cmd(
     p.with_data(data)
 }
 
-fn data_out(itt: u32, ttt: u32, offset: u32, data: Vec<u8>, last: bool) -> Pdu {
+fn data_out_sn(itt: u32, ttt: u32, sn: u32, offset: u32, data: Vec<u8>, last: bool) -> Pdu {
     let mut p = Pdu::new(op::DATA_OUT);
     p.bhs[1] = if last { 0x80 } else { 0 };
-    p.set_u32(16, itt).set_u32(20, ttt).set_u32(40, offset);
+    p.set_u32(16, itt)
+        .set_u32(20, ttt)
+        .set_u32(36, sn)
+        .set_u32(40, offset);
     p.with_data(data)
+}
+
+fn data_out(itt: u32, ttt: u32, offset: u32, data: Vec<u8>, last: bool) -> Pdu {
+    data_out_sn(itt, ttt, 0, offset, data, last)
+}
+
+/// A WRITE(10) CDB moving `bytes` (rounded up to blocks).
+fn w10(bytes: u32) -> [u8; 10] {
+    let n = bytes.div_ceil(512) as u16;
+    let mut c = [0x2A, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    c[7..9].copy_from_slice(&n.to_be_bytes());
+    c
 }
 
 fn sent(ev: &[Event]) -> Vec<&Pdu> {
@@ -102,7 +117,7 @@ fn writes_collect_immediate_unsolicited_and_solicited_data() {
         false,
         true,
         total,
-        &[0x2A],
+        &w10(total),
         payload[..1024].to_vec(),
     ));
     let r2ts = sent(&ev);
@@ -118,7 +133,14 @@ fn writes_collect_immediate_unsolicited_and_solicited_data() {
     assert!(s
         .on_pdu(&data_out(9, t1, 1024, payload[1024..9216].to_vec(), false))
         .is_empty());
-    let ev = s.on_pdu(&data_out(9, t1, 9216, payload[9216..17_408].to_vec(), true));
+    let ev = s.on_pdu(&data_out_sn(
+        9,
+        t1,
+        1,
+        9216,
+        payload[9216..17_408].to_vec(),
+        true,
+    ));
     let r = sent(&ev);
     assert_eq!(
         (r.len(), r[0].u32_at(40), r[0].u32_at(44)),
@@ -164,7 +186,7 @@ fn writes_collect_immediate_unsolicited_and_solicited_data() {
         1,
         1,
     );
-    let ev = s.on_pdu(&cmd(3, 1, false, true, 6000, &[0x2A], vec![1; 1000]));
+    let ev = s.on_pdu(&cmd(3, 1, false, true, 6000, &w10(6000), vec![1; 1000]));
     assert!(ev.is_empty(), "waits for the unsolicited burst");
     let ev = s.on_pdu(&data_out(3, NO_TAG, 1000, vec![2; 3096], true));
     let r = sent(&ev);
@@ -177,19 +199,53 @@ fn writes_collect_immediate_unsolicited_and_solicited_data() {
 fn bad_data_and_bad_commands() {
     let mut s = Session::new(params(), 1, 1);
     // Data beyond what an R2T asked for: a protocol error that ends the connection.
-    let ev = s.on_pdu(&cmd(1, 1, false, true, 8192, &[0x2A], vec![]));
+    let ev = s.on_pdu(&cmd(1, 1, false, true, 8192, &w10(8192), vec![]));
     let t = sent(&ev)[0].u32_at(20);
     let ev = s.on_pdu(&data_out(1, t, 4096, vec![0; 8192], true));
     assert!(matches!(&ev[..], [Event::Send(r), Event::Close] if r.opcode() == op::REJECT));
     // Unsolicited data when InitialR2T=Yes.
     let mut s = Session::new(params(), 1, 1);
-    s.on_pdu(&cmd(1, 1, false, true, 8192, &[0x2A], vec![]));
+    s.on_pdu(&cmd(1, 1, false, true, 8192, &w10(8192), vec![]));
     let ev = s.on_pdu(&data_out(1, NO_TAG, 0, vec![0; 512], false));
     assert!(matches!(ev.last(), Some(Event::Close)));
     // Immediate data beyond FirstBurstLength.
     let mut s = Session::new(params(), 1, 1);
-    let ev = s.on_pdu(&cmd(2, 1, false, true, 65_536, &[0x2A], vec![0; 8192]));
+    let ev = s.on_pdu(&cmd(2, 1, false, true, 65_536, &w10(65_536), vec![0; 8192]));
     assert_eq!(sent(&ev)[0].opcode(), op::REJECT);
+    // A DataSN out of sequence ends the connection (ErrorRecoveryLevel 0).
+    let mut s2 = Session::new(params(), 1, 1);
+    let ev = s2.on_pdu(&cmd(
+        1,
+        1,
+        false,
+        true,
+        8192,
+        &[0x2A, 0, 0, 0, 0, 0, 0, 0, 16, 0],
+        vec![],
+    ));
+    let t = sent(&ev)[0].u32_at(20);
+    let ev = s2.on_pdu(&data_out_sn(1, t, 5, 0, vec![0; 4096], false));
+    assert!(matches!(ev.last(), Some(Event::Close)));
+    // A read with no room for data: status and overflow residual in a SCSI Response, never silence.
+    let mut s3 = Session::new(params(), 1, 1);
+    s3.on_pdu(&cmd(2, 1, true, false, 0, &[0x28], vec![]));
+    let ev = s3.completed(2, scsi::Reply::data(vec![0; 512]));
+    let p = sent(&ev)[0];
+    assert_eq!(
+        (p.opcode(), p.flags() & 0x06, p.u32_at(44)),
+        (op::SCSI_RESPONSE, 0x04, 512)
+    );
+    // A write flag on a command that sends nothing runs at once.
+    let ev = s3.on_pdu(&cmd(
+        3,
+        2,
+        false,
+        true,
+        512,
+        &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        vec![],
+    ));
+    assert!(matches!(&ev[..], [Event::Execute { itt: 3, .. }]));
     // Data-Out for an unknown task.
     let ev = s.on_pdu(&data_out(77, 5, 0, vec![0; 512], true));
     assert_eq!(sent(&ev)[0].opcode(), op::REJECT);
@@ -231,7 +287,7 @@ fn pings_tasks_text_and_logout() {
     nop.set_u32(16, NO_TAG);
     assert!(s.on_pdu(&nop).is_empty(), "an answer to our ping");
     // ABORT TASK of a pending write; its late data is then rejected.
-    s.on_pdu(&cmd(11, 1, false, true, 8192, &[0x2A], vec![]));
+    s.on_pdu(&cmd(11, 1, false, true, 8192, &w10(8192), vec![]));
     assert_eq!(s.tasks(), 1);
     let mut tm = Pdu::new(op::TASK_MGMT);
     tm.bhs[0] |= 0x40;
