@@ -137,6 +137,29 @@ fn rw_range(cdb: &[u8]) -> Option<(u64, u32)> {
     })
 }
 
+/// Whether the command is one this core knows to carry no Data-Out.
+pub fn sends_nothing(cdb: &[u8]) -> bool {
+    matches!(
+        cdb.first(),
+        Some(
+            0x00 | 0x03
+                | 0x08
+                | 0x12
+                | 0x1A
+                | 0x1B
+                | 0x1E
+                | 0x25
+                | 0x28
+                | 0x35
+                | 0x5A
+                | 0x88
+                | 0x91
+                | 0x9E
+                | 0xA0
+        )
+    )
+}
+
 /// How many bytes of Data-Out a command carries (what the initiator will send), from its CDB.
 pub fn data_out_len(cdb: &[u8]) -> u32 {
     match cdb.first() {

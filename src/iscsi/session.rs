@@ -198,8 +198,10 @@ impl Session {
         let expected = p.u32_at(20);
         let cdb = p.cdb();
         let lun = p.lun();
-        // A write flag on a command that sends nothing (or no expected length): run it as it is.
-        let write = write && expected > 0 && scsi::data_out_len(&cdb) > 0;
+        // A write flag with no expected length, or on a command known to send nothing: run it as it is.
+        // (Unknown commands get their data collected and then their INVALID COMMAND sense, so that
+        // the connection stays in step.)
+        let write = write && expected > 0 && !scsi::sends_nothing(&cdb);
         if !write {
             if !p.data.is_empty() {
                 return vec![self.reject(reject::PROTOCOL_ERROR, p)];
