@@ -382,12 +382,14 @@ impl Lun {
             Ok(r) => r,
             Err(s) => return Reply::check(s),
         };
-        // The initiator's expected length may exceed what the CDB moves (the session reports the
-        // residual); it may not fall short of it.
-        if (data.len() as u64) < len {
-            return Reply::check(Sense::new(ABORTED_COMMAND, 0x0C, 0x0D));
+        // The initiator's expected length may differ from what the CDB moves; the session reports the
+        // residual. With less data than the CDB names, the whole blocks that came are written (what the
+        // initiator allowed) and the rest is the overflow.
+        let usable = (data.len() as u64).min(len) / BLOCK * BLOCK;
+        let data = &data[..usable as usize];
+        if data.is_empty() {
+            return Reply::good();
         }
-        let data = &data[..len as usize];
         // FUA: byte 1 bit 3 (not in the 6-byte form).
         let fua = cdb[0] != 0x0A && cdb[1] & 0x08 != 0;
         match self.disk.write(off, data, fua) {

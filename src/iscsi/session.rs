@@ -206,12 +206,15 @@ impl Session {
             if !p.data.is_empty() {
                 return vec![self.reject(reject::PROTOCOL_ERROR, p)];
             }
+            // A command that should send data but was given no room for it (expected length 0): it runs
+            // with none, and the whole transfer is the overflow.
+            let owed = scsi::data_out_len(&cdb);
             self.running.insert(
                 itt,
                 Running {
                     expected_in: if read { expected } else { 0 },
-                    write: false,
-                    residual_out: 0,
+                    write: owed > 0,
+                    residual_out: -i64::from(owed),
                 },
             );
             return vec![Event::Execute {

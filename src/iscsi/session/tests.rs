@@ -246,6 +246,11 @@ fn bad_data_and_bad_commands() {
         vec![],
     ));
     assert!(matches!(&ev[..], [Event::Execute { itt: 3, .. }]));
+    // A write with no expected length: runs with no data, GOOD with the whole transfer as overflow.
+    let ev = s3.on_pdu(&cmd(4, 3, false, true, 0, &w10(512), vec![]));
+    assert!(matches!(&ev[..], [Event::Execute { itt: 4, data_out, .. }] if data_out.is_empty()));
+    let p = sent(&s3.completed(4, scsi::Reply::good()))[0].clone();
+    assert_eq!((p.bhs[3], p.flags() & 0x06, p.u32_at(44)), (0, 0x04, 512));
     // Data-Out for an unknown task.
     let ev = s.on_pdu(&data_out(77, 5, 0, vec![0; 512], true));
     assert_eq!(sent(&ev)[0].opcode(), op::REJECT);
