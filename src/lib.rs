@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod boot;
 pub mod config;
+pub mod conn;
 pub mod controller;
 pub mod dhcp;
 pub mod disk;

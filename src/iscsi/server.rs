@@ -130,53 +130,23 @@ impl IscsiServer {
             self.source.clone(),
             self.stats.clone(),
         );
-        let watcher = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let open = registry.open.lock().unwrap_or_else(|p| p.into_inner());
-                for o in open.values() {
-                    if !source.still_allowed(&o.iqn, o.peer) {
-                        tracing::info!(target_iqn = %o.iqn, peer = %o.peer, "closing iscsi session: its node no longer holds the slot");
-                        stats.revoked.inc();
-                        let _ = o.stream.shutdown(Shutdown::Both);
-                    }
+        let check = move || {
+            let open = registry.open.lock().unwrap_or_else(|p| p.into_inner());
+            for o in open.values() {
+                if !source.still_allowed(&o.iqn, o.peer) {
+                    tracing::info!(target_iqn = %o.iqn, peer = %o.peer, "closing iscsi session: its node no longer holds the slot");
+                    stats.revoked.inc();
+                    let _ = o.stream.shutdown(Shutdown::Both);
                 }
-            }
-        });
-        let result = loop {
-            let (stream, peer) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "iscsi accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let stream = match stream.into_std() {
-                Ok(s) => s,
-                Err(e) => break Err(e.into()),
-            };
-            let (source, registry, stats) = (
-                self.source.clone(),
-                self.registry.clone(),
-                self.stats.clone(),
-            );
-            stats.connections.inc();
-            let spawned =
-                std::thread::Builder::new().name("iscsi-conn".into()).spawn(
-                    move || match connection(stream, peer, &*source, &registry, &stats) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-                        Err(e) => tracing::debug!(%peer, error = %e, "iscsi connection ended"),
-                    },
-                );
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start an iscsi connection thread");
             }
         };
-        watcher.abort();
-        result
+        let (source, registry, stats) = (self.source, self.registry, self.stats);
+        crate::conn::accept_on_threads(&self.listener, "iscsi", check, move |stream, peer| {
+            stats.connections.inc();
+            let r = connection(stream, peer, &*source, &registry, &stats);
+            crate::conn::log_end("iscsi", peer, r);
+        })
+        .await
     }
 }
 

@@ -140,48 +140,15 @@ impl NbdServer {
             self.source.clone(),
             self.stats.clone(),
         );
-        let watcher = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                revoke(&registry, &*source, &stats);
-            }
-        });
-        let result = loop {
-            let (stream, peer) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "nbd accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let stream = match stream.into_std() {
-                Ok(s) => s,
-                Err(e) => break Err(e.into()),
-            };
-            let (source, registry, stats) = (
-                self.source.clone(),
-                self.registry.clone(),
-                self.stats.clone(),
-            );
+        let check = move || revoke(&registry, &*source, &stats);
+        let (source, registry, stats) = (self.source, self.registry, self.stats);
+        crate::conn::accept_on_threads(&self.listener, "nbd", check, move |stream, peer| {
             stats.connections.inc();
-            let spawned = std::thread::Builder::new()
-                .name("nbd-conn".into())
-                .spawn(move || {
-                    let exports = source.for_peer(peer.ip());
-                    match connection(stream, peer, &*exports, &registry, &stats) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-                        Err(e) => tracing::debug!(%peer, error = %e, "nbd connection ended"),
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start an nbd connection thread");
-            }
-        };
-        watcher.abort();
-        result
+            let exports = source.for_peer(peer.ip());
+            let r = connection(stream, peer, &*exports, &registry, &stats);
+            crate::conn::log_end("nbd", peer, r);
+        })
+        .await
     }
 }
 
