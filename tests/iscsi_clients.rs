@@ -1,6 +1,7 @@
 //! The iSCSI target on loopback against initiators nobody here wrote (libiscsi's tools from
 //! libiscsi-bin): discovery with iscsi-ls, INQUIRY with iscsi-inq, READ CAPACITY(16) with
-//! iscsi-readcapacity16; a slot that is not the client's is refused at login.
+//! iscsi-readcapacity16, and qemu-img (qemu-block-extra) writing and reading back through `iscsi://`; a
+//! slot that is not the client's is refused at login.
 
 mod common;
 
@@ -71,6 +72,61 @@ fn iscsi_interop_with_libiscsi_tools() {
         cap.contains(&format!("{}", SIZE / 512 - 1)) || cap.contains(&format!("{SIZE}")),
         "{cap}"
     );
+    // qemu's iSCSI block driver (libiscsi inside QEMU): 8 MiB written at 1 MiB, read back identical.
+    let pattern = dir.join("pattern.img");
+    std::fs::write(
+        &pattern,
+        (0..8u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let qi = ok("qemu-img", &["info", &lun]);
+    assert!(qi.contains("64 MiB"), "{qi}");
+    let json = |offset: u64| {
+        format!(
+            "json:{{\"driver\":\"raw\",\"offset\":{offset},\"size\":8388608,\"file\":{{\"driver\":\"iscsi\",\"transport\":\"tcp\",\"portal\":\"127.0.0.1:{iscsi}\",\"target\":\"iqn.2026-11.io.corral:db.0\",\"lun\":0,\"initiator-name\":\"iqn.2026-11.test:node1\"}}}}"
+        )
+    };
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            pattern.to_str().unwrap(),
+            &json(1 << 20),
+        ],
+    );
+    let cmp = ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            pattern.to_str().unwrap(),
+            &json(1 << 20),
+        ],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+    let (code, _, _) = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            pattern.to_str().unwrap(),
+            &json(0),
+        ],
+    );
+    assert_ne!(code, 0, "a different offset differs");
     // db/1 is nobody's: its login is refused.
     let (code, out, err) = run(
         "iscsi-inq",

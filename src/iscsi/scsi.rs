@@ -3,7 +3,7 @@
 //! return out. No sockets and no PDUs here: the iSCSI session carries the bytes.
 //!
 //! Supported: TEST UNIT READY, REQUEST SENSE, INQUIRY (standard; VPD 00, 80, 83, B0, B1, B2), READ
-//! CAPACITY(10/16), READ and WRITE (6/10/16, FUA), SYNCHRONIZE CACHE(10/16), REPORT LUNS, MODE SENSE(6/10)
+//! CAPACITY(10/16), GET LBA STATUS, READ and WRITE (6/10/16, FUA), SYNCHRONIZE CACHE(10/16), REPORT LUNS, MODE SENSE(6/10)
 //! (caching and control pages), UNMAP, WRITE SAME(10/16) (with and without UNMAP), START STOP UNIT and
 //! PREVENT ALLOW MEDIUM REMOVAL (accepted, nothing to do). Anything else: CHECK CONDITION, ILLEGAL REQUEST,
 //! INVALID COMMAND OPERATION CODE.
@@ -239,6 +239,8 @@ impl Lun {
                 d[14] = 0x80 | 0x40;
                 Reply::data(clip(d, be32(&cdb[10..]) as usize))
             }
+            // SERVICE ACTION IN(16): GET LBA STATUS.
+            0x9E if cdb.len() >= 16 && cdb[1] & 0x1F == 0x12 => self.lba_status(cdb),
             0x08 | 0x28 | 0x88 => self.read(cdb),
             0x0A | 0x2A | 0x8A => self.write(cdb, data_out),
             0x35 | 0x91 => match self.disk.flush() {
@@ -341,6 +343,33 @@ impl Lun {
             return Err(Sense::LBA_OUT_OF_RANGE);
         }
         Ok((lba * BLOCK, u64::from(blocks) * BLOCK))
+    }
+
+    /// GET LBA STATUS: one descriptor from the starting LBA: mapped, or deallocated where the disk
+    /// holds nothing of its own there (reads as zeros).
+    fn lba_status(&self, cdb: &[u8]) -> Reply {
+        let lba = be64(&cdb[2..]);
+        let alloc = be32(&cdb[10..]) as usize;
+        if lba >= self.blocks() {
+            return Reply::check(Sense::LBA_OUT_OF_RANGE);
+        }
+        let rest = (self.blocks() - lba).min(u64::from(u32::MAX));
+        let extents = match self.disk.extents(lba * BLOCK, rest * BLOCK) {
+            Ok(e) => e,
+            Err(_) => return Reply::check(Sense::READ_ERROR),
+        };
+        let Some(first) = extents.first() else {
+            return Reply::check(Sense::READ_ERROR);
+        };
+        // Whole blocks only; a run shorter than a block counts as one block of its kind.
+        let blocks = (first.len / BLOCK).max(1).min(rest) as u32;
+        let deallocated = first.hole || first.zero;
+        let mut d = vec![0u8; 24];
+        d[..4].copy_from_slice(&20u32.to_be_bytes()); // parameter data length (n - 3)
+        d[8..16].copy_from_slice(&lba.to_be_bytes());
+        d[16..20].copy_from_slice(&blocks.to_be_bytes());
+        d[20] = u8::from(deallocated);
+        Reply::data(clip(d, alloc))
     }
 
     fn read(&self, cdb: &[u8]) -> Reply {

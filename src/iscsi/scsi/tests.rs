@@ -166,6 +166,28 @@ fn capacity_inquiry_and_vpd() {
 }
 
 #[test]
+fn lba_status_follows_the_disk_extents() {
+    let (l, _) = lun(64);
+    let mut c = vec![0u8; 16];
+    c[0] = 0x9E;
+    c[1] = 0x12;
+    c[9] = 8; // LBA 8
+    c[13] = 24;
+    let r = l.execute(&c, &[]);
+    assert_eq!(r.data.len(), 24);
+    assert_eq!(be32(&r.data), 20);
+    assert_eq!(be64(&r.data[8..]), 8);
+    assert_eq!(
+        be32(&r.data[16..]),
+        56,
+        "the in-memory disk is one mapped extent"
+    );
+    assert_eq!(r.data[20], 0);
+    c[9] = 64;
+    assert_eq!(l.execute(&c, &[]).sense, Some(Sense::LBA_OUT_OF_RANGE));
+}
+
+#[test]
 fn unknown_commands_get_invalid_opcode_sense() {
     let (l, _) = lun(8);
     let r = l.execute(&[0xC7, 0, 0, 0, 0, 0], &[]);
