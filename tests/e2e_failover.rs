@@ -122,7 +122,7 @@ fn secs(e: &serde_json::Value) -> f64 {
 }
 
 /// Detection and total from a failover-done message ("... detected after D s ...").
-fn figures(lab: &Lab, what: &str, done: &serde_json::Value) {
+fn figures(what: &str, done: &serde_json::Value) {
     let msg = done["message"].as_str().unwrap_or("");
     let grab = |after: &str| {
         msg.split(after)
@@ -137,7 +137,6 @@ fn figures(lab: &Lab, what: &str, done: &serde_json::Value) {
         "FAILOVER {what}: detection {detect:.2} s, failure to healthy replacement {:.2} s, server side {server:.3} s (TCG)",
         secs(done)
     );
-    let _ = lab;
 }
 
 #[test]
@@ -269,7 +268,7 @@ http.server.HTTPServer(("0.0.0.0", {hook_port}), H).serve_forever()
     let done = wait(&lab, "the slow failover to finish", BOOT_TIMEOUT, || {
         event_of(&lab, "failover-done", &mac[2])
     });
-    figures(&lab, "slow", &done);
+    figures("slow", &done);
     // n1 was drained (the agent stopped its group, the image's stop hook ran), and went back to the pool.
     wait_line(
         &vms[0],
@@ -325,7 +324,7 @@ http.server.HTTPServer(("0.0.0.0", {hook_port}), H).serve_forever()
     let done = wait(&lab, "the failover of web-2", BOOT_TIMEOUT, || {
         event_of(&lab, "failover-done", &mac[0])
     });
-    figures(&lab, "killed", &done);
+    figures("killed", &done);
     let view = api(&lab, "/api/v1/nodes");
     let state = |m: &str| {
         view.as_array()

@@ -212,27 +212,19 @@ impl Controller {
             return;
         };
         let mut h = self.health();
-        let w = h.watches.entry(mac).or_insert_with(|| {
-            (
-                role.clone(),
-                NodeWatch::new(
-                    c.spec.health(),
-                    policy.heartbeat_interval,
-                    now_ms,
-                    policy.boot_timeout * 1000,
-                ),
-            )
-        });
-        if &w.0 != role {
-            *w = (
-                role.clone(),
-                NodeWatch::new(
-                    c.spec.health(),
-                    policy.heartbeat_interval,
-                    now_ms,
-                    policy.boot_timeout * 1000,
-                ),
+        // A watch belongs to one role: a node in a new role starts a fresh one.
+        let fresh = || {
+            let w = NodeWatch::new(
+                c.spec.health(),
+                policy.heartbeat_interval,
+                now_ms,
+                policy.boot_timeout * 1000,
             );
+            (role.clone(), w)
+        };
+        let w = h.watches.entry(mac).or_insert_with(&fresh);
+        if &w.0 != role {
+            *w = fresh();
         }
         w.1.heartbeat(hb, now_ms);
     }

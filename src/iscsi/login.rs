@@ -162,7 +162,6 @@ enum ChapState {
 /// One connection's login.
 pub struct Login {
     limits: Limits,
-    stage: Stage,
     initiator: Option<String>,
     kind: Option<SessionKind>,
     /// Secrets when the target requires CHAP (known once the target name is).
@@ -266,7 +265,6 @@ impl Login {
     pub fn new(limits: Limits) -> Login {
         Login {
             limits,
-            stage: Stage::Security,
             initiator: None,
             kind: None,
             chap: None,
@@ -534,7 +532,6 @@ impl Login {
                 return Step::Complete(resp, Box::new(logged));
             }
             if nsg == 1 && stage == Stage::Security {
-                self.stage = Stage::Operational;
                 return Step::Continue(self.response(req, true, csg, 1, status::SUCCESS, answer));
             }
             return self.fail(req, status::INITIATOR_ERROR);

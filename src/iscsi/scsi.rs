@@ -175,6 +175,15 @@ pub fn data_out_len(cdb: &[u8]) -> u32 {
     }
 }
 
+/// The block range of a READ, WRITE or WRITE SAME, refusing a malformed CDB or one that asks for
+/// protection information.
+fn block_range(cdb: &[u8]) -> Result<(u64, u32), Sense> {
+    match rw_range(cdb) {
+        Some(r) if !protect_field(cdb) => Ok(r),
+        _ => Err(Sense::INVALID_FIELD_IN_CDB),
+    }
+}
+
 /// RDPROTECT/WRPROTECT (byte 1, bits 5-7) set: protection information was asked for, and this disk
 /// has none (INQUIRY says PROTECT=0).
 fn protect_field(cdb: &[u8]) -> bool {
@@ -373,12 +382,10 @@ impl Lun {
     }
 
     fn read(&self, cdb: &[u8]) -> Reply {
-        let Some((lba, n)) = rw_range(cdb) else {
-            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+        let (lba, n) = match block_range(cdb) {
+            Ok(r) => r,
+            Err(sense) => return Reply::check(sense),
         };
-        if protect_field(cdb) {
-            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
-        }
         if n > MAX_TRANSFER_BLOCKS {
             return Reply::check(Sense::INVALID_FIELD_IN_CDB);
         }
@@ -395,12 +402,10 @@ impl Lun {
     }
 
     fn write(&self, cdb: &[u8], data: &[u8]) -> Reply {
-        let Some((lba, n)) = rw_range(cdb) else {
-            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+        let (lba, n) = match block_range(cdb) {
+            Ok(r) => r,
+            Err(sense) => return Reply::check(sense),
         };
-        if protect_field(cdb) {
-            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
-        }
         if self.disk.read_only() {
             return Reply::check(Sense::WRITE_PROTECTED);
         }
@@ -539,12 +544,10 @@ impl Lun {
     }
 
     fn write_same(&self, cdb: &[u8], data: &[u8]) -> Reply {
-        let Some((lba, n)) = rw_range(cdb) else {
-            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+        let (lba, n) = match block_range(cdb) {
+            Ok(r) => r,
+            Err(sense) => return Reply::check(sense),
         };
-        if protect_field(cdb) {
-            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
-        }
         if self.disk.read_only() {
             return Reply::check(Sense::WRITE_PROTECTED);
         }

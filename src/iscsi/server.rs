@@ -349,12 +349,7 @@ fn full_feature(
                         let reply = match lun {
                             // LUN 0 only.
                             Some(unit) if l == 0 => unit.execute(&cdb, &data_out),
-                            Some(_) => {
-                                super::scsi::Reply::check(super::scsi::Sense::LUN_NOT_SUPPORTED)
-                            }
-                            None => {
-                                super::scsi::Reply::check(super::scsi::Sense::LUN_NOT_SUPPORTED)
-                            }
+                            _ => super::scsi::Reply::check(super::scsi::Sense::LUN_NOT_SUPPORTED),
                         };
                         next.extend(session.completed(itt, reply));
                     }
