@@ -1,7 +1,8 @@
 //! The iSCSI target on loopback against initiators nobody here wrote (libiscsi's tools from
 //! libiscsi-bin): discovery with iscsi-ls, INQUIRY with iscsi-inq, READ CAPACITY(16) with
 //! iscsi-readcapacity16, and qemu-img (qemu-block-extra) writing and reading back through `iscsi://`; a
-//! slot that is not the client's is refused at login.
+//! slot that is not the client's is refused at login. With secrets in the credentials file the target asks
+//! for CHAP (and mutual CHAP) and a `sanboot` image's script hands iPXE the same secrets.
 
 mod common;
 
@@ -11,6 +12,11 @@ use std::path::Path;
 const SIZE: u64 = 64 << 20;
 
 fn setup(dir: &Path, http: u16, iscsi: u16) {
+    setup_with(dir, http, iscsi, "", "testos");
+}
+
+/// `server_extra` goes into `[server]`; `image` is what cluster db boots.
+fn setup_with(dir: &Path, http: u16, iscsi: u16, server_extra: &str, cluster_image: &str) {
     image(dir, "testos");
     std::fs::create_dir_all(dir.join("disks")).unwrap();
     let base = std::fs::File::create(dir.join("disks/base.img")).unwrap();
@@ -18,7 +24,7 @@ fn setup(dir: &Path, http: u16, iscsi: u16) {
     std::fs::write(
         dir.join("corral.toml"),
         format!(
-            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}/boot-scripts\"\npolicy = \"policy.toml\"\ndisks_dir = \"disks\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[tftp]\nenabled = false\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{iscsi}\"\n",
+            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}/boot-scripts\"\npolicy = \"policy.toml\"\ndisks_dir = \"disks\"\n{server_extra}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[tftp]\nenabled = false\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{iscsi}\"\n",
             env!("CARGO_MANIFEST_DIR"),
             free_port()
         ),
@@ -26,7 +32,7 @@ fn setup(dir: &Path, http: u16, iscsi: u16) {
     .unwrap();
     std::fs::write(
         dir.join("policy.toml"),
-        "[settings]\ncooldown = 0\n\n[[cluster]]\nname = \"db\"\nmin = 0\nmax = 2\ndefault = 1\nimages = [\"testos\"]\ndisk = \"base\"\n",
+        format!("[settings]\ncooldown = 0\n\n[[cluster]]\nname = \"db\"\nmin = 0\nmax = 2\ndefault = 1\nimages = [\"{cluster_image}\"]\ndisk = \"base\"\n"),
     )
     .unwrap();
 }
@@ -138,4 +144,85 @@ fn iscsi_interop_with_libiscsi_tools() {
     );
     assert_ne!(code, 0, "db.1 must be refused: {out}");
     let _ = err;
+}
+
+#[test]
+fn chap_secrets_from_the_credentials_file() {
+    if run("sh", &["-c", "command -v iscsi-inq"]).0 != 0 {
+        panic!("iscsi-inq (libiscsi-bin) is needed: tests/deps.sh installs it");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (http, iscsi) = (free_port(), free_port());
+    // A sanboot image: the node boots the slot's disk itself over iSCSI.
+    std::fs::create_dir_all(dir.join("images/appliance")).unwrap();
+    std::fs::write(
+        dir.join("images/appliance/image.toml"),
+        "kind = \"sanboot\"\n",
+    )
+    .unwrap();
+    let creds = dir.join("credentials.toml");
+    std::fs::write(
+        &creds,
+        "[\"iscsi:db\"]\nuser = \"db-node\"\npassword = \"initiator-secret-1\"\n\n[\"iscsi-target:db\"]\nuser = \"corral\"\npassword = \"target-secret-22\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    setup_with(
+        dir,
+        http,
+        iscsi,
+        "credentials = \"credentials.toml\"",
+        "appliance",
+    );
+    let _server = start(dir, http);
+    let script = get(&format!(
+        "http://127.0.0.1:{http}/boot/52-54-00-00-00-01?buildarch=x86_64"
+    ));
+    // iPXE gets the root path, its initiator name and both secrets.
+    for line in [
+        "set initiator-iqn iqn.2026-11.io.corral:node.525400000001",
+        "set username:string db-node",
+        "set password:string initiator-secret-1",
+        "set reverse-username:string corral",
+        "set reverse-password:string target-secret-22",
+        &format!("sanboot iscsi:127.0.0.1::{iscsi}::iqn.2026-11.io.corral:db.0 || goto corral-retry"),
+    ] {
+        assert!(script.lines().any(|l| l == line), "{line:?} missing from:\n{script}");
+    }
+    let target = "iqn.2026-11.io.corral:db.0/0";
+    let inq = |auth: &str, query: &str| {
+        run(
+            "iscsi-inq",
+            &[
+                "-i",
+                "iqn.2026-11.io.corral:node.525400000001",
+                &format!("iscsi://{auth}127.0.0.1:{iscsi}/{target}{query}"),
+            ],
+        )
+    };
+    // No secret, a wrong secret, a wrong user: refused.
+    assert_ne!(inq("", "").0, 0, "a login without CHAP must be refused");
+    assert_ne!(inq("db-node%wrong-secret-1@", "").0, 0, "a wrong secret must be refused");
+    assert_ne!(inq("other%initiator-secret-1@", "").0, 0, "a wrong user must be refused");
+    // The right secret: in.
+    let (code, out, err) = inq("db-node%initiator-secret-1@", "");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("CORRAL"), "{out}");
+    // Mutual CHAP: the initiator checks the target's answer too; a wrong expected target secret fails.
+    let (code, out, err) = inq(
+        "db-node%initiator-secret-1@",
+        "?target_user=corral&target_password=target-secret-22",
+    );
+    assert_eq!(code, 0, "mutual CHAP: {out}{err}");
+    assert_ne!(
+        inq(
+            "db-node%initiator-secret-1@",
+            "?target_user=corral&target_password=not-the-secret-1"
+        )
+        .0,
+        0,
+        "the initiator must reject a target that does not know the target secret"
+    );
 }

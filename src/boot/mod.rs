@@ -21,7 +21,12 @@ pub struct ImageSpec {
     /// CPU architecture the image runs on (`x86_64`, `arm64`, `i386`), or `any`.
     #[serde(default = "any_arch")]
     pub arch: String,
-    /// Kernel file, relative to the image's folder.
+    /// How the node boots: a kernel and initrds over HTTP (the default), or `sanboot`: the firmware boots
+    /// the slot's whole disk (its own bootloader) over iSCSI.
+    #[serde(default)]
+    pub kind: ImageKind,
+    /// Kernel file, relative to the image's folder (required for `kernel` images).
+    #[serde(default)]
     pub kernel: String,
     /// Initrd files, relative to the image's folder, loaded in order.
     #[serde(default)]
@@ -37,6 +42,18 @@ pub struct ImageSpec {
 
 fn any_arch() -> String {
     "any".into()
+}
+
+/// How an image boots.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    /// iPXE loads a kernel and initrds from corral over HTTP.
+    #[default]
+    Kernel,
+    /// iPXE `sanboot`s the slot's disk from corral's iSCSI target: a whole-disk image with its own
+    /// bootloader (an installed OS, an appliance). The image has no files; its disk is the cluster's.
+    Sanboot,
 }
 
 /// An image in the catalog: its spec and where its files are.
@@ -122,11 +139,35 @@ impl Catalog {
             match parse_toml::<ImageSpec>(&text, &file) {
                 Ok(spec) => {
                     let mut errs = Vec::new();
+                    match spec.kind {
+                        ImageKind::Kernel if spec.kernel.is_empty() => errs.push((
+                            vec!["kernel".to_string()],
+                            "a kernel image needs `kernel` (or `kind = \"sanboot\"`)".into(),
+                        )),
+                        ImageKind::Sanboot => {
+                            for (key, set) in [
+                                ("kernel", !spec.kernel.is_empty()),
+                                ("initrds", !spec.initrds.is_empty()),
+                                ("cmdline", !spec.cmdline.is_empty()),
+                            ] {
+                                if set {
+                                    errs.push((
+                                        vec![key.to_string()],
+                                        format!(
+                                            "a sanboot image boots its disk's own bootloader: \
+                                             `{key}` would be ignored"
+                                        ),
+                                    ));
+                                }
+                            }
+                        }
+                        ImageKind::Kernel => {}
+                    }
                     for (key, val) in [
                         ("kernel", std::slice::from_ref(&spec.kernel)),
                         ("initrds", &spec.initrds[..]),
                     ] {
-                        for f in val {
+                        for f in val.iter().filter(|f| !f.is_empty()) {
                             if !is_plain_relative(f) {
                                 errs.push((
                                     vec![key.to_string()],
@@ -165,6 +206,7 @@ impl Image {
     /// Files the spec names that are not on disk.
     pub fn missing_files(&self) -> Vec<String> {
         std::iter::once(&self.spec.kernel)
+            .filter(|k| !k.is_empty())
             .chain(&self.spec.initrds)
             .filter(|f| !self.dir.join(f).is_file())
             .cloned()
@@ -201,11 +243,12 @@ fn is_plain_relative(p: &str) -> bool {
         && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
-/// The four script templates.
+/// The script templates.
 #[derive(Debug, Clone)]
 pub struct Templates {
     pub entry: Template,
     pub node: Template,
+    pub sanboot: Template,
     pub parked: Template,
     pub error: Template,
 }
@@ -221,11 +264,21 @@ const NODE_VARS: &[&str] = &[
     "initrd_commands",
     "hostname",
 ];
+const SANBOOT_VARS: &[&str] = &[
+    "base_url",
+    "mac",
+    "image",
+    "hostname",
+    "root_path",
+    "initiator_iqn",
+    "auth_commands",
+];
 const PARKED_VARS: &[&str] = &["base_url", "mac", "poll"];
 const ERROR_VARS: &[&str] = &["base_url", "mac", "poll", "message"];
 
 impl Templates {
-    /// Loads `entry.ipxe`, `node.ipxe`, `parked.ipxe` and `error.ipxe` from `dir`, checking placeholders.
+    /// Loads `entry.ipxe`, `node.ipxe`, `sanboot.ipxe`, `parked.ipxe` and `error.ipxe` from `dir`, checking
+    /// placeholders.
     pub fn load(dir: &Path) -> Result<Templates, Diagnostics> {
         let mut errors = Vec::new();
         let mut read = |name: &str, vars: &[&'static str]| -> Template {
@@ -260,6 +313,7 @@ impl Templates {
         let t = Templates {
             entry: read("entry.ipxe", ENTRY_VARS),
             node: read("node.ipxe", NODE_VARS),
+            sanboot: read("sanboot.ipxe", SANBOOT_VARS),
             parked: read("parked.ipxe", PARKED_VARS),
             error: read("error.ipxe", ERROR_VARS),
         };
@@ -375,6 +429,40 @@ pub struct NodeVars<'a> {
     pub agent: &'a str,
 }
 
+/// What a `sanboot` script needs: the slot's iSCSI disk and how to log in to it.
+pub struct SanVars<'a> {
+    /// iPXE's root path, `iscsi:<server>::<port>:<lun>:<target iqn>`.
+    pub root_path: &'a str,
+    pub initiator_iqn: &'a str,
+    /// The slot's CHAP secrets, when the credentials file has them.
+    pub chap: Option<&'a crate::iscsi::login::Chap>,
+}
+
+/// Renders the script that `sanboot`s a node from its slot's iSCSI disk. iPXE logs in with the
+/// initiator name and CHAP settings given here and leaves them in the iBFT, so the booted OS logs in to the
+/// same target with the same identity.
+pub fn sanboot_script(t: &Templates, image: &Image, v: &NodeVars<'_>, san: &SanVars<'_>) -> String {
+    let mut auth = Vec::new();
+    if let Some(chap) = san.chap {
+        // `:string` keeps iPXE from reading the value as another type; ipxe_safe keeps it one line.
+        auth.push(format!("set username:string {}", ipxe_safe(&chap.user)));
+        auth.push(format!("set password:string {}", ipxe_safe(&chap.secret)));
+        if let Some((user, secret)) = &chap.mutual {
+            auth.push(format!("set reverse-username:string {}", ipxe_safe(user)));
+            auth.push(format!("set reverse-password:string {}", ipxe_safe(secret)));
+        }
+    }
+    t.sanboot.render(&[
+        ("base_url", v.base_url),
+        ("mac", v.mac),
+        ("image", &image.name),
+        ("hostname", v.hostname),
+        ("root_path", &ipxe_safe(san.root_path)),
+        ("initiator_iqn", &ipxe_safe(san.initiator_iqn)),
+        ("auth_commands", &auth.join("\n")),
+    ])
+}
+
 /// Renders the script that boots `image` on a node.
 pub fn node_script(t: &Templates, image: &Image, v: &NodeVars<'_>) -> String {
     let cmd_vars = [
@@ -461,6 +549,7 @@ mod tests {
             ImageSpec {
                 description: String::new(),
                 arch: "x86_64".into(),
+                kind: ImageKind::Kernel,
                 kernel: "vmlinuz".into(),
                 initrds: vec!["boot/initrd.img".into()],
                 cmdline: "console=ttyS0 node={{mac}} img={{image}}".into(),
@@ -515,10 +604,92 @@ mod tests {
     }
 
     #[test]
+    fn sanboot_script_logs_in_as_the_node() {
+        let t = repo_templates();
+        let image = Image::new(
+            "appliance".into(),
+            PathBuf::from("/nonexistent"),
+            ImageSpec {
+                description: String::new(),
+                arch: "any".into(),
+                kind: ImageKind::Sanboot,
+                kernel: String::new(),
+                initrds: vec![],
+                cmdline: String::new(),
+            },
+        )
+        .unwrap();
+        assert!(image.missing_files().is_empty());
+        let v = NodeVars {
+            base_url: "http://10.0.0.1",
+            server: "10.0.0.1",
+            mac: "52:54:00:00:00:01",
+            hostname: "db-0",
+            cluster: "db",
+            slot: "0",
+            address: "",
+            disk: "",
+            disk_export: "",
+            agent: "",
+        };
+        let root = "iscsi:10.0.0.1::3260::iqn.2026-11.io.corral:db.0";
+        let mut san = SanVars {
+            root_path: root,
+            initiator_iqn: "iqn.2026-11.io.corral:node.525400000001",
+            chap: None,
+        };
+        let s = sanboot_script(&t, &image, &v, &san);
+        assert!(s.starts_with("#!ipxe"), "{s}");
+        assert!(
+            s.contains("set initiator-iqn iqn.2026-11.io.corral:node.525400000001\n"),
+            "{s}"
+        );
+        assert!(s.contains(&format!("sanboot {root} || goto corral-retry")), "{s}");
+        assert!(!s.contains("username") && !s.contains("{{"), "{s}");
+        // With CHAP (and mutual CHAP) the secrets go into iPXE's settings, one line each; a secret cannot
+        // break out of its line or expand an iPXE setting.
+        let chap = crate::iscsi::login::Chap {
+            user: "db-0".into(),
+            secret: "s3cret-123456\nreboot".into(),
+            mutual: Some(("corral".into(), "${other}-secret-1".into())),
+        };
+        san.chap = Some(&chap);
+        let s = sanboot_script(&t, &image, &v, &san);
+        assert!(s.contains("set username:string db-0\n"), "{s}");
+        assert!(s.contains("set password:string s3cret-123456 reboot\n"), "{s}");
+        assert!(s.contains("set reverse-username:string corral\n"), "{s}");
+        assert!(s.contains("set reverse-password:string $ {other}-secret-1\n"), "{s}");
+        assert!(!s.lines().any(|l| l.trim() == "reboot"), "{s}");
+    }
+
+    #[test]
+    fn image_kinds_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            std::fs::create_dir_all(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join("image.toml"), text).unwrap();
+        };
+        write("nokernel", "description = \"x\"\n");
+        let e = Catalog::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("nokernel/image.toml") && e.contains("needs `kernel`"), "{e}");
+        std::fs::remove_dir_all(dir.path().join("nokernel")).unwrap();
+        write("san", "kind = \"sanboot\"\ncmdline = \"quiet\"\n");
+        let e = Catalog::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("san/image.toml:2:11") && e.contains("ignored"), "{e}");
+        write("san", "kind = \"sanboot\"\n");
+        let c = Catalog::load(dir.path()).unwrap();
+        assert_eq!(c.get("san").unwrap().spec.kind, ImageKind::Sanboot);
+        write("bad", "kind = \"floppy\"\n");
+        let e = Catalog::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bad/image.toml:1:8"), "{e}");
+    }
+
+    #[test]
     fn arch_matching() {
         let mut spec = ImageSpec {
             description: String::new(),
             arch: "x86_64".into(),
+            kind: ImageKind::Kernel,
             kernel: "k".into(),
             initrds: vec![],
             cmdline: String::new(),

@@ -221,6 +221,19 @@ pub struct IscsiConfig {
     pub iqn_prefix: String,
 }
 
+impl IscsiConfig {
+    /// The target name of a slot's disk.
+    pub fn target_iqn(&self, cluster: &str, slot: &str) -> String {
+        format!("{}:{cluster}.{slot}", self.iqn_prefix)
+    }
+
+    /// The initiator name corral gives a node that sanboots (iPXE logs in with it, and leaves it in the
+    /// iBFT for the booted OS): stable per node, so a target's log names the machine.
+    pub fn initiator_iqn(&self, mac: &crate::mac::Mac) -> String {
+        format!("{}:node.{}", self.iqn_prefix, mac.to_string().replace(':', ""))
+    }
+}
+
 impl Default for IscsiConfig {
     fn default() -> Self {
         IscsiConfig {

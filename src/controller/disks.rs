@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::Controller;
 use crate::disk::Disk;
+use crate::iscsi::login::Chap;
 use crate::mac::Mac;
 use crate::nbd::handshake::{Exports, Refusal};
 use crate::nbd::ExportSource;
@@ -252,9 +253,30 @@ impl NodeDisks {
 
     fn iqn_of(&self, export: &str) -> Option<String> {
         let (cluster, slot) = export.split_once('/')?;
-        let prefix = self.0.state().config.iscsi.iqn_prefix.clone();
-        Some(format!("{prefix}:{cluster}.{slot}"))
+        Some(self.0.state().config.iscsi.target_iqn(cluster, slot))
     }
+}
+
+/// The CHAP secrets of a slot's iSCSI target, from the credentials file: `["iscsi:<cluster>.<slot>"]`, else
+/// `["iscsi:<cluster>"]` (user and password the initiator proves it knows); for mutual CHAP also
+/// `["iscsi-target:<cluster>.<slot>"]` or `["iscsi-target:<cluster>"]` (what the target answers with).
+/// `None`: the slot has no secrets and the address check alone guards it.
+pub fn slot_chap(
+    credentials: &crate::power::Credentials,
+    cluster: &str,
+    slot: &str,
+) -> Option<Chap> {
+    let find = |kind: &str| {
+        credentials
+            .get(&format!("{kind}:{cluster}.{slot}"))
+            .or_else(|| credentials.get(&format!("{kind}:{cluster}")))
+    };
+    let initiator = find("iscsi")?;
+    Some(Chap {
+        user: initiator.user.clone(),
+        secret: initiator.password.clone(),
+        mutual: find("iscsi-target").map(|t| (t.user.clone(), t.password.clone())),
+    })
 }
 
 /// A stable 64-bit NAA identifier (NAA 5 form, locally assigned) for a slot's disk.
@@ -289,7 +311,7 @@ impl crate::iscsi::TargetSource for NodeDisks {
         iqn: &str,
         peer: IpAddr,
         _initiator: &str,
-    ) -> Result<Option<crate::iscsi::login::Chap>, crate::iscsi::login::Refusal> {
+    ) -> Result<Option<Chap>, crate::iscsi::login::Refusal> {
         use crate::iscsi::login::Refusal;
         let export = self.export_of(iqn).ok_or(Refusal::NotFound)?;
         let target = self.0.target(&export).ok_or(Refusal::NotFound)?;
@@ -300,7 +322,8 @@ impl crate::iscsi::TargetSource for NodeDisks {
             tracing::warn!(%peer, iqn, "iscsi: refused: not the node assigned to this disk");
             return Err(Refusal::Forbidden);
         }
-        Ok(None)
+        let (cluster, slot) = export.split_once('/').ok_or(Refusal::NotFound)?;
+        Ok(slot_chap(&self.0.state().credentials, cluster, slot))
     }
 
     fn open(&self, iqn: &str, peer: IpAddr) -> Result<(Arc<dyn Disk>, String, u64), String> {
@@ -319,5 +342,60 @@ impl crate::iscsi::TargetSource for NodeDisks {
     fn still_allowed(&self, iqn: &str, peer: IpAddr) -> bool {
         self.export_of(iqn)
             .is_some_and(|e| crate::nbd::ExportSource::still_allowed(self, &e, peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::power::{Credentials, Secret};
+
+    fn creds(entries: &[(&str, &str, &str)]) -> Credentials {
+        Credentials::from_map(
+            entries
+                .iter()
+                .map(|(k, u, p)| {
+                    (
+                        k.to_string(),
+                        Secret {
+                            user: u.to_string(),
+                            password: p.to_string(),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn chap_secrets_per_slot_then_per_cluster() {
+        let c = creds(&[
+            ("iscsi:db", "db", "cluster-secret-1"),
+            ("iscsi:db.1", "db-1", "slot-secret-111"),
+            ("iscsi-target:db", "corral", "target-secret-1"),
+            ("bmc-1", "admin", "x"),
+        ]);
+        let s0 = slot_chap(&c, "db", "0").unwrap();
+        assert_eq!((s0.user.as_str(), s0.secret.as_str()), ("db", "cluster-secret-1"));
+        assert_eq!(s0.mutual, Some(("corral".into(), "target-secret-1".into())));
+        let s1 = slot_chap(&c, "db", "1").unwrap();
+        assert_eq!((s1.user.as_str(), s1.secret.as_str()), ("db-1", "slot-secret-111"));
+        assert!(slot_chap(&c, "web", "0").is_none());
+        assert!(c.check_iscsi().is_ok());
+    }
+
+    #[test]
+    fn weak_or_shared_chap_secrets_are_refused() {
+        let e = creds(&[("iscsi:db", "db", "short")]).check_iscsi().unwrap_err();
+        assert!(e.contains("[iscsi:db]") && e.contains("12 bytes"), "{e}");
+        let e = creds(&[
+            ("iscsi:db.0", "db", "same-secret-12"),
+            ("iscsi-target:db.0", "corral", "same-secret-12"),
+        ])
+        .check_iscsi()
+        .unwrap_err();
+        assert!(e.contains("differ"), "{e}");
+        // Other entries (BMC passwords) are not iSCSI's business.
+        assert!(creds(&[("bmc", "admin", "x")]).check_iscsi().is_ok());
     }
 }

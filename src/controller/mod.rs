@@ -110,7 +110,9 @@ impl BootState {
             return Err(Diagnostics::from_paths(&text, &src, errs));
         }
         let credentials = match &config.server.credentials {
-            Some(p) => crate::power::Credentials::load(p).map_err(|e| Diagnostics::single(p, e))?,
+            Some(p) => crate::power::Credentials::load(p)
+                .and_then(|c| c.check_iscsi().map(|()| c))
+                .map_err(|e| Diagnostics::single(p, e))?,
             None => crate::power::Credentials::default(),
         };
         let policy = match &config.server.policy {
@@ -120,7 +122,7 @@ impl BootState {
                     catalog.get(name).is_some_and(|i| i.runs_on(arch))
                 };
                 let policy = Policy::load(path, &exists)?;
-                check_disks(&policy, path, &config.server.disks_dir)?;
+                check_disks(&policy, path, &config, &catalog)?;
                 check_power(path, &credentials)?;
                 Some(Arc::new(policy))
             }
@@ -187,6 +189,11 @@ impl BootState {
         let missing = image.missing_files_at(now);
         if !missing.is_empty() {
             return BootDecision::Error(format!("image {name} is missing {}", missing.join(", ")));
+        }
+        if image.spec.kind == crate::boot::ImageKind::Sanboot && role.is_none() {
+            return BootDecision::Error(format!(
+                "image {name} boots a slot's disk over iSCSI: the node needs a slot (a policy)"
+            ));
         }
         BootDecision::Image(image.clone(), role)
     }
@@ -316,10 +323,32 @@ fn check_power(
 fn check_disks(
     policy: &Policy,
     path: &std::path::Path,
-    disks_dir: &std::path::Path,
+    config: &Config,
+    catalog: &crate::boot::Catalog,
 ) -> Result<(), Diagnostics> {
+    let disks_dir = &config.server.disks_dir;
     let mut errs = Vec::new();
     for (i, c) in policy.clusters.iter().enumerate() {
+        // A sanboot image boots the slot's disk over iSCSI: its cluster needs a disk and corral the target.
+        let sanboot = c.slot_images.iter().find(|name| {
+            catalog
+                .get(name)
+                .is_some_and(|im| im.spec.kind == crate::boot::ImageKind::Sanboot)
+        });
+        if let Some(name) = sanboot {
+            let at = vec!["cluster".to_string(), i.to_string(), "images".to_string()];
+            if c.spec.disk.is_none() {
+                errs.push((
+                    at,
+                    format!("image `{name}` is a sanboot image: the cluster needs a `disk` to boot"),
+                ));
+            } else if !config.iscsi.enabled {
+                errs.push((
+                    at,
+                    format!("image `{name}` is a sanboot image: [iscsi] must be enabled"),
+                ));
+            }
+        }
         let Some(disk) = &c.spec.disk else { continue };
         let at = vec!["cluster".to_string(), i.to_string(), "disk".to_string()];
         if !crate::disk::slots::safe_name(disk) {

@@ -624,7 +624,25 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
                 disk_export: &disk_export,
             };
             tracing::debug!(%mac, image = %image.name, "node script: image");
-            boot::node_script(&state.templates, image, &v)
+            match image.spec.kind {
+                boot::ImageKind::Kernel => boot::node_script(&state.templates, image, &v),
+                // The policy check makes sure a sanboot image's cluster has a disk and iSCSI is on.
+                boot::ImageKind::Sanboot => {
+                    let iscsi = &state.config.iscsi;
+                    let root_path = format!(
+                        "iscsi:{server}::{}::{}",
+                        iscsi.listen.port(),
+                        iscsi.target_iqn(&cluster, &slot)
+                    );
+                    let chap = crate::controller::disks::slot_chap(&state.credentials, &cluster, &slot);
+                    let san = boot::SanVars {
+                        root_path: &root_path,
+                        initiator_iqn: &iscsi.initiator_iqn(&mac),
+                        chap: chap.as_ref(),
+                    };
+                    boot::sanboot_script(&state.templates, image, &v, &san)
+                }
+            }
         }
         BootDecision::Park => {
             tracing::debug!(%mac, "node script: parked");

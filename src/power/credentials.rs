@@ -59,6 +59,39 @@ impl Credentials {
         self.0.get(key)
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Secret)> {
+        self.0.iter()
+    }
+
+    /// Refuses iSCSI CHAP entries (`iscsi:...`, `iscsi-target:...`) whose secret is shorter than the 12
+    /// bytes RFC 7143 requires, or mutual entries whose secret equals the initiator's (the RFC forbids
+    /// one secret for both directions).
+    pub fn check_iscsi(&self) -> Result<(), String> {
+        for (key, secret) in self.iter() {
+            let Some(rest) = key
+                .strip_prefix("iscsi:")
+                .or_else(|| key.strip_prefix("iscsi-target:"))
+            else {
+                continue;
+            };
+            if secret.password.len() < 12 {
+                return Err(format!(
+                    "[{key}]: a CHAP secret must be at least 12 bytes (RFC 7143)"
+                ));
+            }
+            if key.starts_with("iscsi-target:")
+                && self
+                    .get(&format!("iscsi:{rest}"))
+                    .is_some_and(|i| i.password == secret.password)
+            {
+                return Err(format!(
+                    "[{key}]: the target's secret must differ from the initiator's (RFC 7143)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn from_map(map: BTreeMap<String, Secret>) -> Credentials {
         Credentials(map)
     }
