@@ -5,30 +5,12 @@
 
 mod common;
 
+use common::disk_field as field;
 use corral::lab::{vm_mac, Firmware, Lab, Vm};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// The value after `key=` on the first serial line that starts with `prefix` and has that key.
-fn field(vm: &mut Vm, lab: &Lab, key: &str) -> String {
-    let needle = format!("CORRAL-DISK {key}=");
-    let (line, _) = vm.wait_for(&needle, BOOT_TIMEOUT).unwrap_or_else(|e| {
-        panic!(
-            "{e}\nserial:\n{}\ncorral log:\n{}",
-            vm.log(),
-            std::fs::read_to_string(lab.dir.join("corral.log")).unwrap_or_default()
-        )
-    });
-    assert!(!line.contains("CORRAL-DISK error="), "{line}");
-    let at = line.find(&needle).unwrap() + needle.len();
-    line[at..]
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string()
-}
 
 fn boot(lab: &mut Lab, name: &str, mac: &str) -> (Vm, String, String, String) {
     let mut vm = lab.vm(name, Firmware::Bios, mac).unwrap();
@@ -38,11 +20,12 @@ fn boot(lab: &mut Lab, name: &str, mac: &str) -> (Vm, String, String, String) {
         .find_map(|w| w.strip_prefix("corral.slot="))
         .unwrap_or_default()
         .to_string();
-    let attached = field(&mut vm, lab, "attached export");
+    let field = |vm: &Vm, lab: &Lab, key: &str| field(vm, lab, key, BOOT_TIMEOUT);
+    let attached = field(&vm, lab, "attached export");
     assert_eq!(attached, slot, "the node attached its own slot's export");
-    let base = field(&mut vm, lab, "base");
-    let found = field(&mut vm, lab, "found");
-    let wrote = field(&mut vm, lab, "wrote");
+    let base = field(&vm, lab, "base");
+    let found = field(&vm, lab, "found");
+    let wrote = field(&vm, lab, "wrote");
     assert_eq!(wrote, mac);
     vm.wait_for("CORRAL-DISK detached", BOOT_TIMEOUT).unwrap();
     assert!(

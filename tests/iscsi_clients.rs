@@ -187,9 +187,14 @@ fn chap_secrets_from_the_credentials_file() {
         "set password:string initiator-secret-1",
         "set reverse-username:string corral",
         "set reverse-password:string target-secret-22",
-        &format!("sanboot iscsi:127.0.0.1::{iscsi}::iqn.2026-11.io.corral:db.0 || goto corral-retry"),
+        &format!(
+            "sanboot iscsi:127.0.0.1::{iscsi}::iqn.2026-11.io.corral:db.0 || goto corral-retry"
+        ),
     ] {
-        assert!(script.lines().any(|l| l == line), "{line:?} missing from:\n{script}");
+        assert!(
+            script.lines().any(|l| l == line),
+            "{line:?} missing from:\n{script}"
+        );
     }
     let target = "iqn.2026-11.io.corral:db.0/0";
     let inq = |auth: &str, query: &str| {
@@ -204,8 +209,16 @@ fn chap_secrets_from_the_credentials_file() {
     };
     // No secret, a wrong secret, a wrong user: refused.
     assert_ne!(inq("", "").0, 0, "a login without CHAP must be refused");
-    assert_ne!(inq("db-node%wrong-secret-1@", "").0, 0, "a wrong secret must be refused");
-    assert_ne!(inq("other%initiator-secret-1@", "").0, 0, "a wrong user must be refused");
+    assert_ne!(
+        inq("db-node%wrong-secret-1@", "").0,
+        0,
+        "a wrong secret must be refused"
+    );
+    assert_ne!(
+        inq("other%initiator-secret-1@", "").0,
+        0,
+        "a wrong user must be refused"
+    );
     // The right secret: in.
     let (code, out, err) = inq("db-node%initiator-secret-1@", "");
     assert_eq!(code, 0, "{out}{err}");

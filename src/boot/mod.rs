@@ -644,7 +644,10 @@ mod tests {
             s.contains("set initiator-iqn iqn.2026-11.io.corral:node.525400000001\n"),
             "{s}"
         );
-        assert!(s.contains(&format!("sanboot {root} || goto corral-retry")), "{s}");
+        assert!(
+            s.contains(&format!("sanboot {root} || goto corral-retry")),
+            "{s}"
+        );
         assert!(!s.contains("username") && !s.contains("{{"), "{s}");
         // With CHAP (and mutual CHAP) the secrets go into iPXE's settings, one line each; a secret cannot
         // break out of its line or expand an iPXE setting.
@@ -656,9 +659,15 @@ mod tests {
         san.chap = Some(&chap);
         let s = sanboot_script(&t, &image, &v, &san);
         assert!(s.contains("set username:string db-0\n"), "{s}");
-        assert!(s.contains("set password:string s3cret-123456 reboot\n"), "{s}");
+        assert!(
+            s.contains("set password:string s3cret-123456 reboot\n"),
+            "{s}"
+        );
         assert!(s.contains("set reverse-username:string corral\n"), "{s}");
-        assert!(s.contains("set reverse-password:string $ {other}-secret-1\n"), "{s}");
+        assert!(
+            s.contains("set reverse-password:string $ {other}-secret-1\n"),
+            "{s}"
+        );
         assert!(!s.lines().any(|l| l.trim() == "reboot"), "{s}");
     }
 
@@ -671,11 +680,17 @@ mod tests {
         };
         write("nokernel", "description = \"x\"\n");
         let e = Catalog::load(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("nokernel/image.toml") && e.contains("needs `kernel`"), "{e}");
+        assert!(
+            e.contains("nokernel/image.toml") && e.contains("needs `kernel`"),
+            "{e}"
+        );
         std::fs::remove_dir_all(dir.path().join("nokernel")).unwrap();
         write("san", "kind = \"sanboot\"\ncmdline = \"quiet\"\n");
         let e = Catalog::load(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("san/image.toml:2:11") && e.contains("ignored"), "{e}");
+        assert!(
+            e.contains("san/image.toml:2:11") && e.contains("ignored"),
+            "{e}"
+        );
         write("san", "kind = \"sanboot\"\n");
         let c = Catalog::load(dir.path()).unwrap();
         assert_eq!(c.get("san").unwrap().spec.kind, ImageKind::Sanboot);

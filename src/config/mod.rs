@@ -230,7 +230,11 @@ impl IscsiConfig {
     /// The initiator name corral gives a node that sanboots (iPXE logs in with it, and leaves it in the
     /// iBFT for the booted OS): stable per node, so a target's log names the machine.
     pub fn initiator_iqn(&self, mac: &crate::mac::Mac) -> String {
-        format!("{}:node.{}", self.iqn_prefix, mac.to_string().replace(':', ""))
+        format!(
+            "{}:node.{}",
+            self.iqn_prefix,
+            mac.to_string().replace(':', "")
+        )
     }
 }
 

@@ -376,17 +376,25 @@ mod tests {
             ("bmc-1", "admin", "x"),
         ]);
         let s0 = slot_chap(&c, "db", "0").unwrap();
-        assert_eq!((s0.user.as_str(), s0.secret.as_str()), ("db", "cluster-secret-1"));
+        assert_eq!(
+            (s0.user.as_str(), s0.secret.as_str()),
+            ("db", "cluster-secret-1")
+        );
         assert_eq!(s0.mutual, Some(("corral".into(), "target-secret-1".into())));
         let s1 = slot_chap(&c, "db", "1").unwrap();
-        assert_eq!((s1.user.as_str(), s1.secret.as_str()), ("db-1", "slot-secret-111"));
+        assert_eq!(
+            (s1.user.as_str(), s1.secret.as_str()),
+            ("db-1", "slot-secret-111")
+        );
         assert!(slot_chap(&c, "web", "0").is_none());
         assert!(c.check_iscsi().is_ok());
     }
 
     #[test]
     fn weak_or_shared_chap_secrets_are_refused() {
-        let e = creds(&[("iscsi:db", "db", "short")]).check_iscsi().unwrap_err();
+        let e = creds(&[("iscsi:db", "db", "short")])
+            .check_iscsi()
+            .unwrap_err();
         assert!(e.contains("[iscsi:db]") && e.contains("12 bytes"), "{e}");
         let e = creds(&[
             ("iscsi:db.0", "db", "same-secret-12"),

@@ -340,7 +340,9 @@ fn check_disks(
             if c.spec.disk.is_none() {
                 errs.push((
                     at,
-                    format!("image `{name}` is a sanboot image: the cluster needs a `disk` to boot"),
+                    format!(
+                        "image `{name}` is a sanboot image: the cluster needs a `disk` to boot"
+                    ),
                 ));
             } else if !config.iscsi.enabled {
                 errs.push((

@@ -634,7 +634,8 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
                         iscsi.listen.port(),
                         iscsi.target_iqn(&cluster, &slot)
                     );
-                    let chap = crate::controller::disks::slot_chap(&state.credentials, &cluster, &slot);
+                    let chap =
+                        crate::controller::disks::slot_chap(&state.credentials, &cluster, &slot);
                     let san = boot::SanVars {
                         root_path: &root_path,
                         initiator_iqn: &iscsi.initiator_iqn(&mac),

@@ -189,6 +189,8 @@ pub struct Lab {
     pub dir: PathBuf,
     /// Base disk images for the policy's clusters (`server.disks_dir`), when the lab serves disks.
     pub disks_dir: Option<PathBuf>,
+    /// The credentials file (`server.credentials`: BMC passwords, iSCSI CHAP secrets), if any.
+    pub credentials: Option<PathBuf>,
     hosts: Vec<String>,
     children: Vec<Child>,
     taps: u32,
@@ -206,6 +208,7 @@ impl Lab {
             subnet: 100 + (id % 150) as u8,
             dir: dir.to_path_buf(),
             disks_dir: None,
+            credentials: None,
             hosts: Vec::new(),
             children: Vec::new(),
             taps: 0,
@@ -438,6 +441,9 @@ impl Lab {
             .unwrap_or_default();
         if let Some(d) = &self.disks_dir {
             policy_line.push_str(&format!("disks_dir = \"{}\"\n", d.display()));
+        }
+        if let Some(c) = &self.credentials {
+            policy_line.push_str(&format!("credentials = \"{}\"\n", c.display()));
         }
         let cfg = self.dir.join("corral.toml");
         std::fs::write(

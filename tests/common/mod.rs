@@ -180,6 +180,44 @@ pub fn lab_events(lab: &corral::lab::Lab) -> Vec<serde_json::Value> {
     ev
 }
 
+/// The value after `CORRAL-DISK <key>=` on the VM's serial console (the test OS's disk report), waiting for
+/// it; fails with the serial log and corral's log when it does not come, or on a `CORRAL-DISK error=` line.
+pub fn disk_field(
+    vm: &corral::lab::Vm,
+    lab: &corral::lab::Lab,
+    key: &str,
+    timeout: Duration,
+) -> String {
+    let needle = format!("CORRAL-DISK {key}=");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = vm.log();
+        // An error line ends the report: fail now rather than wait out the timeout.
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains(&needle) || l.contains("CORRAL-DISK error="))
+        {
+            assert!(
+                !line.contains("CORRAL-DISK error="),
+                "{line}\nserial:\n{log}\ncorral log:\n{}",
+                tail(&lab_log(lab), 6000)
+            );
+            let at = line.find(&needle).unwrap() + needle.len();
+            return line[at..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{needle}` within {timeout:?}\nserial:\n{log}\ncorral log:\n{}",
+            tail(&lab_log(lab), 6000)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A lab corral's log.
 pub fn lab_log(lab: &corral::lab::Lab) -> String {
     std::fs::read_to_string(lab.dir.join("corral.log")).unwrap_or_default()

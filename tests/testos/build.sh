@@ -12,6 +12,11 @@
 #   detached
 # so that tests can see what a node's disk held and that what it wrote persists.
 #
+# With corral.disk=ibft (a disk image's own boot loader passes it, see mkboot.sh) the machine was sanbooted
+# by iPXE: it reads the iBFT, logs in to the same iSCSI target with the kernel's initiator (open-iscsi's
+# iscsistart), reports the marker in sector 1024 of the disk, writes its MAC there if there was none
+# (CORRAL-DISK ibft/attached/found/wrote/detached lines) and powers off.
+#
 # With corral.api=URL and corral.token=T on the command line (corral's {{agent}} placeholder) it becomes a
 # running node: it sets its hostname from corral.hostname=, takes an address by DHCP, installs a drain hook
 # (/etc/corral/drain, which prints "CORRAL-STOP-HOOK host=<hostname>" on the console), prints
@@ -53,7 +58,7 @@ mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,mnt,lib/modules/"$kver"}
 cp "$busybox" "$root/bin/busybox"
 for applet in sh mount umount cat echo ls sleep modprobe insmod poweroff reboot ip udhcpc mkdir basename \
               grep sed tr head tail dd sync wget timeout mdev hexdump date uname ifconfig route true hostname \
-              cut touch chmod httpd; do
+              cut touch chmod httpd mknod; do
   ln -sf busybox "$root/bin/$applet"
 done
 
@@ -63,6 +68,19 @@ copy_same_path() { mkdir -p "$root$(dirname "$1")" && cp -L "$1" "$root$1"; }
 copy_same_path "$nbd_client"
 for lib in $(ldd "$nbd_client" | sed -n -e 's/.*=> \(\/[^ ]*\) .*/\1/p' -e 's/^[[:space:]]*\(\/[^ ]*\) .*/\1/p'); do
   copy_same_path "$lib"
+done
+
+# open-iscsi's iscsistart, the initramfs login tool: with corral.disk=ibft the test OS logs in to the target
+# iPXE sanbooted from, as the iBFT describes it, through the kernel's iSCSI initiator.
+if ! iscsistart=$(PATH=$PATH:/usr/sbin:/sbin command -v iscsistart); then
+  [ "$(id -u)" = 0 ] || { echo "iscsistart missing (install open-iscsi, or run as root)" >&2; exit 1; }
+  echo "== installing open-iscsi (for iscsistart)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends open-iscsi >/dev/null
+  iscsistart=$(PATH=$PATH:/usr/sbin:/sbin command -v iscsistart)
+fi
+copy_same_path "$iscsistart"
+for lib in $(ldd "$iscsistart" | sed -n -e 's/.*=> \(\/[^ ]*\) .*/\1/p' -e 's/^[[:space:]]*\(\/[^ ]*\) .*/\1/p'); do
+  [ -e "$root$lib" ] || copy_same_path "$lib"
 done
 
 # corral's agent, stripped (debug builds carry ~100 MB of debug info), with its libraries.
@@ -107,7 +125,7 @@ add_module() {
   for dep in $(modinfo -k "$kver" -F depends "$1" | tr , ' '); do add_module "$dep"; done
 }
 for m in virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev virtio_net net_failover \
-         failover e1000 e1000e nbd ext4 crc32c_generic; do
+         failover e1000 e1000e nbd ext4 crc32c_generic iscsi_tcp iscsi_ibft sd_mod; do
   add_module "$m"
 done
 cp /lib/modules/"$kver"/modules.builtin* "$root/lib/modules/$kver/" 2>/dev/null || true
@@ -189,8 +207,61 @@ disk() {
   nbd-client -d /dev/nbd0 >/dev/null 2>&1 || { echo "CORRAL-DISK error=nbd-client -d failed"; return; }
   echo "CORRAL-DISK detached"
 }
+# corral.disk=ibft: the machine booted this OS from an iSCSI disk with iPXE's sanboot. Read the iBFT iPXE
+# left, log in to the same target as the same initiator with the kernel's initiator (iscsistart -b), and
+# report on CORRAL-DISK lines:
+#   ibft target=IQN initiator=IQN     attached dev=sdX
+#   found=<the marker in sector 1024, or none>
+#   wrote=<this node's MAC>          (only when the sector held no marker: the first boot of a slot's disk)
+#   detached
+ibft_disk() {
+  local m t i name found
+  echo 4 > /proc/sys/kernel/printk
+  # libiscsi asks the crypto API for crc32c (digests) when a connection is made: a soft dependency busybox
+  # modprobe does not load.
+  for m in crc32c_generic iscsi_ibft iscsi_tcp sd_mod; do
+    modprobe "$m" || { echo "CORRAL-DISK error=modprobe $m failed"; return; }
+  done
+  t=/sys/firmware/ibft/target0/target-name
+  i=/sys/firmware/ibft/initiator/initiator-name
+  [ -r "$t" ] || { echo "CORRAL-DISK error=no iBFT target (is this a sanboot?)"; return; }
+  echo "CORRAL-DISK ibft target=$(cat "$t") initiator=$(cat "$i")"
+  [ -n "$dev" ] || { echo "CORRAL-DISK error=no network interface"; return; }
+  ip link set "$dev" up
+  udhcpc -i "$dev" -n -q -t 5 -s /etc/udhcpc/default.script >/dev/null 2>&1 \
+    || { echo "CORRAL-DISK error=dhcp on $dev failed"; return; }
+  mkdir -p /etc/iscsi /run/lock/iscsi /var/lock/iscsi
+  if ! out=$(timeout 60 iscsistart -b 2>&1); then
+    echo "CORRAL-DISK error=iscsistart -b failed: $(echo "$out" | tr '\n' ' ' | sed 's/ *$//')"
+    return
+  fi
+  name=""
+  i=0
+  while [ -z "$name" ] && [ $i -lt 100 ]; do
+    for b in /sys/block/sd*; do [ -e "$b" ] && name=$(basename "$b"); done
+    [ -z "$name" ] && sleep 0.1
+    i=$((i + 1))
+  done
+  [ -n "$name" ] || { echo "CORRAL-DISK error=no disk appeared after the login"; return; }
+  [ -e "/dev/$name" ] || mknod "/dev/$name" b "$(cut -d: -f1 "/sys/block/$name/dev")" "$(cut -d: -f2 "/sys/block/$name/dev")"
+  echo "CORRAL-DISK attached dev=$name"
+  found=$(dd if="/dev/$name" bs=512 skip=1024 count=1 2>/dev/null | tr -d '\000' | sed -n 's/^CORRAL-MARK://p')
+  echo "CORRAL-DISK found=${found:-none}"
+  if [ -z "$found" ]; then
+    # fsync makes the kernel send the write and a SYNCHRONIZE CACHE before the line says it is written.
+    if printf 'CORRAL-MARK:%s\n' "$mac" | dd of="/dev/$name" bs=512 seek=1024 conv=sync,notrunc,fsync 2>/dev/null && sync; then
+      echo "CORRAL-DISK wrote=$mac"
+    else
+      echo "CORRAL-DISK error=write to sector 1024 failed"
+    fi
+  fi
+  echo "CORRAL-DISK detached"
+}
 d=$(arg corral.disk)
-[ -n "$d" ] && disk "$d"
+case "$d" in
+  ibft) ibft_disk;;
+  ?*) disk "$d";;
+esac
 
 # corral.api=...: a running node with corral's agent, until corral orders it off.
 api=$(arg corral.api)
