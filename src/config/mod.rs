@@ -587,6 +587,7 @@ mod tests {
             "default_image",
             "park_poll",
             "node",
+            "iqn_prefix",
         ] {
             assert!(
                 text.contains(&format!("{key} =")) || text.contains(&format!(".{key}]")),
