@@ -3,10 +3,12 @@
 //! return out. No sockets and no PDUs here: the iSCSI session carries the bytes.
 //!
 //! Supported: TEST UNIT READY, REQUEST SENSE, INQUIRY (standard; VPD 00, 80, 83, B0, B1, B2), READ
-//! CAPACITY(10/16), GET LBA STATUS, READ and WRITE (6/10/16, FUA), SYNCHRONIZE CACHE(10/16), REPORT LUNS, MODE SENSE(6/10)
-//! (caching and control pages), UNMAP, WRITE SAME(10/16) (with and without UNMAP), START STOP UNIT and
-//! PREVENT ALLOW MEDIUM REMOVAL (accepted, nothing to do). Anything else: CHECK CONDITION, ILLEGAL REQUEST,
-//! INVALID COMMAND OPERATION CODE.
+//! CAPACITY(10/16), GET LBA STATUS, READ and WRITE (6/10/12/16, FUA), WRITE AND VERIFY(10/12/16),
+//! VERIFY(10/12/16) (BYTCHK 0, 1 and 3: MISCOMPARE at the first differing byte), ORWRITE(16),
+//! PRE-FETCH(10/16), SYNCHRONIZE CACHE(10/16), REPORT LUNS, REPORT SUPPORTED OPERATION CODES, MODE
+//! SENSE(6/10) (caching and control pages), UNMAP, WRITE SAME(10/16) (with and without UNMAP), START STOP
+//! UNIT and PREVENT ALLOW MEDIUM REMOVAL (accepted, nothing to do). Anything else: CHECK CONDITION,
+//! ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE.
 
 use std::sync::Arc;
 
@@ -20,6 +22,8 @@ pub const MAX_TRANSFER_BLOCKS: u32 = 65_536;
 pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 /// Most descriptors in one UNMAP parameter list.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
+/// Most blocks one GET LBA STATUS descriptor describes (64 MiB).
+pub const LBA_STATUS_SPAN: u64 = 1 << 17;
 
 /// SCSI status codes.
 pub const GOOD: u8 = 0x00;
@@ -31,6 +35,7 @@ pub const MEDIUM_ERROR: u8 = 0x3;
 pub const ILLEGAL_REQUEST: u8 = 0x5;
 pub const DATA_PROTECT: u8 = 0x7;
 pub const ABORTED_COMMAND: u8 = 0xB;
+pub const MISCOMPARE: u8 = 0xE;
 
 /// Why a command did not complete: sense key, additional sense code and qualifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +43,8 @@ pub struct Sense {
     pub key: u8,
     pub asc: u8,
     pub ascq: u8,
+    /// The INFORMATION field (VALID set), e.g. the offset of the first byte a VERIFY found different.
+    pub info: Option<u32>,
 }
 
 impl Sense {
@@ -50,9 +57,25 @@ impl Sense {
     pub const WRITE_PROTECTED: Sense = Sense::new(DATA_PROTECT, 0x27, 0x00);
     pub const READ_ERROR: Sense = Sense::new(MEDIUM_ERROR, 0x11, 0x00);
     pub const WRITE_ERROR: Sense = Sense::new(MEDIUM_ERROR, 0x0C, 0x00);
+    pub const MISCOMPARE_DURING_VERIFY: Sense = Sense::new(MISCOMPARE, 0x1D, 0x00);
+    /// RFC 7143 11.4.7.2 "protocol service CRC error": how a task ends whose data sequence broke.
+    pub const PROTOCOL_SERVICE_CRC: Sense = Sense::new(ABORTED_COMMAND, 0x47, 0x05);
 
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
-        Sense { key, asc, ascq }
+        Sense {
+            key,
+            asc,
+            ascq,
+            info: None,
+        }
+    }
+
+    /// The same sense with the INFORMATION field set.
+    pub const fn with_info(self, info: u32) -> Sense {
+        Sense {
+            info: Some(info),
+            ..self
+        }
     }
 
     /// Fixed-format sense data (SPC-4 4.5.3), 18 bytes.
@@ -60,6 +83,10 @@ impl Sense {
         let mut s = [0u8; 18];
         s[0] = 0x70; // current error, fixed format
         s[2] = self.key & 0x0F;
+        if let Some(info) = self.info {
+            s[0] |= 0x80; // VALID: the INFORMATION field means something
+            s[3..7].copy_from_slice(&info.to_be_bytes());
+        }
         s[7] = 10; // additional sense length
         s[12] = self.asc;
         s[13] = self.ascq;
@@ -129,43 +156,56 @@ fn rw_range(cdb: &[u8]) -> Option<(u64, u32)> {
             let n = if cdb[4] == 0 { 256 } else { u32::from(cdb[4]) };
             (lba, n)
         }
-        0x28 | 0x2A | 0x41 if cdb.len() >= 10 => {
+        // READ, WRITE, WRITE AND VERIFY, VERIFY, PRE-FETCH, WRITE SAME (10).
+        0x28 | 0x2A | 0x2E | 0x2F | 0x34 | 0x41 if cdb.len() >= 10 => {
             (u64::from(be32(&cdb[2..])), u32::from(be16(&cdb[7..])))
         }
-        0x88 | 0x8A | 0x93 if cdb.len() >= 16 => (be64(&cdb[2..]), be32(&cdb[10..])),
+        // READ, WRITE, WRITE AND VERIFY, VERIFY (12).
+        0xA8 | 0xAA | 0xAE | 0xAF if cdb.len() >= 12 => {
+            (u64::from(be32(&cdb[2..])), be32(&cdb[6..]))
+        }
+        // READ, WRITE, ORWRITE, WRITE AND VERIFY, VERIFY, PRE-FETCH, WRITE SAME (16).
+        0x88 | 0x8A | 0x8B | 0x8E | 0x8F | 0x90 | 0x93 if cdb.len() >= 16 => {
+            (be64(&cdb[2..]), be32(&cdb[10..]))
+        }
         _ => return None,
     })
 }
 
 /// Whether the command is one this core knows to carry no Data-Out.
 pub fn sends_nothing(cdb: &[u8]) -> bool {
-    matches!(
-        cdb.first(),
+    match cdb.first() {
         Some(
-            0x00 | 0x03
-                | 0x08
-                | 0x12
-                | 0x1A
-                | 0x1B
-                | 0x1E
-                | 0x25
-                | 0x28
-                | 0x35
-                | 0x5A
-                | 0x88
-                | 0x91
-                | 0x9E
-                | 0xA0
-        )
-    )
+            0x00 | 0x03 | 0x08 | 0x12 | 0x1A | 0x1B | 0x1E | 0x25 | 0x28 | 0x34 | 0x35 | 0x5A
+            | 0x88 | 0x90 | 0x91 | 0x9E | 0xA0 | 0xA3 | 0xA8,
+        ) => true,
+        // VERIFY without a byte check compares nothing the initiator sends.
+        Some(0x2F | 0xAF | 0x8F) => verify_bytchk(cdb) == 0,
+        _ => false,
+    }
+}
+
+/// VERIFY's BYTCHK field (byte 1, bits 1-2): 0 check the medium only, 1 compare the Data-Out with
+/// the blocks, 3 compare one block of Data-Out with every block (2 is reserved).
+fn verify_bytchk(cdb: &[u8]) -> u8 {
+    cdb.get(1).map_or(0, |b| (b >> 1) & 0x03)
 }
 
 /// How many bytes of Data-Out a command carries (what the initiator will send), from its CDB.
 pub fn data_out_len(cdb: &[u8]) -> u32 {
-    match cdb.first() {
-        Some(0x0A | 0x2A | 0x8A) => rw_range(cdb)
+    let blocks = || {
+        rw_range(cdb)
             .map(|(_, n)| n.saturating_mul(BLOCK as u32))
-            .unwrap_or(0),
+            .unwrap_or(0)
+    };
+    match cdb.first() {
+        // WRITE, WRITE AND VERIFY, ORWRITE: a block of data per block.
+        Some(0x0A | 0x2A | 0xAA | 0x8A | 0x2E | 0xAE | 0x8E | 0x8B) => blocks(),
+        Some(0x2F | 0xAF | 0x8F) => match verify_bytchk(cdb) {
+            1 => blocks(),
+            3 => BLOCK as u32,
+            _ => 0,
+        },
         // WRITE SAME: one block, unless NDOB (16 only) says none.
         Some(0x41) => BLOCK as u32,
         Some(0x93) if cdb.len() >= 2 && cdb[1] & 0x01 != 0 => 0,
@@ -205,6 +245,122 @@ fn ascii(s: &str, n: usize) -> Vec<u8> {
 fn clip(mut data: Vec<u8>, alloc: usize) -> Vec<u8> {
     data.truncate(alloc);
     data
+}
+
+/// The commands [`Lun::execute`] carries out, for REPORT SUPPORTED OPERATION CODES: operation code,
+/// service action (for commands that have them) and CDB length.
+const COMMANDS: &[(u8, Option<u16>, u8)] = &[
+    (0x00, None, 6),        // TEST UNIT READY
+    (0x03, None, 6),        // REQUEST SENSE
+    (0x08, None, 6),        // READ(6)
+    (0x0A, None, 6),        // WRITE(6)
+    (0x12, None, 6),        // INQUIRY
+    (0x1A, None, 6),        // MODE SENSE(6)
+    (0x1B, None, 6),        // START STOP UNIT
+    (0x1E, None, 6),        // PREVENT ALLOW MEDIUM REMOVAL
+    (0x25, None, 10),       // READ CAPACITY(10)
+    (0x28, None, 10),       // READ(10)
+    (0x2A, None, 10),       // WRITE(10)
+    (0x2E, None, 10),       // WRITE AND VERIFY(10)
+    (0x2F, None, 10),       // VERIFY(10)
+    (0x34, None, 10),       // PRE-FETCH(10)
+    (0x35, None, 10),       // SYNCHRONIZE CACHE(10)
+    (0x41, None, 10),       // WRITE SAME(10)
+    (0x42, None, 10),       // UNMAP
+    (0x5A, None, 10),       // MODE SENSE(10)
+    (0x88, None, 16),       // READ(16)
+    (0x8A, None, 16),       // WRITE(16)
+    (0x8B, None, 16),       // ORWRITE(16)
+    (0x8E, None, 16),       // WRITE AND VERIFY(16)
+    (0x8F, None, 16),       // VERIFY(16)
+    (0x90, None, 16),       // PRE-FETCH(16)
+    (0x91, None, 16),       // SYNCHRONIZE CACHE(16)
+    (0x93, None, 16),       // WRITE SAME(16)
+    (0x9E, Some(0x10), 16), // READ CAPACITY(16)
+    (0x9E, Some(0x12), 16), // GET LBA STATUS
+    (0xA0, None, 12),       // REPORT LUNS
+    (0xA3, Some(0x0C), 12), // REPORT SUPPORTED OPERATION CODES
+    (0xA8, None, 12),       // READ(12)
+    (0xAA, None, 12),       // WRITE(12)
+    (0xAE, None, 12),       // WRITE AND VERIFY(12)
+    (0xAF, None, 12),       // VERIFY(12)
+];
+
+/// The CDB usage data of a command (SPC-4 6.35.3): which bits of each CDB byte the device server
+/// looks at. Byte 1 holds the flags (DPO and FUA for the block commands, as MODE SENSE's DPOFUA says);
+/// the bytes between are LBA, length and allocation fields; the control byte is not used.
+fn cdb_usage(op: u8, sa: Option<u16>, len: u8) -> Vec<u8> {
+    let mut u = vec![0xFF; usize::from(len)];
+    u[0] = op;
+    u[1] = match op {
+        _ if sa.is_some() => 0x1F,
+        0x08 | 0x0A => 0x1F,
+        0x28 | 0xA8 | 0x88 | 0x2A | 0xAA | 0x8A | 0x8B => 0xF8, // (RD/WR/OR)PROTECT, DPO, FUA
+        0x2F | 0xAF | 0x8F => 0xF6,                             // VRPROTECT, DPO, BYTCHK
+        0x2E | 0xAE | 0x8E => 0xF2,                             // WRPROTECT, DPO, BYTCHK
+        0x41 => 0xF8,                                           // WRPROTECT, ANCHOR, UNMAP
+        0x93 => 0xF9,                                           // ... and NDOB
+        0x34 | 0x90 | 0x35 | 0x91 => 0x02,                      // IMMED
+        0x12 => 0x01,                                           // EVPD
+        0x1A => 0x08,                                           // DBD
+        0x5A => 0x18,                                           // LLBAA, DBD
+        _ => 0x00,
+    };
+    u[usize::from(len) - 1] = 0x00;
+    u
+}
+
+/// REPORT SUPPORTED OPERATION CODES (SPC-4 6.35): every command, or one (by operation code, or by
+/// operation code and service action), with command timeouts descriptors when RCTD is set.
+fn report_opcodes(cdb: &[u8]) -> Reply {
+    let rctd = cdb[2] & 0x80 != 0;
+    let options = cdb[2] & 0x07;
+    let (op, sa) = (cdb[3], be16(&cdb[4..]));
+    let alloc = be32(&cdb[6..]) as usize;
+    // A command timeouts descriptor: length 10, no command-specific field, no timeouts known.
+    let timeouts = [0x00, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let d = match options {
+        0 => {
+            let mut d = vec![0u8; 4];
+            for &(op, sa, len) in COMMANDS {
+                let flags = u8::from(sa.is_some()) | if rctd { 0x02 } else { 0 };
+                d.extend_from_slice(&[op, 0]);
+                d.extend_from_slice(&sa.unwrap_or(0).to_be_bytes());
+                d.extend_from_slice(&[0, flags, 0, len]);
+                if rctd {
+                    d.extend_from_slice(&timeouts);
+                }
+            }
+            let n = (d.len() - 4) as u32;
+            d[..4].copy_from_slice(&n.to_be_bytes());
+            d
+        }
+        1..=3 => {
+            let has_sa = COMMANDS.iter().any(|c| c.0 == op && c.1.is_some());
+            // 1 names a command without service actions, 2 one with; 3 either.
+            if (options == 1 && has_sa) || (options == 2 && !has_sa) {
+                return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            let found = COMMANDS
+                .iter()
+                .find(|c| c.0 == op && (!has_sa || c.1 == Some(sa)));
+            match found {
+                Some(&(op, sa, len)) => {
+                    // SUPPORT 011b: supported as the standard says.
+                    let mut d = vec![0, 0x03 | if rctd { 0x80 } else { 0 }, 0, len];
+                    d.extend(cdb_usage(op, sa, len));
+                    if rctd {
+                        d.extend_from_slice(&timeouts);
+                    }
+                    d
+                }
+                // SUPPORT 001b: not supported; no usage data.
+                None => vec![0, 0x01, 0, 0],
+            }
+        }
+        _ => return Reply::check(Sense::INVALID_FIELD_IN_CDB),
+    };
+    Reply::data(clip(d, alloc))
 }
 
 impl Lun {
@@ -250,8 +406,19 @@ impl Lun {
             }
             // SERVICE ACTION IN(16): GET LBA STATUS.
             0x9E if cdb.len() >= 16 && cdb[1] & 0x1F == 0x12 => self.lba_status(cdb),
-            0x08 | 0x28 | 0x88 => self.read(cdb),
-            0x0A | 0x2A | 0x8A => self.write(cdb, data_out),
+            0x08 | 0x28 | 0xA8 | 0x88 => self.read(cdb),
+            0x0A | 0x2A | 0xAA | 0x8A => self.write(cdb, data_out, false),
+            // WRITE AND VERIFY: what is verified must be on the medium, so it is written through.
+            0x2E | 0xAE | 0x8E => self.write(cdb, data_out, true),
+            0x2F | 0xAF | 0x8F => self.verify(cdb, data_out),
+            0x8B => self.orwrite(cdb, data_out),
+            // PRE-FETCH: the range is checked; there is no cache to fill (GOOD, not CONDITION MET).
+            0x34 | 0x90 => match block_range(cdb).and_then(|(lba, n)| self.range(lba, n)) {
+                Ok(_) => Reply::good(),
+                Err(sense) => Reply::check(sense),
+            },
+            // MAINTENANCE IN: REPORT SUPPORTED OPERATION CODES.
+            0xA3 if cdb.len() >= 12 && cdb[1] & 0x1F == 0x0C => report_opcodes(cdb),
             0x35 | 0x91 => match self.disk.flush() {
                 Ok(()) => Reply::good(),
                 Err(_) => Reply::check(Sense::WRITE_ERROR),
@@ -316,7 +483,7 @@ impl Lun {
             }
             0xB0 => {
                 let mut v = vec![0u8; 60];
-                v[0] = 0x01; // WSNZ: a WRITE SAME of 0 blocks ("to the end") is refused
+                // WSNZ=0: a WRITE SAME of 0 blocks writes to the end (within the maximum below).
                 v[4..8].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes()); // maximum transfer length
                 v[8..12].copy_from_slice(&128u32.to_be_bytes()); // optimal transfer length (64 KiB)
                 v[16..20].copy_from_slice(&MAX_UNMAP_BLOCKS.to_be_bytes()); // max unmap LBA count
@@ -362,7 +529,9 @@ impl Lun {
         if lba >= self.blocks() {
             return Reply::check(Sense::LBA_OUT_OF_RANGE);
         }
-        let rest = (self.blocks() - lba).min(u64::from(u32::MAX));
+        // One descriptor for at most LBA_STATUS_SPAN blocks: the initiator asks again from where it
+        // ends, and the cost of walking the map stays bounded.
+        let rest = (self.blocks() - lba).min(LBA_STATUS_SPAN);
         let extents = match self.disk.extents(lba * BLOCK, rest * BLOCK) {
             Ok(e) => e,
             Err(_) => return Reply::check(Sense::READ_ERROR),
@@ -382,26 +551,14 @@ impl Lun {
     }
 
     fn read(&self, cdb: &[u8]) -> Reply {
-        let (lba, n) = match block_range(cdb) {
-            Ok(r) => r,
-            Err(sense) => return Reply::check(sense),
-        };
-        if n > MAX_TRANSFER_BLOCKS {
-            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
-        }
-        let (off, len) = match self.range(lba, n) {
-            Ok(r) => r,
-            Err(s) => return Reply::check(s),
-        };
-        let mut buf = vec![0u8; len as usize];
-        match self.disk.read(off, &mut buf) {
-            Ok(()) => Reply::data(buf),
-            Err(DiskError::Range) => Reply::check(Sense::LBA_OUT_OF_RANGE),
-            Err(_) => Reply::check(Sense::READ_ERROR),
+        match self.read_blocks(cdb) {
+            Ok((_, data)) => Reply::data(data),
+            Err(sense) => Reply::check(sense),
         }
     }
 
-    fn write(&self, cdb: &[u8], data: &[u8]) -> Reply {
+    /// WRITE (and, with `verify`, WRITE AND VERIFY, written through to the medium).
+    fn write(&self, cdb: &[u8], data: &[u8], verify: bool) -> Reply {
         let (lba, n) = match block_range(cdb) {
             Ok(r) => r,
             Err(sense) => return Reply::check(sense),
@@ -425,11 +582,92 @@ impl Lun {
             return Reply::good();
         }
         // FUA: byte 1 bit 3 (not in the 6-byte form).
-        let fua = cdb[0] != 0x0A && cdb[1] & 0x08 != 0;
+        let fua = verify || (cdb[0] != 0x0A && cdb[1] & 0x08 != 0);
         match self.disk.write(off, data, fua) {
             Ok(()) => Reply::good(),
             Err(DiskError::ReadOnly) => Reply::check(Sense::WRITE_PROTECTED),
             Err(DiskError::Range) => Reply::check(Sense::LBA_OUT_OF_RANGE),
+            Err(_) => Reply::check(Sense::WRITE_ERROR),
+        }
+    }
+
+    /// The blocks a READ-like command names, read from the disk (range and length checked).
+    fn read_blocks(&self, cdb: &[u8]) -> Result<(u64, Vec<u8>), Sense> {
+        let (lba, n) = block_range(cdb)?;
+        if n > MAX_TRANSFER_BLOCKS {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let (off, len) = self.range(lba, n)?;
+        let mut buf = vec![0u8; len as usize];
+        match self.disk.read(off, &mut buf) {
+            Ok(()) => Ok((off, buf)),
+            Err(DiskError::Range) => Err(Sense::LBA_OUT_OF_RANGE),
+            Err(_) => Err(Sense::READ_ERROR),
+        }
+    }
+
+    /// VERIFY(10/12/16): the blocks are read (a medium check); with BYTCHK 1 the Data-Out is compared
+    /// with them, with BYTCHK 3 its one block with each of them. The first difference is a MISCOMPARE
+    /// whose INFORMATION is its offset in the Data-Out buffer (SBC-4 5.31).
+    fn verify(&self, cdb: &[u8], data: &[u8]) -> Reply {
+        let bytchk = verify_bytchk(cdb);
+        if bytchk == 2 {
+            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let disk = match self.read_blocks(cdb) {
+            Ok((_, d)) => d,
+            Err(sense) => return Reply::check(sense),
+        };
+        // Slices compare with memcmp; the byte loop only runs on a block known to differ.
+        let first_difference = |a: &[u8], b: &[u8]| {
+            let n = a.len().min(b.len());
+            (a[..n] != b[..n]).then(|| a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0))
+        };
+        let differs = match bytchk {
+            1 => disk
+                .chunks(BLOCK as usize)
+                .zip(data.chunks(BLOCK as usize))
+                .enumerate()
+                .find_map(|(i, (d, o))| first_difference(d, o).map(|at| i * BLOCK as usize + at)),
+            3 => disk
+                .chunks(BLOCK as usize)
+                .find_map(|d| first_difference(d, data)),
+            _ => None,
+        };
+        match differs {
+            Some(at) => Reply::check(Sense::MISCOMPARE_DURING_VERIFY.with_info(at as u32)),
+            None => Reply::good(),
+        }
+    }
+
+    /// ORWRITE(16): every byte becomes itself OR the Data-Out's byte (SBC-4 5.9), written as one.
+    fn orwrite(&self, cdb: &[u8], data: &[u8]) -> Reply {
+        if let Err(sense) = block_range(cdb) {
+            return Reply::check(sense);
+        }
+        if self.disk.read_only() {
+            return Reply::check(Sense::WRITE_PROTECTED);
+        }
+        let (off, mut blocks) = match self.read_blocks(cdb) {
+            Ok(r) => r,
+            Err(sense) => return Reply::check(sense),
+        };
+        // As WRITE: the whole blocks the initiator sent are used.
+        let usable = data.len().min(blocks.len()) / BLOCK as usize * BLOCK as usize;
+        blocks.truncate(usable);
+        if blocks.is_empty() {
+            return Reply::good();
+        }
+        // Eight bytes at a time (a byte loop is slow in unoptimised builds).
+        for (b, d) in blocks.chunks_exact_mut(8).zip(data.chunks_exact(8)) {
+            let v = u64::from_ne_bytes((&*b).try_into().unwrap_or([0; 8]))
+                | u64::from_ne_bytes(d.try_into().unwrap_or([0; 8]));
+            b.copy_from_slice(&v.to_ne_bytes());
+        }
+        let fua = cdb[1] & 0x08 != 0;
+        match self.disk.write(off, &blocks, fua) {
+            Ok(()) => Reply::good(),
+            Err(DiskError::ReadOnly) => Reply::check(Sense::WRITE_PROTECTED),
             Err(_) => Reply::check(Sense::WRITE_ERROR),
         }
     }
@@ -506,6 +744,10 @@ impl Lun {
     }
 
     fn unmap(&self, cdb: &[u8], data: &[u8]) -> Reply {
+        // ANCHOR: this disk cannot anchor (ANC_SUP=0).
+        if cdb[1] & 0x01 != 0 {
+            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+        }
         if self.disk.read_only() {
             return Reply::check(Sense::WRITE_PROTECTED);
         }
@@ -543,6 +785,10 @@ impl Lun {
         Reply::good()
     }
 
+    /// WRITE SAME(10/16) (SBC-4 5.48, 5.50): one block of Data-Out (or, with NDOB, zeros) over the
+    /// range; a NUMBER OF LOGICAL BLOCKS of 0 means "to the last block" (WSNZ=0), within the maximum
+    /// write same length. With UNMAP the blocks are deallocated, whatever the data (thin provisioned,
+    /// LBPRZ: they read as zeros); ANCHOR is refused (ANC_SUP=0).
     fn write_same(&self, cdb: &[u8], data: &[u8]) -> Reply {
         let (lba, n) = match block_range(cdb) {
             Ok(r) => r,
@@ -553,26 +799,34 @@ impl Lun {
         }
         let unmap = cdb[1] & 0x08 != 0;
         let ndob = cdb[0] == 0x93 && cdb[1] & 0x01 != 0;
-        // A length of 0 would mean "to the end of the medium"; the Block Limits page says we do not.
-        if n == 0 || n > MAX_UNMAP_BLOCKS {
+        // ANCHOR (byte 1 bit 4): an error without UNMAP, and with it too, since ANC_SUP=0.
+        if cdb[1] & 0x10 != 0 {
             return Reply::check(Sense::INVALID_FIELD_IN_CDB);
         }
+        let n = if n == 0 {
+            match self.blocks().checked_sub(lba) {
+                Some(rest) => rest.min(u64::from(u32::MAX)) as u32,
+                None => return Reply::check(Sense::LBA_OUT_OF_RANGE),
+            }
+        } else {
+            n
+        };
         let (off, len) = match self.range(lba, n) {
             Ok(r) => r,
             Err(s) => return Reply::check(s),
         };
+        if n > MAX_UNMAP_BLOCKS {
+            return Reply::check(Sense::INVALID_FIELD_IN_CDB);
+        }
         let block: &[u8] = if ndob { &[] } else { data };
         if !ndob && block.len() != BLOCK as usize {
             return Reply::check(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
-        let zero = ndob || block.iter().all(|b| *b == 0);
-        let result = if zero || unmap {
-            if !zero {
-                // UNMAP of non-zero data cannot be honoured by discarding: write it out instead.
-                self.fill(off, len, block)
-            } else {
-                self.disk.write_zeroes(off, len, false)
-            }
+        if n == 0 {
+            return Reply::good();
+        }
+        let result = if unmap || ndob || block.iter().all(|b| *b == 0) {
+            self.disk.write_zeroes(off, len, false)
         } else {
             self.fill(off, len, block)
         };
@@ -584,7 +838,9 @@ impl Lun {
 
     /// Writes `block` repeatedly over `off..off+len`, a megabyte at a time.
     fn fill(&self, off: u64, len: u64, block: &[u8]) -> Result<(), DiskError> {
-        let chunk: Vec<u8> = block.iter().copied().cycle().take(1 << 20).collect();
+        // No bigger than needed (a WRITE SAME of one block writes one block), built by copying.
+        let copies = (len.min(1 << 20) / block.len().max(1) as u64).max(1) as usize;
+        let chunk = block.repeat(copies);
         let mut done = 0;
         while done < len {
             let n = (len - done).min(chunk.len() as u64) as usize;

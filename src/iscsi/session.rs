@@ -10,9 +10,13 @@
 //! - Writes: immediate data, unsolicited Data-Out up to FirstBurstLength (when InitialR2T=No), then R2Ts
 //!   of at most MaxBurstLength each, at most MaxOutstandingR2T at once; the command runs when its data
 //!   is complete.
+//!   A Data-Out out of its sequence (DataSN) ends its task with CHECK CONDITION, "protocol service CRC
+//!   error" (RFC 7143 7.8, 7.9: an implied digest error, and ErrorRecoveryLevel 0 cannot ask again);
+//!   the connection stays up.
 //! - NOP-Out pings are echoed; Task Management ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LUN RESET and
-//!   the target resets drop the tasks they name; Text `SendTargets` lists targets; Logout ends the
-//!   connection. Anything else gets a Reject.
+//!   the target resets drop the tasks they name (ABORT TASK of a task that is gone: "task does not
+//!   exist", unless its CmdSN has not arrived yet, RFC 7143 11.5.1); Text `SendTargets` lists targets;
+//!   Logout ends the connection. Anything else gets a Reject.
 
 use std::collections::BTreeMap;
 
@@ -56,6 +60,9 @@ struct Collecting {
     outstanding: BTreeMap<u32, (u32, u32, u32, u32)>,
     /// The next DataSN of unsolicited Data-Out.
     unsolicited_sn: u32,
+    /// A Data-Out came out of sequence: the rest of the data is taken in and dropped, then the task
+    /// ends with CHECK CONDITION.
+    broken: bool,
 }
 
 /// A command waiting for its reply.
@@ -198,10 +205,13 @@ impl Session {
         let expected = p.u32_at(20);
         let cdb = p.cdb();
         let lun = p.lun();
-        // A write flag with no expected length, or on a command known to send nothing: run it as it is.
-        // (Unknown commands get their data collected and then their INVALID COMMAND sense, so that
-        // the connection stays in step.)
-        let write = write && expected > 0 && !scsi::sends_nothing(&cdb);
+        // A write flag with no expected length: run it as it is. A write flag on a command known to send
+        // nothing runs at once too when no data is on its way (none immediate, and InitialR2T=Yes
+        // means none unsolicited); otherwise its data is collected (and ignored) like a write's, so
+        // that the connection stays in step. Unknown commands get their data collected and then
+        // their INVALID COMMAND sense for the same reason.
+        let nothing_coming = p.data.is_empty() && self.params.initial_r2t;
+        let write = write && expected > 0 && !(scsi::sends_nothing(&cdb) && nothing_coming);
         if !write {
             if !p.data.is_empty() {
                 return vec![self.reject(reject::PROTOCOL_ERROR, p)];
@@ -243,6 +253,7 @@ impl Session {
             unsolicited_sn: 0,
             next_r2t_sn: 0,
             outstanding: BTreeMap::new(),
+            broken: false,
         };
         c.buf[..imm as usize].copy_from_slice(&p.data);
         // Without InitialR2T the initiator may send up to FirstBurstLength unsolicited.
@@ -323,26 +334,48 @@ impl Session {
         };
         let end = offset.checked_add(len);
         let ok_range = end.is_some_and(|e| e <= c.expected);
-        // Data PDUs of a sequence are numbered from 0 (RFC 7143 11.7.5); with ErrorRecoveryLevel 0 a
-        // gap or repeat is a protocol error.
+        // Data PDUs of a sequence are numbered from 0 (RFC 7143 11.7.5). A gap or repeat means an
+        // earlier PDU was lost to a digest error (7.9); with ErrorRecoveryLevel 0 nothing can be asked
+        // again, so the task ends with CHECK CONDITION once its data is in (7.8).
         let data_sn = p.u32_at(36);
-        let allowed = if ttt == NO_TAG {
+        let (allowed, in_sequence) = if ttt == NO_TAG {
             // Unsolicited: within the first burst, after any immediate data.
-            let ok = end.is_some_and(|e| e <= c.unsolicited) && data_sn == c.unsolicited_sn;
+            let seq = data_sn == c.unsolicited_sn;
             c.unsolicited_sn = c.unsolicited_sn.wrapping_add(1);
-            ok
+            (end.is_some_and(|e| e <= c.unsolicited), seq)
         } else {
             match c.outstanding.get_mut(&ttt) {
                 Some((o, l, _, sn)) => {
-                    let ok = offset >= *o && end.is_some_and(|e| e <= *o + *l) && data_sn == *sn;
+                    let seq = data_sn == *sn;
                     *sn = sn.wrapping_add(1);
-                    ok
+                    (offset >= *o && end.is_some_and(|e| e <= *o + *l), seq)
                 }
-                None => false,
+                None => (false, false),
             }
         };
         if !ok_range || !allowed {
             return vec![self.reject(reject::PROTOCOL_ERROR, p), Event::Close];
+        }
+        if c.broken || !in_sequence {
+            c.broken = true;
+            c.received += len;
+            if p.final_bit() && ttt != NO_TAG {
+                c.outstanding.remove(&ttt);
+            }
+            // Done when nothing more is owed: no R2T still open, and the sequence just ended.
+            if c.outstanding.is_empty() && (p.final_bit() || c.received >= c.expected) {
+                self.collecting.remove(&itt);
+                let n = self.status_numbers();
+                let sense = scsi::Sense::PROTOCOL_SERVICE_CRC.fixed();
+                return vec![Event::Send(pdu::scsi_response(
+                    itt,
+                    scsi::CHECK_CONDITION,
+                    Some(&sense),
+                    0,
+                    n,
+                ))];
+            }
+            return Vec::new();
         }
         c.buf[offset as usize..(offset + len) as usize].copy_from_slice(&p.data);
         c.received += len;
@@ -448,13 +481,25 @@ impl Session {
     fn task_management(&mut self, p: &Pdu) -> u8 {
         let function = p.flags() & 0x7F;
         match function {
-            // ABORT TASK
+            // ABORT TASK (RFC 7143 11.5.1)
             1 => {
-                // A task that already completed counts as aborted too ("function complete").
                 let rtt = p.u32_at(20);
-                self.collecting.remove(&rtt);
-                self.running.remove(&rtt);
-                0
+                let found =
+                    self.collecting.remove(&rtt).is_some() | self.running.remove(&rtt).is_some();
+                if found {
+                    return 0;
+                }
+                // Not here: a command whose CmdSN is still to come (in the window, before this
+                // request's own) counts as received and aborted, "function complete"; one that
+                // completed already (its CmdSN behind the window) "task does not exist".
+                let ref_sn = p.u32_at(32);
+                let pending = ref_sn.wrapping_sub(self.exp_cmd_sn) < CMD_WINDOW;
+                let before = (p.cmd_sn().wrapping_sub(ref_sn) as i32) > 0;
+                if pending && before {
+                    0
+                } else {
+                    1
+                }
             }
             // ABORT TASK SET, CLEAR TASK SET, LUN RESET, TARGET WARM/COLD RESET
             2 | 3 | 5 | 6 | 7 => {

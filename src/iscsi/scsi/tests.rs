@@ -8,6 +8,8 @@ struct Mem {
     bytes: Mutex<Vec<u8>>,
     read_only: bool,
     flushes: Mutex<u32>,
+    /// Writes asked to reach the medium (FUA).
+    fua_writes: Mutex<u32>,
 }
 
 impl Mem {
@@ -16,6 +18,7 @@ impl Mem {
             bytes: Mutex::new(vec![0; (blocks * BLOCK) as usize]),
             read_only,
             flushes: Mutex::new(0),
+            fua_writes: Mutex::new(0),
         })
     }
 }
@@ -33,7 +36,8 @@ impl Disk for Mem {
         buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
-    fn write(&self, offset: u64, data: &[u8], _: bool) -> DiskResult<()> {
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> DiskResult<()> {
+        *self.fua_writes.lock().unwrap() += u32::from(fua);
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
@@ -289,10 +293,251 @@ fn unmap_and_write_same() {
     assert!(m.bytes.lock().unwrap()[20 * 512..23 * 512]
         .iter()
         .all(|x| *x == 0));
-    // Zero blocks is refused (WSNZ).
+    // Zero blocks means "to the last block" (WSNZ=0): blocks 60..64 get the pattern.
     assert_eq!(
-        l.execute(&[0x41, 0, 0, 0, 0, 20, 0, 0, 0, 0], &block).sense,
+        l.execute(&[0x41, 0, 0, 0, 0, 60, 0, 0, 0, 0], &block),
+        Reply::good()
+    );
+    assert_eq!(&m.bytes.lock().unwrap()[63 * 512..], &block[..]);
+    // ... and from beyond the end it is out of range.
+    assert_eq!(
+        l.execute(&[0x41, 0, 0, 0, 0, 65, 0, 0, 0, 0], &block).sense,
+        Some(Sense::LBA_OUT_OF_RANGE)
+    );
+}
+
+#[test]
+fn write_same_unmaps_whatever_the_data_and_refuses_anchor() {
+    // SBC-4 WRITE SAME: UNMAP=1 deallocates (LBPRZ: zeros) even with a non-zero block (libiscsi
+    // WriteSame10.UnmapUntilEnd); ANCHOR is an error with or without UNMAP (WriteSame10.Unmap).
+    let (l, m) = lun(64);
+    m.bytes.lock().unwrap().fill(0xAA);
+    let ones = vec![0xFF; 512];
+    assert_eq!(
+        l.execute(&[0x41, 0x08, 0, 0, 0, 8, 0, 0, 4, 0], &ones),
+        Reply::good()
+    );
+    let b = m.bytes.lock().unwrap().clone();
+    assert!(b[8 * 512..12 * 512].iter().all(|x| *x == 0));
+    assert!(b[12 * 512..13 * 512].iter().all(|x| *x == 0xAA));
+    for flags in [0x10, 0x18] {
+        assert_eq!(
+            l.execute(&[0x41, flags, 0, 0, 0, 8, 0, 0, 1, 0], &ones)
+                .sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
+    }
+    // UNMAP with ANCHOR: refused too (ANC_SUP=0).
+    assert_eq!(
+        l.execute(&[0x42, 0x01, 0, 0, 0, 0, 0, 0, 0, 0], &[]).sense,
         Some(Sense::INVALID_FIELD_IN_CDB)
+    );
+    // The Block Limits page says WSNZ=0.
+    let vpd = l.execute(&[0x12, 1, 0xB0, 0, 64, 0], &[]).data;
+    assert_eq!(vpd[4] & 1, 0);
+}
+
+#[test]
+fn twelve_byte_reads_writes_and_write_and_verify() {
+    let (l, m) = lun(64);
+    let w12 = [0xAA, 0, 0, 0, 0, 4, 0, 0, 0, 2, 0, 0];
+    assert_eq!(data_out_len(&w12), 1024);
+    assert_eq!(l.execute(&w12, &[7; 1024]), Reply::good());
+    let r12 = [0xA8, 0, 0, 0, 0, 4, 0, 0, 0, 2, 0, 0];
+    assert!(sends_nothing(&r12));
+    assert_eq!(l.execute(&r12, &[]).data, vec![7; 1024]);
+    // Out of range, and RDPROTECT asked for.
+    let r12_end = [0xA8, 0, 0, 0, 0, 63, 0, 0, 0, 2, 0, 0];
+    assert_eq!(
+        l.execute(&r12_end, &[]).sense,
+        Some(Sense::LBA_OUT_OF_RANGE)
+    );
+    let r12_prot = [0xA8, 0x20, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0];
+    assert_eq!(
+        l.execute(&r12_prot, &[]).sense,
+        Some(Sense::INVALID_FIELD_IN_CDB)
+    );
+    // WRITE AND VERIFY (10, 12, 16): written, and through to the medium (a flush).
+    let before = *m.fua_writes.lock().unwrap();
+    let wv10 = [0x2E, 0x02, 0, 0, 0, 9, 0, 0, 1, 0];
+    let wv12 = [0xAE, 0, 0, 0, 0, 10, 0, 0, 0, 1, 0, 0];
+    let mut wv16 = [0u8; 16];
+    wv16[0] = 0x8E;
+    wv16[9] = 11;
+    wv16[13] = 1;
+    for (cdb, v) in [(&wv10[..], 1u8), (&wv12[..], 2), (&wv16[..], 3)] {
+        assert_eq!(data_out_len(cdb), 512);
+        assert_eq!(l.execute(cdb, &[v; 512]), Reply::good());
+    }
+    let b = m.bytes.lock().unwrap().clone();
+    assert_eq!((b[9 * 512], b[10 * 512], b[11 * 512]), (1, 2, 3));
+    assert_eq!(*m.fua_writes.lock().unwrap(), before + 3);
+}
+
+#[test]
+fn verify_compares_and_reports_the_first_difference() {
+    let (l, m) = lun(64);
+    let pattern: Vec<u8> = (0..2048u32).map(|i| (i % 251) as u8).collect();
+    m.bytes.lock().unwrap()[4 * 512..8 * 512].copy_from_slice(&pattern);
+    // BYTCHK 0: the medium is checked, nothing is sent.
+    let v10 = |bytchk: u8, lba: u8, n: u8| [0x2F, bytchk << 1, 0, 0, 0, lba, 0, 0, n, 0];
+    assert!(sends_nothing(&v10(0, 4, 4)));
+    assert_eq!(l.execute(&v10(0, 4, 4), &[]), Reply::good());
+    assert_eq!(
+        l.execute(&v10(0, 62, 4), &[]).sense,
+        Some(Sense::LBA_OUT_OF_RANGE)
+    );
+    // BYTCHK 1: the Data-Out against the blocks.
+    assert_eq!(data_out_len(&v10(1, 4, 4)), 2048);
+    assert_eq!(l.execute(&v10(1, 4, 4), &pattern), Reply::good());
+    let mut bad = pattern.clone();
+    bad[1300] ^= b'X';
+    let r = l.execute(&v10(1, 4, 4), &bad);
+    assert_eq!(r.status, CHECK_CONDITION);
+    let sense = r.sense.unwrap();
+    assert_eq!(
+        (sense.key, sense.asc, sense.ascq, sense.info),
+        (MISCOMPARE, 0x1D, 0, Some(1300))
+    );
+    let fixed = sense.fixed();
+    assert_eq!((fixed[0], &fixed[3..7]), (0xF0, &1300u32.to_be_bytes()[..]));
+    // BYTCHK 3: one block against each block.
+    m.bytes.lock().unwrap()[20 * 512..23 * 512].fill(9);
+    let v16 = |bytchk: u8, lba: u8, n: u8| {
+        let mut c = [0u8; 16];
+        c[0] = 0x8F;
+        c[1] = bytchk << 1;
+        c[9] = lba;
+        c[13] = n;
+        c
+    };
+    assert_eq!(data_out_len(&v16(3, 20, 3)), 512);
+    assert_eq!(l.execute(&v16(3, 20, 3), &[9; 512]), Reply::good());
+    m.bytes.lock().unwrap()[22 * 512 + 5] = 8;
+    assert_eq!(
+        l.execute(&v16(3, 20, 3), &[9; 512]).sense.map(|s| s.info),
+        Some(Some(5))
+    );
+    // BYTCHK 2 is reserved; VRPROTECT is refused; VERIFY(12) is there too.
+    assert_eq!(
+        l.execute(&v10(2, 4, 1), &[]).sense,
+        Some(Sense::INVALID_FIELD_IN_CDB)
+    );
+    assert_eq!(
+        l.execute(&[0x2F, 0x20, 0, 0, 0, 4, 0, 0, 1, 0], &[]).sense,
+        Some(Sense::INVALID_FIELD_IN_CDB)
+    );
+    let v12 = [0xAF, 0x02, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0];
+    assert_eq!(l.execute(&v12, &pattern[..512]), Reply::good());
+}
+
+#[test]
+fn orwrite_ors_and_prefetch_checks_the_range() {
+    let (l, m) = lun(64);
+    m.bytes.lock().unwrap()[..1024].fill(0x0F);
+    let mut ow = [0u8; 16];
+    ow[0] = 0x8B;
+    ow[13] = 2;
+    assert_eq!(data_out_len(&ow), 1024);
+    let data: Vec<u8> = (0..1024)
+        .map(|i| if i % 2 == 0 { 0xF0 } else { 0x01 })
+        .collect();
+    assert_eq!(l.execute(&ow, &data), Reply::good());
+    let b = m.bytes.lock().unwrap().clone();
+    assert_eq!((b[0], b[1], b[1023], b[1024]), (0xFF, 0x0F, 0x0F, 0));
+    ow[9] = 63;
+    assert_eq!(l.execute(&ow, &data).sense, Some(Sense::LBA_OUT_OF_RANGE));
+    let ro = Lun::new(Mem::new(8, true), "ro", 1);
+    ow[9] = 0;
+    assert_eq!(ro.execute(&ow, &data).sense, Some(Sense::WRITE_PROTECTED));
+    // PRE-FETCH(10/16): GOOD within the disk, out of range beyond.
+    let pf10 = [0x34, 0x02, 0, 0, 0, 60, 0, 0, 4, 0];
+    assert!(sends_nothing(&pf10));
+    assert_eq!(l.execute(&pf10, &[]), Reply::good());
+    let mut pf16 = [0u8; 16];
+    pf16[0] = 0x90;
+    pf16[9] = 61;
+    pf16[13] = 4;
+    assert_eq!(l.execute(&pf16, &[]).sense, Some(Sense::LBA_OUT_OF_RANGE));
+}
+
+#[test]
+fn report_supported_operation_codes() {
+    let (l, _) = lun(64);
+    let rsoc = |rctd: bool, options: u8, op: u8, sa: u16| {
+        let mut c = vec![
+            0xA3,
+            0x0C,
+            options | if rctd { 0x80 } else { 0 },
+            op,
+            0,
+            0,
+            0,
+            0,
+            0xFF,
+            0xFF,
+            0,
+            0,
+        ];
+        c[4..6].copy_from_slice(&sa.to_be_bytes());
+        c
+    };
+    // All commands: 8-byte descriptors, SERVACTV only with a service action.
+    let all = l.execute(&rsoc(false, 0, 0, 0), &[]).data;
+    let len = u32::from_be_bytes(all[..4].try_into().unwrap()) as usize;
+    assert_eq!(len, all.len() - 4);
+    assert_eq!(len, COMMANDS.len() * 8);
+    let descs: Vec<&[u8]> = all[4..].chunks(8).collect();
+    assert!(descs
+        .iter()
+        .any(|d| d[0] == 0x28 && d[5] == 0 && d[7] == 10));
+    assert!(descs
+        .iter()
+        .any(|d| d[0] == 0x9E && d[3] == 0x10 && d[5] == 0x01));
+    assert!(descs.iter().all(|d| d[5] & 0x01 != 0 || d[2..4] == [0, 0]));
+    // With RCTD: every descriptor carries a 12-byte timeouts descriptor of length 10.
+    let all = l.execute(&rsoc(true, 0, 0, 0), &[]).data;
+    assert_eq!(all.len() - 4, COMMANDS.len() * 20);
+    assert!(all[4..]
+        .chunks(20)
+        .all(|d| d[5] & 0x02 != 0 && d[8..10] == [0, 10]));
+    // One command: supported, with DPO and FUA in its usage data.
+    let one = l.execute(&rsoc(false, 1, 0x28, 0), &[]).data;
+    assert_eq!((one[1] & 0x07, one[3], one[4]), (3, 10, 0x28));
+    assert_eq!(one[5] & 0x18, 0x18);
+    let one = l.execute(&rsoc(false, 1, 0x2F, 0), &[]).data;
+    assert_eq!(one[5] & 0x10, 0x10, "VERIFY: DPO");
+    // Not supported; and a command with service actions asked for without one (and the reverse).
+    assert_eq!(l.execute(&rsoc(false, 1, 0xC1, 0), &[]).data[1] & 0x07, 1);
+    assert_eq!(
+        l.execute(&rsoc(false, 1, 0x9E, 0), &[]).sense,
+        Some(Sense::INVALID_FIELD_IN_CDB)
+    );
+    assert_eq!(
+        l.execute(&rsoc(false, 2, 0x28, 0), &[]).sense,
+        Some(Sense::INVALID_FIELD_IN_CDB)
+    );
+    let by_sa = l.execute(&rsoc(true, 2, 0x9E, 0x10), &[]).data;
+    assert_eq!((by_sa[1], by_sa[3], by_sa.len()), (0x83, 16, 4 + 16 + 12));
+    // Allocation length respected.
+    let mut short = rsoc(false, 0, 0, 0);
+    short[6..10].copy_from_slice(&6u32.to_be_bytes());
+    assert_eq!(l.execute(&short, &[]).data.len(), 6);
+}
+
+#[test]
+fn lba_status_describes_a_bounded_span() {
+    // A disk bigger than the span: one descriptor covers at most LBA_STATUS_SPAN blocks, so a query
+    // from LBA 0 of a large, unwritten disk does not walk all of it.
+    let (l, _) = lun(LBA_STATUS_SPAN + 100);
+    let mut c = vec![0u8; 16];
+    c[0] = 0x9E;
+    c[1] = 0x12;
+    c[13] = 24;
+    let d = l.execute(&c, &[]).data;
+    assert_eq!(
+        u32::from_be_bytes(d[16..20].try_into().unwrap()),
+        LBA_STATUS_SPAN as u32
     );
 }
 

@@ -212,7 +212,8 @@ fn bad_data_and_bad_commands() {
     let mut s = Session::new(params(), 1, 1);
     let ev = s.on_pdu(&cmd(2, 1, false, true, 65_536, &w10(65_536), vec![0; 8192]));
     assert_eq!(sent(&ev)[0].opcode(), op::REJECT);
-    // A DataSN out of sequence ends the connection (ErrorRecoveryLevel 0).
+    // A DataSN out of sequence: the rest of the sequence is taken in silently (the task then ends
+    // with CHECK CONDITION, see a_data_sequence_error_ends_the_task_with_check_condition).
     let mut s2 = Session::new(params(), 1, 1);
     let ev = s2.on_pdu(&cmd(
         1,
@@ -225,7 +226,8 @@ fn bad_data_and_bad_commands() {
     ));
     let t = sent(&ev)[0].u32_at(20);
     let ev = s2.on_pdu(&data_out_sn(1, t, 5, 0, vec![0; 4096], false));
-    assert!(matches!(ev.last(), Some(Event::Close)));
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(s2.tasks(), 1);
     // A read with no room for data: status and overflow residual in a SCSI Response, never silence.
     let mut s3 = Session::new(params(), 1, 1);
     s3.on_pdu(&cmd(2, 1, true, false, 0, &[0x28], vec![]));
@@ -325,4 +327,94 @@ fn pings_tasks_text_and_logout() {
     lo.set_u32(16, 30);
     let ev = s.on_pdu(&lo);
     assert!(matches!(&ev[..], [Event::Send(p), Event::Close] if p.opcode() == op::LOGOUT_RESPONSE));
+}
+
+#[test]
+fn a_read_flagged_as_a_write_takes_its_data_and_runs() {
+    // libiscsi iSCSIResiduals.Read10Invalid: READ(10) with the W flag and a block of immediate data.
+    // The data is taken in (the connection stays in step) and the read runs: GOOD, no Data-In.
+    let mut s = Session::new(params(), 1, 1);
+    let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    let ev = s.on_pdu(&cmd(1, 1, false, true, 512, &read10, vec![0xA6; 512]));
+    assert!(matches!(&ev[..], [Event::Execute { itt: 1, cdb, .. }] if cdb[0] == 0x28));
+    let ev = s.completed(1, scsi::Reply::data(vec![0; 512]));
+    let p = sent(&ev)[0];
+    assert_eq!((p.opcode(), p.bhs[3]), (op::SCSI_RESPONSE, scsi::GOOD));
+    // With InitialR2T=No and no immediate data, the unsolicited burst is waited for, then it runs.
+    let mut s = Session::new(
+        Params {
+            initial_r2t: false,
+            ..params()
+        },
+        1,
+        1,
+    );
+    assert!(s
+        .on_pdu(&cmd(2, 1, false, true, 512, &read10, vec![]))
+        .is_empty());
+    let ev = s.on_pdu(&data_out(2, NO_TAG, 0, vec![0xA6; 512], true));
+    assert!(matches!(&ev[..], [Event::Execute { itt: 2, .. }]));
+}
+
+#[test]
+fn abort_task_of_a_finished_task_says_it_does_not_exist() {
+    // RFC 7143 11.5.1; libiscsi iSCSITMF.AbortTaskSimpleAsync: the write completed (GOOD) before the
+    // ABORT TASK arrived, so the answer is "task does not exist" (1), not "function complete".
+    let mut s = Session::new(params(), 1, 1);
+    let ev = s.on_pdu(&cmd(7, 1, false, true, 512, &w10(512), vec![0; 512]));
+    assert!(matches!(&ev[..], [Event::Execute { itt: 7, .. }]));
+    s.completed(7, scsi::Reply::good());
+    let mut tm = Pdu::new(op::TASK_MGMT);
+    tm.bhs[0] |= 0x40;
+    tm.bhs[1] = 0x80 | 1;
+    tm.set_u32(16, 8)
+        .set_u32(20, 7)
+        .set_u32(24, 2)
+        .set_u32(32, 1);
+    assert_eq!(sent(&s.on_pdu(&tm))[0].bhs[2], 1);
+    // A task whose CmdSN (3) is still to come, named by a request numbered after it: counted as
+    // received and aborted, "function complete".
+    tm.bhs[0] &= !0x40;
+    tm.set_u32(16, 9)
+        .set_u32(20, 99)
+        .set_u32(24, 4)
+        .set_u32(32, 3);
+    assert_eq!(sent(&s.on_pdu(&tm))[0].bhs[2], 0);
+}
+
+#[test]
+fn a_data_sequence_error_ends_the_task_with_check_condition() {
+    // libiscsi iSCSIdatasn.iSCSIDataSnInvalid: Data-Out numbered 0,0 / 27 / -1 / 1,0. With
+    // ErrorRecoveryLevel 0 the task ends with CHECK CONDITION, ABORTED COMMAND, "protocol service CRC
+    // error" once its data is in; the connection stays up (no Close) and serves the next command.
+    let check = |ev: &[Event]| {
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        let p = sent(ev)[0];
+        assert_eq!(
+            (p.opcode(), p.bhs[3]),
+            (op::SCSI_RESPONSE, scsi::CHECK_CONDITION)
+        );
+        assert_eq!(
+            (p.data[2 + 2], p.data[2 + 12], p.data[2 + 13]),
+            (0x0B, 0x47, 0x05)
+        );
+    };
+    for sns in [[0u32, 0], [1, 0]] {
+        let mut s = Session::new(params(), 1, 1);
+        let ev = s.on_pdu(&cmd(1, 1, false, true, 1024, &w10(1024), vec![]));
+        let t = sent(&ev)[0].u32_at(20);
+        assert!(s
+            .on_pdu(&data_out_sn(1, t, sns[0], 0, vec![0; 512], false))
+            .is_empty());
+        check(&s.on_pdu(&data_out_sn(1, t, sns[1], 512, vec![0; 512], true)));
+        assert_eq!(s.tasks(), 0);
+        let ev = s.on_pdu(&cmd(2, 2, true, false, 512, &[0x28], vec![]));
+        assert!(matches!(&ev[..], [Event::Execute { itt: 2, .. }]));
+    }
+    for sn in [27u32, u32::MAX] {
+        let mut s = Session::new(params(), 1, 1);
+        let ev = s.on_pdu(&cmd(1, 1, false, true, 512, &w10(512), vec![]));
+        let t = sent(&ev)[0].u32_at(20);
+        check(&s.on_pdu(&data_out_sn(1, t, sn, 0, vec![0; 512], true)));
+    }
 }
