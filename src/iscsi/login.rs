@@ -24,8 +24,14 @@ pub mod status {
     pub const NOT_FOUND: (u8, u8) = (0x02, 0x03);
     pub const MISSING_PARAMETER: (u8, u8) = (0x02, 0x07);
     pub const UNSUPPORTED_VERSION: (u8, u8) = (0x02, 0x05);
+    pub const INVALID_DURING_LOGIN: (u8, u8) = (0x02, 0x0B);
     pub const TARGET_ERROR: (u8, u8) = (0x03, 0x00);
+    pub const OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
 }
+
+/// The most login text one request may carry over all its PDUs. The keys iPXE and open-iscsi send fit
+/// in 2 KiB and a CHAP exchange in a few more; a peer that has not authenticated gets no more memory.
+pub const MAX_LOGIN_TEXT: usize = 64 * 1024;
 
 /// What this target can take (its side of the numeric keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,8 +176,10 @@ pub struct Login {
     params: Params,
     isid: [u8; 6],
     tsih: u16,
-    /// Key=value text of a request split over PDUs (the C bit).
+    /// Key=value text of a request split over PDUs (the C bit), at most [`MAX_LOGIN_TEXT`] bytes.
     partial: Vec<u8>,
+    /// A Login Response has gone out: the login has started.
+    answered: bool,
     /// TargetPortalGroupTag goes out once, in the first response of a normal session.
     sent_tpgt: bool,
     stat_sn: u32,
@@ -273,6 +281,7 @@ impl Login {
             isid: [0; 6],
             tsih: 0,
             partial: Vec::new(),
+            answered: false,
             sent_tpgt: false,
             stat_sn: 0,
         }
@@ -303,6 +312,7 @@ impl Login {
             .set_u32(28, cmd_sn)
             .set_u32(32, cmd_sn.wrapping_add(31));
         self.stat_sn = self.stat_sn.wrapping_add(1);
+        self.answered = true;
         p.bhs[36] = st.0;
         p.bhs[37] = st.1;
         p.with_data(encode_text(&text))
@@ -327,7 +337,13 @@ impl Login {
         random: &mut dyn FnMut(&mut [u8]),
     ) -> Step {
         if req.opcode() != op::LOGIN {
-            return self.fail(req, status::INITIATOR_ERROR);
+            // Once the login has started, anything else is "invalid during login" (RFC 7143 6.3).
+            let st = if self.answered {
+                status::INVALID_DURING_LOGIN
+            } else {
+                status::INITIATOR_ERROR
+            };
+            return self.fail(req, st);
         }
         let flags = req.flags();
         let transit = flags & 0x80 != 0;
@@ -340,6 +356,11 @@ impl Login {
         }
         self.isid.copy_from_slice(&req.bhs[8..14]);
         self.tsih = req.u16_at(14);
+        // Text split over PDUs is held until its last part: bounded, since no one has authenticated yet.
+        if self.partial.len() + req.data.len() > MAX_LOGIN_TEXT {
+            self.partial = Vec::new();
+            return self.fail(req, status::OUT_OF_RESOURCES);
+        }
         self.partial.extend_from_slice(&req.data);
         if cont {
             // More text follows: acknowledge with an empty response.

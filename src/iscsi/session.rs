@@ -27,6 +27,10 @@ use super::scsi;
 /// Commands the initiator may have outstanding beyond ExpCmdSN.
 pub const CMD_WINDOW: u32 = 64;
 
+/// The most Data-Out one command may make the target hold: the largest transfer the Block Limits page
+/// allows (32 MiB).
+const MAX_DATA_OUT: u32 = scsi::MAX_TRANSFER_BLOCKS * scsi::BLOCK as u32;
+
 /// Work for the shell.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -48,7 +52,10 @@ pub enum Event {
 struct Collecting {
     lun: u64,
     cdb: Vec<u8>,
+    /// The data the target takes in (the expected length, unless that was beyond any transfer).
     expected: u32,
+    /// The expected length the initiator gave, which residuals are reported against.
+    wire_expected: u32,
     buf: Vec<u8>,
     received: u32,
     /// Offset up to which the initiator has been asked for (or was allowed to send) data.
@@ -234,6 +241,19 @@ impl Session {
                 data_out: Vec::new(),
             }];
         }
+        // The buffer below is sized by the expected length, a number from the wire: one beyond the largest
+        // transfer corral allows is not taken on trust. The target then takes what the CDB moves and reports
+        // the rest as residual underflow (RFC 7143 11.4.5.1 lets it transfer less than expected).
+        let wire_expected = expected;
+        let expected = if expected > MAX_DATA_OUT {
+            let owed = scsi::data_out_len(&cdb);
+            if owed == 0 || owed > MAX_DATA_OUT || p.data.len() as u32 > owed {
+                return vec![self.reject(reject::PROTOCOL_ERROR, p)];
+            }
+            owed
+        } else {
+            expected
+        };
         // Immediate data: only as negotiated, never beyond FirstBurstLength or the expected length.
         let imm = p.data.len() as u32;
         if (imm > 0 && !self.params.immediate_data)
@@ -246,6 +266,7 @@ impl Session {
             lun,
             cdb,
             expected,
+            wire_expected,
             buf: vec![0; expected as usize],
             received: imm,
             requested: 0,
@@ -285,7 +306,8 @@ impl Session {
                 Running {
                     expected_in: 0,
                     write: true,
-                    residual_out: i64::from(c.expected) - i64::from(scsi::data_out_len(&c.cdb)),
+                    residual_out: i64::from(c.wire_expected)
+                        - i64::from(scsi::data_out_len(&c.cdb)),
                 },
             );
             out.push(Event::Execute {

@@ -383,3 +383,204 @@ fn chap_values_in_hex_and_base64() {
     h.update(b"abc");
     assert_eq!(hex(&h.finalize()), "0x900150983cd24fb0d6963f7d28e17f72");
 }
+
+/// Keys the fuzzing below draws from: every key this target knows, and some it does not.
+fn any_key() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => proptest::sample::select(vec![
+            "InitiatorName", "InitiatorAlias", "SessionType", "TargetName", "AuthMethod", "CHAP_A",
+            "CHAP_I", "CHAP_C", "CHAP_N", "CHAP_R", "HeaderDigest", "DataDigest", "MaxConnections",
+            "ErrorRecoveryLevel", "InitialR2T", "ImmediateData", "DataPDUInOrder",
+            "DataSequenceInOrder", "IFMarker", "OFMarker", "MaxRecvDataSegmentLength",
+            "MaxBurstLength", "FirstBurstLength", "MaxOutstandingR2T", "DefaultTime2Wait",
+            "DefaultTime2Retain", "TargetPortalGroupTag", "SendTargets",
+        ])
+        .prop_map(String::from),
+        1 => "[A-Za-z][A-Za-z0-9_.-]{0,12}",
+    ]
+}
+
+/// Values: the ones that mean something to some key, numbers at and beyond the limits, CHAP-looking
+/// binary, and printable junk.
+fn any_value() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    prop_oneof![
+        proptest::sample::select(vec![
+            "None",
+            "CHAP",
+            "CHAP,None",
+            "None,CHAP",
+            "Yes",
+            "No",
+            "5",
+            "5,7",
+            "Normal",
+            "Discovery",
+            IQN,
+            INITIATOR,
+            "iqn.x:nope",
+            "node1",
+            "0",
+            "511",
+            "512",
+            "16777215",
+            "16777216",
+            "0x0",
+            "0x",
+            "CRC32C",
+            "CRC32C,None",
+            "",
+        ])
+        .prop_map(String::from),
+        proptest::prelude::any::<u64>().prop_map(|n| n.to_string()),
+        "0[xb][0-9a-fA-F+/=]{0,40}",
+        "[ -~]{0,24}",
+    ]
+}
+
+/// The invariants of every answer the login gives.
+fn check_answer(r: &Pdu) -> Result<(), proptest::test_runner::TestCaseError> {
+    proptest::prop_assert_eq!(r.opcode(), op::LOGIN_RESPONSE);
+    proptest::prop_assert!(parse_text(&r.data).is_ok(), "the answer's text parses");
+    let wire = r.encode();
+    proptest::prop_assert_eq!(wire.len() % 4, 0);
+    Ok(())
+}
+
+proptest::proptest! {
+    /// Any sequence of Login Requests (any flags, versions, keys and values) against a target with and
+    /// without CHAP: each answer is a Login Response; a failure says why (status class not 0) and ends
+    /// the login; a completed login says T and NSG=3 with sane parameters; and a CHAP target is never
+    /// logged in to without the proof (which random values do not hold) other than by discovery.
+    #[test]
+    fn arbitrary_login_sequences_end_cleanly(
+        with_chap in proptest::prelude::any::<bool>(),
+        start in 0u8..3,
+        requests in proptest::collection::vec(
+            (
+                proptest::prop_oneof![
+                    proptest::prelude::any::<u8>(),
+                    proptest::sample::select(vec![0x81u8, 0x87, 0x83, 0x00, 0x04, 0x41, 0x8B]),
+                ],
+                proptest::sample::select(vec![0u8, 0, 0, 1, 0xFF]),
+                proptest::collection::vec((any_key(), any_value()), 0..10),
+            ),
+            1..8,
+        ),
+    ) {
+        let chap = with_chap.then(|| Chap {
+            user: "node1".into(),
+            secret: "s3cret-s3cret".into(),
+            mutual: Some(("corral".into(), "target-secret!".into())),
+        });
+        let t = T(chap);
+        let mut l = Login::new(Limits::default());
+        for (i, (flags, version, extra)) in requests.iter().enumerate() {
+            let mut p = req(false, 0, 0, &[]);
+            p.bhs[1] = *flags;
+            p.bhs[3] = *version;
+            // Most sequences name an initiator and a session first, so that they get somewhere.
+            let mut kv: Vec<(String, String)> = match (i, start) {
+                (0, 1) => vec![("InitiatorName".into(), INITIATOR.into()), ("TargetName".into(), IQN.into())],
+                (0, 2) => vec![("InitiatorName".into(), INITIATOR.into()), ("SessionType".into(), "Discovery".into())],
+                _ => Vec::new(),
+            };
+            kv.extend(extra.iter().cloned());
+            let p = p.with_data(encode_text(&kv));
+            match l.on_request(&p, &t, 5, &mut rnd) {
+                Step::Continue(r) => {
+                    check_answer(&r)?;
+                    proptest::prop_assert_eq!(status_of(&r).0, 0);
+                }
+                Step::Complete(r, done) => {
+                    check_answer(&r)?;
+                    proptest::prop_assert_eq!(status_of(&r), status::SUCCESS);
+                    proptest::prop_assert_eq!(r.flags() & 0x83, 0x83, "T and NSG=3");
+                    // Discovery sessions need no secret (CHAP secrets belong to targets).
+                    proptest::prop_assert!(
+                        !with_chap || done.kind == SessionKind::Discovery,
+                        "CHAP target logged in to without the proof"
+                    );
+                    let params = done.params;
+                    proptest::prop_assert!(params.first_burst <= params.max_burst);
+                    proptest::prop_assert!(params.max_burst <= Limits::default().max_burst);
+                    proptest::prop_assert!((512..=16_777_215).contains(&params.initiator_max_recv));
+                    proptest::prop_assert!(params.max_outstanding_r2t >= 1);
+                    break;
+                }
+                Step::Fail(r) => {
+                    check_answer(&r)?;
+                    proptest::prop_assert_ne!(status_of(&r).0, 0, "a failure says why");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Login Requests with an arbitrary header and arbitrary bytes as text: an answer, never a panic.
+    #[test]
+    fn arbitrary_login_pdus_never_panic(
+        pdus in proptest::collection::vec(
+            (
+                proptest::collection::vec(proptest::prelude::any::<u8>(), crate::iscsi::pdu::BHS_LEN..=crate::iscsi::pdu::BHS_LEN),
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            ),
+            1..4,
+        ),
+    ) {
+        let t = T(None);
+        let mut l = Login::new(Limits::default());
+        for (bhs, data) in pdus {
+            let mut p = Pdu::new(op::LOGIN);
+            p.bhs.copy_from_slice(&bhs);
+            let p = p.with_data(data);
+            match l.on_request(&p, &t, 5, &mut rnd) {
+                Step::Continue(r) => check_answer(&r)?,
+                Step::Complete(r, _) => check_answer(&r)?,
+                Step::Fail(r) => {
+                    check_answer(&r)?;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn login_text_is_bounded_and_other_pdus_are_invalid_during_login() {
+    let t = T(None);
+    // Text continued without end: refused (target out of resources) once it passes the bound, and the
+    // memory it held is let go.
+    let mut l = Login::new(Limits::default());
+    let mut a = req(false, 0, 0, &[]);
+    a.bhs[1] |= 0x40;
+    let a = a.with_data(vec![b'x'; 8192]);
+    let mut sent = 0;
+    let r = loop {
+        match l.on_request(&a, &t, 1, &mut rnd) {
+            Step::Continue(_) => sent += 8192,
+            Step::Fail(r) => break r,
+            _ => panic!("no other answer to endless text"),
+        }
+        assert!(sent <= MAX_LOGIN_TEXT, "held more than the bound");
+    };
+    assert_eq!(status_of(&r), status::OUT_OF_RESOURCES);
+    assert!(l.partial.capacity() == 0);
+    // A NOP-Out after the login started: "invalid during login" (RFC 7143 6.3).
+    let mut l = Login::new(Limits::default());
+    let first = req(
+        false,
+        0,
+        0,
+        &[("InitiatorName", INITIATOR), ("TargetName", IQN)],
+    );
+    assert!(matches!(
+        l.on_request(&first, &t, 1, &mut rnd),
+        Step::Continue(_)
+    ));
+    let Step::Fail(r) = l.on_request(&Pdu::new(op::NOP_OUT), &t, 1, &mut rnd) else {
+        panic!()
+    };
+    assert_eq!(status_of(&r), status::INVALID_DURING_LOGIN);
+}

@@ -418,3 +418,40 @@ fn a_data_sequence_error_ends_the_task_with_check_condition() {
         check(&s.on_pdu(&data_out_sn(1, t, sn, 0, vec![0; 512], true)));
     }
 }
+
+#[test]
+fn an_expected_length_beyond_any_transfer_is_not_taken_on_trust() {
+    // One block written with an expected length of 4 GiB - 1: the target asks for the block the CDB moves,
+    // not for 4 GiB, and holds no more than that.
+    let mut s = Session::new(params(), 1, 1);
+    let ev = s.on_pdu(&cmd(3, 1, false, true, u32::MAX, &w10(512), vec![7; 512]));
+    match &ev[..] {
+        [Event::Execute { data_out, .. }] => assert_eq!(data_out, &vec![7u8; 512]),
+        other => panic!("{other:?}"),
+    }
+    let ev = s.completed(
+        3,
+        scsi::Reply {
+            status: scsi::GOOD,
+            sense: None,
+            data: Vec::new(),
+        },
+    );
+    // The rest is residual underflow: U bit, count = expected - moved.
+    let r = sent(&ev);
+    assert_eq!(r[0].bhs[1] & 0x02, 0x02, "underflow bit");
+    assert_eq!(r[0].u32_at(44), u32::MAX - 512);
+    // A command that moves nothing (or more than any transfer) with such a length is refused outright.
+    let ev = s.on_pdu(&cmd(4, 2, false, true, u32::MAX, &[0xC0; 10], Vec::new()));
+    assert_eq!(sent(&ev)[0].opcode(), op::REJECT, "{ev:?}");
+    let ev = s.on_pdu(&cmd(
+        5,
+        3,
+        false,
+        true,
+        u32::MAX,
+        &w10(u32::MAX),
+        Vec::new(),
+    ));
+    assert_eq!(sent(&ev)[0].opcode(), op::REJECT, "{ev:?}");
+}
