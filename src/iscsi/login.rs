@@ -24,6 +24,7 @@ pub mod status {
     pub const NOT_FOUND: (u8, u8) = (0x02, 0x03);
     pub const MISSING_PARAMETER: (u8, u8) = (0x02, 0x07);
     pub const UNSUPPORTED_VERSION: (u8, u8) = (0x02, 0x05);
+    pub const SESSION_DOES_NOT_EXIST: (u8, u8) = (0x02, 0x0A);
     pub const INVALID_DURING_LOGIN: (u8, u8) = (0x02, 0x0B);
     pub const TARGET_ERROR: (u8, u8) = (0x03, 0x00);
     pub const OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
@@ -117,6 +118,11 @@ pub enum Refusal {
 pub trait Targets {
     /// `Ok(None)`: no authentication; `Ok(Some(chap))`: CHAP with these secrets.
     fn lookup(&self, target: &str, initiator: &str) -> Result<Option<Chap>, Refusal>;
+    /// Whether this initiator has a live session with this ISID and TSIH (a login naming a TSIH adds or
+    /// reinstates a connection of it). None by default.
+    fn session_exists(&self, _initiator: &str, _isid: [u8; 6], _tsih: u16) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -413,6 +419,14 @@ impl Login {
                 self.sent_tpgt = true;
                 answer.push(("TargetPortalGroupTag".into(), "1".into()));
             }
+        }
+        // A leading login naming a TSIH the target never gave out (or whose session has ended) names no
+        // session (RFC 7143 11.13.5); the initiator then starts a new one with TSIH 0.
+        if !self.answered
+            && self.tsih != 0
+            && !targets.session_exists(&initiator, self.isid, self.tsih)
+        {
+            return self.fail(req, status::SESSION_DOES_NOT_EXIST);
         }
         let needs_chap = self.chap.is_some();
         if stage == Stage::Operational && needs_chap && self.chap_state != ChapState::Done {

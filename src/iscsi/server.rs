@@ -3,7 +3,7 @@
 //! the NBD room: each command is a `pread`/`pwrite` that takes microseconds.
 
 use std::collections::HashMap;
-use std::io::{BufWriter, Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -83,6 +83,8 @@ struct Open {
     stream: TcpStream,
     /// Session identity for reinstatement: (initiator, ISID).
     session: (String, [u8; 6]),
+    /// The session's TSIH, which a login adding or reinstating a connection of it names.
+    tsih: u16,
 }
 
 #[derive(Default)]
@@ -150,25 +152,77 @@ impl IscsiServer {
     }
 }
 
+/// Bytes asked of the socket at least per `read` (many 48-byte commands at a time when they queue up).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What came in from the initiator and is not framed yet: `buf[start..end]`. The buffer is zeroed only
+/// when it grows, and framed PDUs are skipped over rather than drained out.
+struct Input {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Input {
+    fn new() -> Input {
+        Input {
+            buf: vec![0; 2 * READ_CHUNK],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Whether a whole PDU is buffered (framing it cannot block on the socket).
+    fn holds_pdu(&self) -> bool {
+        let b = self.pending();
+        if b.len() < pdu::BHS_LEN {
+            return false;
+        }
+        let ahs = usize::from(b[4]) * 4;
+        let data = u32::from_be_bytes([0, b[5], b[6], b[7]]) as usize;
+        b.len() >= pdu::BHS_LEN + ahs + data.div_ceil(4) * 4
+    }
+
+    /// Reads more from `stream` so that at least `total` bytes can be pending; returns what it got.
+    fn fill(&mut self, stream: &mut TcpStream, total: usize) -> std::io::Result<usize> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        if self.start + total.max(self.end - self.start + READ_CHUNK) > self.buf.len() {
+            // Move what is pending to the front, and grow the buffer if it is still too small.
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+            let want = total.max(self.end + READ_CHUNK);
+            if want > self.buf.len() {
+                self.buf.resize(want, 0);
+            }
+        }
+        let got = stream.read(&mut self.buf[self.end..])?;
+        self.end += got;
+        Ok(got)
+    }
+}
+
 /// Reads until the buffer holds a whole PDU; `None` at a clean end of stream between PDUs.
 fn next_pdu(
     stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
+    input: &mut Input,
     max_data: u32,
 ) -> std::io::Result<Option<pdu::Pdu>> {
     loop {
-        match frame(buf, max_data) {
+        match frame(input.pending(), max_data) {
             Ok(Frame::Pdu(p, used)) => {
-                buf.drain(..used);
+                input.start += used;
                 return Ok(Some(p));
             }
             Ok(Frame::Need(n)) => {
-                let have = buf.len();
-                buf.resize(n.max(have + 4096), 0);
-                let got = stream.read(&mut buf[have..])?;
-                buf.truncate(have + got);
-                if got == 0 {
-                    return if have == 0 {
+                let had = input.pending().len();
+                if input.fill(stream, n)? == 0 {
+                    return if had == 0 {
                         Ok(None)
                     } else {
                         Err(std::io::ErrorKind::UnexpectedEof.into())
@@ -188,14 +242,96 @@ fn next_pdu(
     }
 }
 
+/// Responses on their way out. They are gathered while more requests are buffered and then written with
+/// `writev`: headers from one small buffer, data segments straight from the PDUs (a read's data is not
+/// copied again to be sent).
+struct Output {
+    stream: TcpStream,
+    pdus: Vec<pdu::Pdu>,
+    /// Each queued PDU's BHS (lengths filled in) and AHS, one after another.
+    heads: Vec<u8>,
+    bytes: usize,
+}
+
+/// Queued bytes past which the queue is written out even though requests are still buffered.
+const OUT_BYTES: usize = 512 * 1024;
+/// At most this many PDUs per `writev` (three slices each: header, data, padding; IOV_MAX is 1024).
+const OUT_PDUS: usize = 256;
+
+impl Output {
+    fn new(stream: TcpStream) -> Output {
+        Output {
+            stream,
+            pdus: Vec::new(),
+            heads: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    fn push(&mut self, p: pdu::Pdu) -> std::io::Result<()> {
+        let mut bhs = p.bhs;
+        bhs[4] = (p.ahs.len() / 4) as u8;
+        bhs[5..8].copy_from_slice(&(p.data.len() as u32).to_be_bytes()[1..]);
+        self.heads.extend_from_slice(&bhs);
+        self.heads.extend_from_slice(&p.ahs);
+        self.bytes += pdu::BHS_LEN + p.ahs.len() + p.data.len().div_ceil(4) * 4;
+        self.pdus.push(p);
+        if self.bytes >= OUT_BYTES || self.pdus.len() >= OUT_PDUS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.pdus.is_empty() {
+            return Ok(());
+        }
+        const PAD: [u8; 3] = [0; 3];
+        let mut slices = Vec::with_capacity(self.pdus.len() * 3);
+        let mut at = 0;
+        for p in &self.pdus {
+            let head = pdu::BHS_LEN + p.ahs.len();
+            slices.push(IoSlice::new(&self.heads[at..at + head]));
+            at += head;
+            if !p.data.is_empty() {
+                slices.push(IoSlice::new(&p.data));
+                let pad = p.data.len().div_ceil(4) * 4 - p.data.len();
+                if pad > 0 {
+                    slices.push(IoSlice::new(&PAD[..pad]));
+                }
+            }
+        }
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.stream.write_vectored(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.pdus.clear();
+        self.heads.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
 struct Lookup<'a> {
     source: &'a dyn TargetSource,
+    registry: &'a Registry,
     peer: IpAddr,
 }
 
 impl login::Targets for Lookup<'_> {
     fn lookup(&self, target: &str, initiator: &str) -> Result<Option<Chap>, Refusal> {
         self.source.admit(target, self.peer, initiator)
+    }
+
+    fn session_exists(&self, initiator: &str, isid: [u8; 6], tsih: u16) -> bool {
+        let open = self.registry.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.values()
+            .any(|o| o.tsih == tsih && o.session.1 == isid && o.session.0 == initiator)
     }
 }
 
@@ -221,27 +357,36 @@ fn connection(
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let limits = Limits::default();
-    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut input = Input::new();
     let mut login = Login::new(limits);
     let lookup = Lookup {
         source,
+        registry,
         peer: peer.ip(),
     };
     // Login: requests carry at most 8 KiB of text until MaxRecvDataSegmentLength is agreed.
-    let (done, first_cmd_sn) = loop {
-        let Some(req) = next_pdu(&mut stream, &mut buf, 8192)? else {
-            return Ok(());
+    let (done, first_cmd_sn, tsih) = loop {
+        let req = match next_pdu(&mut stream, &mut input, 8192) {
+            Ok(Some(req)) => req,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                // A PDU that breaks the framing rules before login is as malformed as one after.
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    stats.malformed.inc();
+                }
+                return Err(e);
+            }
         };
-        let tsih = registry
+        let new_tsih = registry
             .tsih
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1)
             .max(1);
-        match login.on_request(&req, &lookup, tsih, &mut random) {
+        match login.on_request(&req, &lookup, new_tsih, &mut random) {
             Step::Continue(r) => stream.write_all(&r.encode())?,
             Step::Complete(r, done) => {
                 stream.write_all(&r.encode())?;
-                break (done, req.cmd_sn());
+                break (done, req.cmd_sn(), r.u16_at(14));
             }
             Step::Fail(r) => {
                 stats.refused.inc();
@@ -286,12 +431,13 @@ fn connection(
                 peer: peer.ip(),
                 stream: stream.try_clone()?,
                 session: key,
+                tsih,
             },
         );
     }
     let result = full_feature(
         &mut stream,
-        &mut buf,
+        &mut input,
         &mut session,
         lun.as_ref(),
         done.params.target_max_recv,
@@ -307,19 +453,19 @@ fn connection(
 
 fn full_feature(
     stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
+    input: &mut Input,
     session: &mut Session,
     lun: Option<&Lun>,
     max_data: u32,
     stats: &IscsiStats,
 ) -> std::io::Result<()> {
-    let mut out = BufWriter::with_capacity(256 * 1024, stream.try_clone()?);
+    let mut out = Output::new(stream.try_clone()?);
     loop {
-        // Flush replies before blocking for more input.
-        if buf.len() < pdu::BHS_LEN {
+        // Replies go out before waiting for more input; while whole requests are buffered, they gather.
+        if !input.holds_pdu() {
             out.flush()?;
         }
-        let p = match next_pdu(stream, buf, max_data) {
+        let p = match next_pdu(stream, input, max_data) {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(()),
             Err(e) => {
@@ -334,7 +480,7 @@ fn full_feature(
             let mut next = Vec::new();
             for ev in events {
                 match ev {
-                    Event::Send(r) => out.write_all(&r.encode())?,
+                    Event::Send(r) => out.push(r)?,
                     Event::Close => {
                         out.flush()?;
                         return Ok(());

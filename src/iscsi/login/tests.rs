@@ -584,3 +584,41 @@ fn login_text_is_bounded_and_other_pdus_are_invalid_during_login() {
     };
     assert_eq!(status_of(&r), status::INVALID_DURING_LOGIN);
 }
+
+#[test]
+fn a_login_naming_an_unknown_session_is_refused() {
+    struct Live(u16);
+    impl Targets for Live {
+        fn lookup(&self, _: &str, _: &str) -> Result<Option<Chap>, Refusal> {
+            Ok(None)
+        }
+        fn session_exists(&self, initiator: &str, _: [u8; 6], tsih: u16) -> bool {
+            initiator == INITIATOR && tsih == self.0
+        }
+    }
+    let login = |live: u16, tsih: u16| {
+        let mut l = Login::new(Limits::default());
+        let mut r = req(
+            true,
+            1,
+            3,
+            &[("InitiatorName", INITIATOR), ("TargetName", IQN)],
+        );
+        r.bhs[14..16].copy_from_slice(&tsih.to_be_bytes());
+        l.on_request(&r, &Live(live), 9, &mut rnd)
+    };
+    let Step::Fail(r) = login(5, 0x4321) else {
+        panic!("a TSIH never given out must be refused")
+    };
+    assert_eq!(status_of(&r), status::SESSION_DOES_NOT_EXIST);
+    // The live session's TSIH: a connection of that session, which keeps its TSIH.
+    let Step::Complete(r, done) = login(0x4321, 0x4321) else {
+        panic!()
+    };
+    assert_eq!((r.u16_at(14), done.tsih), (0x4321, 0x4321));
+    // TSIH 0: a new session, which gets the TSIH the server hands out.
+    let Step::Complete(r, _) = login(5, 0) else {
+        panic!()
+    };
+    assert_eq!(r.u16_at(14), 9);
+}
