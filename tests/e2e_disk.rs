@@ -38,17 +38,11 @@ fn boot(lab: &mut Lab, name: &str, mac: &str) -> (Vm, String, String, String) {
 
 #[test]
 fn slot_disks_follow_the_slot_across_reboots() {
-    if !common::is_root() {
-        eprintln!("skipped: needs root for namespaces and taps");
+    let Some(src) = common::testos_for_vms() else {
         return;
-    }
+    };
     let t0 = Instant::now();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let src = root.join("images/testos");
-    assert!(
-        src.join("vmlinuz").exists(),
-        "build the test OS first: tests/testos/build.sh images/testos"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     let d = images.join("disk-os");

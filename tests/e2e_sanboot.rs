@@ -66,17 +66,11 @@ fn boot(lab: &mut Lab, name: &str, mac: &str) -> Boot {
 
 #[test]
 fn sanboot_whole_disk_images_over_iscsi() {
-    if !common::is_root() {
-        eprintln!("skipped: needs root for namespaces and taps");
+    let Some(testos) = common::testos_for_vms() else {
         return;
-    }
+    };
     let t0 = Instant::now();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let testos = root.join("images/testos");
-    assert!(
-        testos.join("vmlinuz").exists(),
-        "build the test OS first: tests/testos/build.sh images/testos"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let disks = tmp.path().join("disks");
     std::fs::create_dir_all(&disks).unwrap();

@@ -218,6 +218,21 @@ pub fn disk_field(
     }
 }
 
+/// For the VM tests: the built test OS (`images/testos`), or None (with a note) when not root, since
+/// namespaces and taps need root.
+pub fn testos_for_vms() -> Option<std::path::PathBuf> {
+    if !is_root() {
+        eprintln!("skipped: needs root for namespaces and taps");
+        return None;
+    }
+    let testos = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/testos");
+    assert!(
+        testos.join("vmlinuz").exists(),
+        "build the test OS first: tests/testos/build.sh images/testos"
+    );
+    Some(testos)
+}
+
 /// A lab corral's log.
 pub fn lab_log(lab: &corral::lab::Lab) -> String {
     std::fs::read_to_string(lab.dir.join("corral.log")).unwrap_or_default()
