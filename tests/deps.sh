@@ -5,7 +5,7 @@ set -euo pipefail
 PKGS=(qemu-system-x86 ovmf ipxe linux-image-amd64 busybox-static dnsmasq curl atftp tftp-hpa
       isc-dhcp-client iproute2 kmod cpio gzip python3 nbd-client e2fsprogs
       libnbd-bin qemu-utils openipmi ipmitool python3-venv openssl libiscsi-bin qemu-block-extra
-      open-iscsi syslinux syslinux-common mtools dosfstools)
+      open-iscsi syslinux syslinux-common mtools dosfstools systemd-boot-efi binutils)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -191,6 +191,8 @@ pub struct Lab {
     pub disks_dir: Option<PathBuf>,
     /// The credentials file (`server.credentials`: BMC passwords, iSCSI CHAP secrets), if any.
     pub credentials: Option<PathBuf>,
+    /// Memory of the VMs started from now on, MiB (192 by default: enough for the test OS over HTTP).
+    pub vm_memory_mib: u32,
     hosts: Vec<String>,
     children: Vec<Child>,
     taps: u32,
@@ -209,6 +211,7 @@ impl Lab {
             dir: dir.to_path_buf(),
             disks_dir: None,
             credentials: None,
+            vm_memory_mib: 192,
             hosts: Vec::new(),
             children: Vec::new(),
             taps: 0,
@@ -377,7 +380,7 @@ impl Lab {
             &serial,
             &vars,
             &self.dir.join("sercon"),
-            192,
+            self.vm_memory_mib,
         );
         let mut args = args;
         let qmp = power.then(|| self.dir.join(format!("{name}.qmp")));

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Makes a whole-disk image with its own boot loader, for nodes that boot with iPXE's `sanboot` from corral's
 # iSCSI target: an MBR disk (syslinux's mbr.bin) with one active FAT partition holding syslinux, the test
-# OS's kernel and initramfs, and a syslinux.cfg that boots them with `corral.disk=ibft` (the test OS then
+# OS's kernel and initramfs, and a syslinux.cfg that boots them with `corral.disk=ibft`; for UEFI, the same
+# kernel, initramfs and command line as one unified kernel image (systemd's EFI stub) at the removable-media
+# path \EFI\BOOT\BOOTX64.EFI that firmware and iPXE start (the test OS then
 # attaches the same disk through the iBFT and reads/writes a marker in sector 1024, between the MBR and the
 # partition). Built with mtools and syslinux's --offset, so it needs neither root nor a loop mount.
 #
@@ -48,6 +50,23 @@ LABEL corral
   APPEND console=ttyS0 panic=-1 quiet corral.disk=ibft
 CFG
 mcopy -i "$tmp@@1M" "$src/vmlinuz" "$src/initrd.img" "$work/syslinux.cfg" ::/
+# UEFI: a unified kernel image, systemd-boot-efi's stub with the kernel, initramfs and command line added
+# as sections (the layout systemd documents for objcopy), so no boot loader stands between firmware and
+# kernel.
+stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
+if [ -r "$stub" ] && command -v objcopy >/dev/null; then
+  printf "%s" "console=ttyS0 panic=-1 quiet corral.disk=ibft" > "$work/cmdline"
+  printf 'NAME=corral-testos\nID=corral-testos\n' > "$work/os-release"
+  objcopy --add-section .osrel="$work/os-release" --change-section-vma .osrel=0x20000 \
+          --add-section .cmdline="$work/cmdline" --change-section-vma .cmdline=0x30000 \
+          --add-section .linux="$src/vmlinuz" --change-section-vma .linux=0x2000000 \
+          --add-section .initrd="$src/initrd.img" --change-section-vma .initrd=0x3000000 \
+          "$stub" "$work/BOOTX64.EFI"
+  mmd -i "$tmp@@1M" ::/EFI ::/EFI/BOOT
+  mcopy -i "$tmp@@1M" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+else
+  echo "note: no $stub or objcopy (install systemd-boot-efi binutils): the disk boots on BIOS only" >&2
+fi
 syslinux --offset $((2048 * 512)) --install "$tmp"
 mv "$tmp" "$out"
 echo "boot disk: $out (${size} MiB, syslinux on FAT32 at 1 MiB)"
