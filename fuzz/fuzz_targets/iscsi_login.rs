@@ -18,8 +18,8 @@ mod common;
 
 use corral::iscsi::login::{Chap, Limits, LoggedIn, Login, Refusal, SessionKind, Step, Targets};
 use corral::iscsi::pdu::{frame, op, parse_text, Frame, Pdu};
-use corral::iscsi::scsi::{Lun, Reply, Sense};
-use corral::iscsi::session::{Event, Session};
+use corral::iscsi::scsi::Lun;
+use corral::iscsi::session::Session;
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, Mutex};
 
@@ -83,37 +83,19 @@ fn full_feature(done: &LoggedIn, stat_sn: u32, cmd_sn: u32, mut rest: &[u8]) {
     let chunk = done.params.initiator_max_recv.max(512) as usize;
     while let Ok(Frame::Pdu(p, used)) = frame(rest, max_data) {
         rest = &rest[used..];
-        let mut events = session.on_pdu(&p);
-        while !events.is_empty() {
-            let mut next = Vec::new();
-            for ev in events {
-                match ev {
-                    Event::Send(r) => {
-                        if r.opcode() == op::DATA_IN {
-                            assert!(
-                                r.data.len() <= chunk,
-                                "Data-In within the initiator's limit"
-                            );
-                        }
-                        let _ = r.encode();
-                    }
-                    Event::Close => return,
-                    Event::Execute {
-                        itt,
-                        lun: l,
-                        cdb,
-                        data_out,
-                    } => {
-                        let reply = if l == 0 {
-                            lun.execute(&cdb, &data_out)
-                        } else {
-                            Reply::check(Sense::LUN_NOT_SUPPORTED)
-                        };
-                        next.extend(session.completed(itt, reply));
-                    }
-                }
+        let events = session.on_pdu(&p);
+        let Ok(ran) = session.run(events, Some(&lun), |r| {
+            if r.opcode() == op::DATA_IN {
+                assert!(
+                    r.data.len() <= chunk,
+                    "Data-In within the initiator's limit"
+                );
             }
-            events = next;
+            let _ = r.encode();
+            Ok::<(), std::convert::Infallible>(())
+        });
+        if !ran.open {
+            return;
         }
     }
 }

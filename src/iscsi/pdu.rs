@@ -100,8 +100,17 @@ impl std::fmt::Display for FrameError {
     }
 }
 
-fn pad4(n: usize) -> usize {
+/// `n` rounded up to whole 4-byte words: data segments and AHS are padded to them on the wire.
+pub fn pad4(n: usize) -> usize {
     (n + 3) & !3
+}
+
+/// The wire length of the PDU whose BHS starts `bhs` (header, AHS, padded data), or None when fewer than
+/// [`BHS_LEN`] bytes are there to tell.
+pub fn wire_len(bhs: &[u8]) -> Option<usize> {
+    let b = bhs.get(..BHS_LEN)?;
+    let data_len = u32::from_be_bytes([0, b[5], b[6], b[7]]);
+    Some(BHS_LEN + usize::from(b[4]) * 4 + pad4(data_len as usize))
 }
 
 /// Frames the PDU at the front of `buf`; `max_data` is the largest data segment this side accepts
@@ -121,7 +130,7 @@ pub fn frame(buf: &[u8], max_data: u32) -> Result<Frame, FrameError> {
             bhs: Box::new(bhs),
         });
     }
-    let total = BHS_LEN + ahs_len + pad4(data_len as usize);
+    let total = wire_len(&bhs).unwrap_or_else(|| unreachable!("a whole BHS"));
     if buf.len() < total {
         return Ok(Frame::Need(total));
     }
@@ -239,13 +248,18 @@ impl Pdu {
         self
     }
 
-    /// The PDU as bytes on the wire (AHS and padded data segment included).
-    pub fn encode(&self) -> Vec<u8> {
+    /// The BHS as it goes on the wire: AHS and data segment lengths filled in from what the PDU holds.
+    pub fn header(&self) -> [u8; BHS_LEN] {
         let mut bhs = self.bhs;
         bhs[4] = (self.ahs.len() / 4) as u8;
         bhs[5..8].copy_from_slice(&(self.data.len() as u32).to_be_bytes()[1..]);
+        bhs
+    }
+
+    /// The PDU as bytes on the wire (AHS and padded data segment included).
+    pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(BHS_LEN + self.ahs.len() + pad4(self.data.len()));
-        out.extend_from_slice(&bhs);
+        out.extend_from_slice(&self.header());
         out.extend_from_slice(&self.ahs);
         out.extend_from_slice(&self.data);
         out.resize(BHS_LEN + self.ahs.len() + pad4(self.data.len()), 0);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::login::{self, Chap, Limits, Login, Refusal, SessionKind, Step};
 use super::pdu::{self, frame, Frame, FrameError, Numbers};
 use super::scsi::Lun;
-use super::session::{Event, Session};
+use super::session::Session;
 use crate::disk::Disk;
 use crate::metrics::{write_counter, Counter, Report};
 
@@ -179,12 +179,7 @@ impl Input {
     /// Whether a whole PDU is buffered (framing it cannot block on the socket).
     fn holds_pdu(&self) -> bool {
         let b = self.pending();
-        if b.len() < pdu::BHS_LEN {
-            return false;
-        }
-        let ahs = usize::from(b[4]) * 4;
-        let data = u32::from_be_bytes([0, b[5], b[6], b[7]]) as usize;
-        b.len() >= pdu::BHS_LEN + ahs + data.div_ceil(4) * 4
+        pdu::wire_len(b).is_some_and(|n| b.len() >= n)
     }
 
     /// Reads more from `stream` so that at least `total` bytes can be pending; returns what it got.
@@ -207,11 +202,14 @@ impl Input {
     }
 }
 
-/// Reads until the buffer holds a whole PDU; `None` at a clean end of stream between PDUs.
+/// Reads until the buffer holds a whole PDU; `None` at a clean end of stream between PDUs. A PDU that
+/// breaks the framing rules (in the login phase or after it) is answered with a Reject, counted as
+/// malformed, and ends the connection.
 fn next_pdu(
     stream: &mut TcpStream,
     input: &mut Input,
     max_data: u32,
+    stats: &IscsiStats,
 ) -> std::io::Result<Option<pdu::Pdu>> {
     loop {
         match frame(input.pending(), max_data) {
@@ -230,6 +228,7 @@ fn next_pdu(
                 }
             }
             Err(FrameError::DataTooLong { len, max, bhs }) => {
+                stats.malformed.inc();
                 let _ = stream.write_all(
                     &pdu::reject(pdu::reject::PROTOCOL_ERROR, &bhs, Numbers::default()).encode(),
                 );
@@ -269,12 +268,9 @@ impl Output {
     }
 
     fn push(&mut self, p: pdu::Pdu) -> std::io::Result<()> {
-        let mut bhs = p.bhs;
-        bhs[4] = (p.ahs.len() / 4) as u8;
-        bhs[5..8].copy_from_slice(&(p.data.len() as u32).to_be_bytes()[1..]);
-        self.heads.extend_from_slice(&bhs);
+        self.heads.extend_from_slice(&p.header());
         self.heads.extend_from_slice(&p.ahs);
-        self.bytes += pdu::BHS_LEN + p.ahs.len() + p.data.len().div_ceil(4) * 4;
+        self.bytes += pdu::BHS_LEN + p.ahs.len() + pdu::pad4(p.data.len());
         self.pdus.push(p);
         if self.bytes >= OUT_BYTES || self.pdus.len() >= OUT_PDUS {
             self.flush()?;
@@ -295,7 +291,7 @@ impl Output {
             at += head;
             if !p.data.is_empty() {
                 slices.push(IoSlice::new(&p.data));
-                let pad = p.data.len().div_ceil(4) * 4 - p.data.len();
+                let pad = pdu::pad4(p.data.len()) - p.data.len();
                 if pad > 0 {
                     slices.push(IoSlice::new(&PAD[..pad]));
                 }
@@ -366,16 +362,8 @@ fn connection(
     };
     // Login: requests carry at most 8 KiB of text until MaxRecvDataSegmentLength is agreed.
     let (done, first_cmd_sn, tsih) = loop {
-        let req = match next_pdu(&mut stream, &mut input, 8192) {
-            Ok(Some(req)) => req,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                // A PDU that breaks the framing rules before login is as malformed as one after.
-                if e.kind() == std::io::ErrorKind::InvalidData {
-                    stats.malformed.inc();
-                }
-                return Err(e);
-            }
+        let Some(req) = next_pdu(&mut stream, &mut input, 8192, stats)? else {
+            return Ok(());
         };
         let new_tsih = registry
             .tsih
@@ -465,43 +453,15 @@ fn full_feature(
         if !input.holds_pdu() {
             out.flush()?;
         }
-        let p = match next_pdu(stream, input, max_data) {
-            Ok(Some(p)) => p,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                if e.kind() == std::io::ErrorKind::InvalidData {
-                    stats.malformed.inc();
-                }
-                return Err(e);
-            }
+        let Some(p) = next_pdu(stream, input, max_data, stats)? else {
+            return Ok(());
         };
-        let mut events = session.on_pdu(&p);
-        while !events.is_empty() {
-            let mut next = Vec::new();
-            for ev in events {
-                match ev {
-                    Event::Send(r) => out.push(r)?,
-                    Event::Close => {
-                        out.flush()?;
-                        return Ok(());
-                    }
-                    Event::Execute {
-                        itt,
-                        lun: l,
-                        cdb,
-                        data_out,
-                    } => {
-                        stats.commands.inc();
-                        let reply = match lun {
-                            // LUN 0 only.
-                            Some(unit) if l == 0 => unit.execute(&cdb, &data_out),
-                            _ => super::scsi::Reply::check(super::scsi::Sense::LUN_NOT_SUPPORTED),
-                        };
-                        next.extend(session.completed(itt, reply));
-                    }
-                }
-            }
-            events = next;
+        let events = session.on_pdu(&p);
+        let ran = session.run(events, lun, |r| out.push(r))?;
+        stats.commands.add(ran.commands);
+        if !ran.open {
+            out.flush()?;
+            return Ok(());
         }
     }
 }

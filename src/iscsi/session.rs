@@ -94,6 +94,15 @@ pub struct Session {
     targets: Vec<(String, String)>,
 }
 
+/// What [`Session::run`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ran {
+    /// SCSI commands executed.
+    pub commands: u64,
+    /// False once the session has ended (logout, or a protocol error that closes the connection).
+    pub open: bool,
+}
+
 impl Session {
     /// A session after login: `stat_sn` is the next StatSN, `exp_cmd_sn` the CmdSN of the login.
     pub fn new(params: Params, stat_sn: u32, exp_cmd_sn: u32) -> Session {
@@ -413,6 +422,48 @@ impl Session {
             return self.advance_write(itt);
         }
         Vec::new()
+    }
+
+    /// Carries `events` through: each command runs on `lun` (LUN 0 is the slot's disk and the only
+    /// one; a discovery session has none) and its reply comes back as further events; every PDU to send
+    /// goes to `send`, in order. Stops at [`Event::Close`].
+    pub fn run<E>(
+        &mut self,
+        mut events: Vec<Event>,
+        lun: Option<&scsi::Lun>,
+        mut send: impl FnMut(Pdu) -> Result<(), E>,
+    ) -> Result<Ran, E> {
+        let mut ran = Ran {
+            commands: 0,
+            open: true,
+        };
+        while !events.is_empty() {
+            let mut next = Vec::new();
+            for ev in events {
+                match ev {
+                    Event::Send(r) => send(r)?,
+                    Event::Close => {
+                        ran.open = false;
+                        return Ok(ran);
+                    }
+                    Event::Execute {
+                        itt,
+                        lun: l,
+                        cdb,
+                        data_out,
+                    } => {
+                        ran.commands += 1;
+                        let reply = match lun {
+                            Some(unit) if l == 0 => unit.execute(&cdb, &data_out),
+                            _ => scsi::Reply::check(scsi::Sense::LUN_NOT_SUPPORTED),
+                        };
+                        next.extend(self.completed(itt, reply));
+                    }
+                }
+            }
+            events = next;
+        }
+        Ok(ran)
     }
 
     /// The reply of a command handed out by [`Event::Execute`].

@@ -455,3 +455,58 @@ fn an_expected_length_beyond_any_transfer_is_not_taken_on_trust() {
     ));
     assert_eq!(sent(&ev)[0].opcode(), op::REJECT, "{ev:?}");
 }
+
+#[test]
+fn run_executes_commands_and_stops_at_close() {
+    // No unit (a discovery session): a command gets CHECK CONDITION, LOGICAL UNIT NOT SUPPORTED, and is
+    // counted; a logout's response is sent and the session ends there.
+    let mut s = Session::new(params(), 1, 1);
+    let mut out = Vec::new();
+    let ev = s.on_pdu(&cmd(5, 1, true, false, 512, &[0x28], vec![]));
+    let ran = s
+        .run(ev, None, |p| {
+            out.push(p);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    assert_eq!(
+        ran,
+        Ran {
+            commands: 1,
+            open: true
+        }
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].opcode(), op::SCSI_RESPONSE);
+    assert_eq!(out[0].bhs[3], scsi::CHECK_CONDITION, "{:?}", out[0]);
+    assert_eq!(
+        &out[0].data[2..],
+        &scsi::Sense::LUN_NOT_SUPPORTED.fixed()[..],
+        "sense"
+    );
+    let mut lo = Pdu::new(op::LOGOUT);
+    lo.bhs[0] |= 0x40;
+    lo.set_u32(16, 6).set_u32(24, 2);
+    let ev = s.on_pdu(&lo);
+    out.clear();
+    let ran = s
+        .run(ev, None, |p| {
+            out.push(p);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    assert_eq!(
+        ran,
+        Ran {
+            commands: 0,
+            open: false
+        }
+    );
+    assert_eq!(
+        out.iter().map(|p| p.opcode()).collect::<Vec<_>>(),
+        [op::LOGOUT_RESPONSE]
+    );
+    // An error from `send` stops the run and comes back.
+    let ev = s.on_pdu(&cmd(7, 3, true, false, 512, &[0x28], vec![]));
+    assert_eq!(s.run(ev, None, |_| Err("socket gone")), Err("socket gone"));
+}
