@@ -44,9 +44,7 @@ done
 extra=("$@")
 
 [ "$(id -u)" = 0 ] || { echo "run as root (tgtd needs it)" >&2; exit 2; }
-for t in tgtd tgtadm iscsi-test-cu curl python3; do
-    command -v $t >/dev/null || { echo "$t is missing (apt-get install tgt libiscsi-bin curl python3)" >&2; exit 2; }
-done
+bash "$here/tests/deps.sh" bench   # tgt, libiscsi-bin, ... from tests/deps.txt
 [ -x "$corral_bin" ] || { echo "no corral binary at $corral_bin (cargo build, or --corral PATH)" >&2; exit 2; }
 
 work=$(mktemp -d /tmp/iscsi-conformance.XXXXXX)

@@ -36,14 +36,7 @@ cd "$(dirname "$0")/.."
 if [ "${QUICK:-0}" = 1 ]; then SIZE_MIB=128; RUNTIME=${RUNTIME:-3}; ROUNDS=${ROUNDS:-1}
 else SIZE_MIB=1024; RUNTIME=${RUNTIME:-8}; ROUNDS=${ROUNDS:-5}; fi
 
-need=(tgt libiscsi-bin qemu-utils qemu-block-extra curl)
-missing=()
-for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  [ "$(id -u)" = 0 ] || { echo "missing ${missing[*]}; run as root to install them" >&2; exit 1; }
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+bash tests/deps.sh bench   # the anchors too, from tests/deps.txt, in one apt transaction
 [ "$(id -u)" = 0 ] || { echo "tgtd needs root" >&2; exit 1; }
 
 HTTP=18310 CORRAL_PORT=18311 TGT_PORT=18312 TGT_CTL=18313

@@ -40,14 +40,7 @@ cd "$(dirname "$0")/.."
 
 if [ "${QUICK:-0}" = 1 ]; then SIZE_MIB=128; RUNTIME=2; REPS=1; else SIZE_MIB=1024; RUNTIME=10; REPS=5; fi
 
-need=(nbdkit qemu-utils libnbd-bin fio jq curl)
-missing=()
-for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  [ "$(id -u)" = 0 ] || { echo "missing ${missing[*]}; run as root to install them" >&2; exit 1; }
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+bash tests/deps.sh bench   # the anchors too, from tests/deps.txt, in one apt transaction
 
 cargo build --release --quiet
 CORRAL="${CARGO_TARGET_DIR:-target}/release/corral"

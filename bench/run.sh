@@ -21,14 +21,7 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 [ "$(id -u)" = 0 ] || { echo "run as root (namespaces, ports 67/69/80)" >&2; exit 1; }
 
-need=(nginx wrk curl tftpd-hpa dnsmasq kea-dhcp4-server kea-admin iproute2 ipxe)
-missing=()
-for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+bash tests/deps.sh bench   # the anchors too, from tests/deps.txt, in one apt transaction
 
 cargo build --release --quiet
 CORRAL="${CARGO_TARGET_DIR:-target}/release/corral"

@@ -197,8 +197,7 @@ fn run(n: u32) -> BTreeMap<&'static str, (f64, f64)> {
 #[test]
 #[ignore = "benchmark: run bench/move.sh"]
 fn bench_moves() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root");
+    if !common::need_root("namespaces and taps") {
         return;
     }
     let sizes: Vec<u32> = std::env::var("MOVE_VMS")

@@ -2,6 +2,8 @@
 //! nothing touches the host's interfaces): busybox udhcpc and ISC dhclient get addresses in full mode, keep
 //! them across a corral restart, and ProxyDHCP offers a PXE client boot information but no address.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -223,14 +225,9 @@ fn dhclient(net: &Net, dir: &Path) -> Option<String> {
         .map(|s| s.trim_end_matches(';').to_string())
 }
 
-fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn full_mode_real_clients_and_restart() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
+    if !common::need_root("network namespaces") || !common::need_tools(&["busybox", "dhclient"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -268,8 +265,7 @@ fn full_mode_real_clients_and_restart() {
 
 #[test]
 fn proxy_mode_gives_boot_information_but_no_address() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
+    if !common::need_root("network namespaces") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -7,6 +7,8 @@
 //! VMs run under TCG (KVM fails on these machines), which is slow: timeouts are generous; nothing here
 //! asserts a duration. The scenarios run one after another so that at most 8 VMs share the two cores.
 
+mod common;
+
 use corral::lab::{vm_mac, Firmware, Lab, Vm};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -62,14 +64,9 @@ fn check_marker(lab: &Lab, vm: &mut Vm) -> f64 {
     secs
 }
 
-fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn vms_netboot_from_corral() {
-    if !is_root() {
-        eprintln!("skipped: needs root for namespaces and taps");
+    if !common::need_root("namespaces and taps") {
         return;
     }
     let t0 = Instant::now();

@@ -141,8 +141,7 @@ fn figures(what: &str, done: &serde_json::Value) {
 
 #[test]
 fn failed_and_slow_nodes_are_replaced_and_no_spare_raises_an_alert() {
-    if !common::is_root() {
-        eprintln!("skipped: needs root for namespaces and taps");
+    if !common::need_root("namespaces and taps") {
         return;
     }
     let t0 = Instant::now();

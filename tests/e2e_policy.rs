@@ -76,14 +76,9 @@ fn api(lab: &Lab, path: &str) -> String {
     .unwrap()
 }
 
-fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn vms_fill_clusters_and_move_on_policy_change() {
-    if !is_root() {
-        eprintln!("skipped: needs root for namespaces and taps");
+    if !common::need_root("namespaces and taps") {
         return;
     }
     let t0 = Instant::now();

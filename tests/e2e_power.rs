@@ -89,8 +89,7 @@ fn agent_up_as(lab: &Lab, mac: &str, host: &str) -> bool {
 
 #[test]
 fn a_running_node_moves_to_a_higher_cluster_and_a_dead_one_is_replaced() {
-    if !common::is_root() {
-        eprintln!("skipped: needs root for namespaces and taps");
+    if !common::need_root("namespaces and taps") {
         return;
     }
     let t0 = Instant::now();

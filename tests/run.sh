@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh Debian machine: installs what the tests need (as root, with apt-get),
-# builds the tiny test OS, then runs every test (unit, property, loopback integration against real clients,
-# namespace DHCP tests, and QEMU VMs netbooting from corral end to end).
+# The whole test suite, from a fresh Debian machine: installs what the tests need (tests/deps.sh, as root,
+# with apt-get; then tests/preflight.sh checks every command is here), builds the tiny test OS, then runs
+# every test (unit, property, loopback integration against real clients, namespace DHCP tests, and QEMU VMs
+# netbooting from corral end to end), and ends with one line: `N passed, N failed, N skipped`.
 #
-#   sudo tests/run.sh            # everything
+#   sudo tests/run.sh            # everything; as root a missing prerequisite fails its test
+#   tests/run.sh                 # without root: tests that need root are counted as skipped
 #   sudo tests/run.sh http_curl  # extra arguments go to `cargo test`
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,5 +13,31 @@ bash tests/deps.sh
 echo "== building the test OS (with corral-agent)"
 cargo build --bin corral-agent
 bash tests/testos/build.sh images/testos
+
+# Tests that could not run record themselves here (tests/common: skip); the closing line counts them.
+skips=$(mktemp /tmp/corral-skipped.XXXXXX)
+out=$(mktemp /tmp/corral-tests.XXXXXX)
+trap 'rm -f "$skips" "$out"' EXIT
+chmod 666 "$skips"
 echo "== cargo test"
-cargo test "$@"
+set +e
+CORRAL_SKIP_LOG=$skips cargo test --no-fail-fast "$@" 2>&1 | tee "$out"
+status=${PIPESTATUS[0]}
+set -e
+# libtest prints one "test result: ... N passed; N failed; N ignored; ..." per test binary; a skipped test
+# passed as far as libtest knows, so it is taken out of the passed count.
+read -r passed failed ignored < <(awk '/^test result:/ {
+    for (i = 1; i <= NF; i++) { v = $i + 0
+      if ($(i+1) ~ /^passed/) p += v; if ($(i+1) ~ /^failed/) f += v; if ($(i+1) ~ /^ignored/) g += v }
+  } END { print p + 0, f + 0, g + 0 }' "$out")
+skipped=$(wc -l < "$skips")
+if [ "$skipped" -gt 0 ]; then
+  echo "== skipped:"
+  sed 's/^/  /' "$skips"
+fi
+# A test binary that failed to build or crashed prints no result line: the exit status still tells.
+if [ "$status" != 0 ] && [ "$failed" = 0 ]; then failed="$failed (cargo test exited $status)"; fi
+extra=""
+[ "$ignored" -gt 0 ] && extra=", $ignored ignored (#[ignore]: benchmarks, run by bench/)"
+echo "== $((passed - skipped)) passed, $failed failed, $skipped skipped$extra"
+exit "$status"

@@ -44,6 +44,80 @@ pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
 
+/// Whether a missing prerequisite fails a test instead of skipping it: always as root (tests/run.sh runs
+/// the suite as root after tests/deps.sh installed everything, so anything missing there is a broken
+/// install, not a reason to pass), or with `CORRAL_TESTS_STRICT=1`.
+pub fn strict() -> bool {
+    is_root() || std::env::var("CORRAL_TESTS_STRICT").is_ok_and(|v| v == "1")
+}
+
+/// Where skipped tests are recorded, one line each (`<test>: <why>`): `CORRAL_SKIP_LOG`, which tests/run.sh
+/// sets and counts for its closing line, else `skipped.log` in cargo's scratch directory for tests.
+pub fn skip_log() -> std::path::PathBuf {
+    std::env::var_os("CORRAL_SKIP_LOG")
+        .map(Into::into)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("skipped.log"))
+}
+
+/// Records that the running test did not run (`why`), so the run counts it as skipped, not passed; in
+/// [`strict`] mode fails the test instead. The caller returns after this.
+pub fn skip(why: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_string();
+    assert!(
+        !strict(),
+        "{test}: {why} (a missing prerequisite fails the test when run as root / under tests/run.sh: run tests/deps.sh)"
+    );
+    use std::io::Write;
+    // One line per skipped test: the run counts lines.
+    let why: String = why.split_whitespace().collect::<Vec<_>>().join(" ");
+    let line = format!("{} {test}: {why}\n", env!("CARGO_CRATE_NAME"));
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skip_log())
+    {
+        // One write of one line: tests run on threads and in several processes at once.
+        let _ = f.write_all(line.as_bytes());
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// True when the process runs as root; otherwise records the test as skipped ([`skip`]) and returns false.
+pub fn need_root(why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    skip(&format!("needs root for {why}"));
+    false
+}
+
+/// True when every program is in PATH; otherwise records the test as skipped, naming the missing ones
+/// (fails in [`strict`] mode).
+pub fn need_tools(programs: &[&str]) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|p| !std::env::split_paths(&path).any(|d| is_executable(&d.join(p))))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip(&format!(
+        "{} not installed (tests/deps.sh installs them)",
+        missing.join(", ")
+    ));
+    false
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 /// Starts `corral serve --config <dir>/corral.toml` (log in `<dir>/serve.log`) and waits until
 /// `port` on loopback accepts connections.
 pub fn start(dir: &Path, port: u16) -> Server {
@@ -218,11 +292,10 @@ pub fn disk_field(
     }
 }
 
-/// For the VM tests: the built test OS (`images/testos`), or None (with a note) when not root, since
+/// For the VM tests: the built test OS (`images/testos`), or None (recorded as skipped) when not root, since
 /// namespaces and taps need root.
 pub fn testos_for_vms() -> Option<std::path::PathBuf> {
-    if !is_root() {
-        eprintln!("skipped: needs root for namespaces and taps");
+    if !need_root("namespaces and taps") {
         return None;
     }
     let testos = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/testos");

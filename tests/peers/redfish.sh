@@ -33,14 +33,9 @@ install() {
 }
 
 install_locked() {
-  local missing=()
-  for p in python3 python3-venv openssl curl; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  # Debian's packages (python3, python3-venv, openssl, curl) come from tests/deps.sh; only PyPI here.
+  [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null \
+    || die "Debian's python3 with venv is missing: sudo tests/deps.sh installs it"
   # Debian's own python3, not whatever python3 comes first in PATH (pyenv etc.): python3-venv belongs to it.
   [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "sushy-tools==$SUSHY_VERSION"

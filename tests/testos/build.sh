@@ -37,15 +37,11 @@ out=${1:?usage: build.sh OUTDIR}
 mkdir -p "$out"
 kver=$(ls /lib/modules | sort -V | tail -n 1)
 kernel=/boot/vmlinuz-$kver
-[ -r "$kernel" ] || { echo "no kernel at $kernel (install linux-image-amd64)" >&2; exit 1; }
-busybox=$(command -v busybox) || { echo "busybox missing (install busybox-static)" >&2; exit 1; }
+[ -r "$kernel" ] || { echo "no kernel at $kernel: sudo tests/deps.sh installs it (linux-image-amd64)" >&2; exit 1; }
+busybox=$(command -v busybox) || { echo "busybox missing: sudo tests/deps.sh installs it (busybox-static)" >&2; exit 1; }
 # Busybox has no NBD client, so the guest runs Debian's.
-if ! nbd_client=$(PATH=$PATH:/usr/sbin:/sbin command -v nbd-client); then
-  [ "$(id -u)" = 0 ] || { echo "nbd-client missing (install nbd-client, or run as root)" >&2; exit 1; }
-  echo "== installing nbd-client" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nbd-client >/dev/null
-  nbd_client=$(PATH=$PATH:/usr/sbin:/sbin command -v nbd-client)
-fi
+nbd_client=$(PATH=$PATH:/usr/sbin:/sbin command -v nbd-client) \
+  || { echo "nbd-client missing: sudo tests/deps.sh installs it" >&2; exit 1; }
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 agent=${CORRAL_AGENT:-${CARGO_TARGET_DIR:-$repo/target}/debug/corral-agent}
@@ -72,12 +68,8 @@ done
 
 # open-iscsi's iscsistart, the initramfs login tool: with corral.disk=ibft the test OS logs in to the target
 # iPXE sanbooted from, as the iBFT describes it, through the kernel's iSCSI initiator.
-if ! iscsistart=$(PATH=$PATH:/usr/sbin:/sbin command -v iscsistart); then
-  [ "$(id -u)" = 0 ] || { echo "iscsistart missing (install open-iscsi, or run as root)" >&2; exit 1; }
-  echo "== installing open-iscsi (for iscsistart)" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends open-iscsi >/dev/null
-  iscsistart=$(PATH=$PATH:/usr/sbin:/sbin command -v iscsistart)
-fi
+iscsistart=$(PATH=$PATH:/usr/sbin:/sbin command -v iscsistart) \
+  || { echo "iscsistart missing: sudo tests/deps.sh installs it (open-iscsi)" >&2; exit 1; }
 copy_same_path "$iscsistart"
 for lib in $(ldd "$iscsistart" | sed -n -e 's/.*=> \(\/[^ ]*\) .*/\1/p' -e 's/^[[:space:]]*\(\/[^ ]*\) .*/\1/p'); do
   [ -e "$root$lib" ] || copy_same_path "$lib"
