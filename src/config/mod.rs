@@ -23,9 +23,31 @@ pub struct Config {
     pub nbd: NbdConfig,
     pub iscsi: IscsiConfig,
     pub boot: BootConfig,
+    pub discovery: DiscoveryConfig,
+    pub api: ApiConfig,
     /// Where the config was read from, for error messages and relative paths.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// The operator API's bearer tokens, read from their files when the config loads (never logged).
+    #[serde(skip)]
+    pub tokens: ApiTokens,
+}
+
+/// The operator API's bearer tokens: `admin` for every write, `read` (or `admin`) for reads.
+#[derive(Clone, Default)]
+pub struct ApiTokens {
+    pub admin: Option<String>,
+    pub read: Option<String>,
+}
+
+impl std::fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens never reach a log, not even a debug one.
+        f.debug_struct("ApiTokens")
+            .field("admin", &self.admin.as_ref().map(|_| "<set>"))
+            .field("read", &self.read.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// Where corral serves and keeps its files.
@@ -48,8 +70,11 @@ pub struct ServerConfig {
     /// Base disk images, read-only: a cluster's `disk = "name"` is `<disks_dir>/<name>.img` (raw).
     pub disks_dir: PathBuf,
     /// BMC credentials for the policy's `[[node]] power` settings (TOML, mode 600: readable by corral
-    /// only). Secrets never appear in logs, events or the API.
+    /// only). Secrets never appear in logs, events or the API. Unset, `$CREDENTIALS_DIRECTORY/credentials`
+    /// (systemd `LoadCredential=credentials:...`) is used when it exists.
     pub credentials: Option<PathBuf>,
+    /// Seconds events are kept; older ones are pruned.
+    pub event_retention: u64,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +88,7 @@ impl Default for ServerConfig {
             policy: None,
             disks_dir: PathBuf::from("/var/lib/corral/disks"),
             credentials: None,
+            event_retention: 30 * 86400,
         }
     }
 }
@@ -135,6 +161,13 @@ pub struct DhcpConfig {
     pub no_pxedhcp: bool,
     pub reservation: Vec<Reservation>,
     pub router_advertisement: RouterAdvertConfig,
+    /// Seconds an expired lease is kept (so a node coming back soon gets its old address) before it is
+    /// pruned.
+    pub expired_lease_retention: u64,
+    /// When the pool is exhausted, a node corral knows (listed in the policy, reserved, or in the
+    /// inventory) takes the address of the oldest lease held by a MAC corral has never seen boot: a flood of
+    /// invented MACs cannot starve the rack.
+    pub reclaim_from_strangers: bool,
 }
 
 impl Default for DhcpConfig {
@@ -153,6 +186,8 @@ impl Default for DhcpConfig {
             no_pxedhcp: true,
             reservation: Vec::new(),
             router_advertisement: RouterAdvertConfig::default(),
+            expired_lease_retention: 86400,
+            reclaim_from_strangers: true,
         }
     }
 }
@@ -174,6 +209,12 @@ pub struct TftpConfig {
     pub timeout: u8,
     /// Retransmissions before a transfer is abandoned.
     pub retries: u8,
+    /// Transfers at once, in all and from one address; requests beyond are refused with an error packet.
+    pub max_sessions: usize,
+    pub max_sessions_per_peer: usize,
+    /// Upper bound for the timeout a client may ask for (RFC 2349 allows 255 s): a transfer's state is
+    /// never held longer than `max_timeout` × `retries` for a silent client.
+    pub max_timeout: u8,
 }
 
 impl Default for TftpConfig {
@@ -186,6 +227,9 @@ impl Default for TftpConfig {
             max_windowsize: 64,
             timeout: 1,
             retries: 5,
+            max_sessions: 512,
+            max_sessions_per_peer: 8,
+            max_timeout: 5,
         }
     }
 }
@@ -199,6 +243,29 @@ pub struct NbdConfig {
     /// Hosts that may open every export (operators' backup or inspection hosts). Nodes need no entry:
     /// a node may open its own slot's export and the base of its cluster.
     pub admin_hosts: Vec<std::net::IpAddr>,
+    /// Connections at once, in all and from one address; more are closed at once (and counted).
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    /// Seconds from accept to the end of the handshake (the whole handshake, not each read).
+    pub handshake_timeout: u64,
+    /// Seconds without a request after the handshake before the connection is closed; 0 never closes.
+    /// Off by default: a kernel NBD client whose node does no disk I/O sits idle for hours and has no
+    /// ping in the protocol, and closing it fails the node's root disk. Dead peers are found by TCP
+    /// keepalive instead.
+    pub idle_timeout: u64,
+    /// NBD over TLS (NBD_OPT_STARTTLS) with a per-slot pre-shared key: "off", "optional" (offered to
+    /// clients that ask), or "required" (plain connections are refused the slot exports).
+    pub tls: NbdTls,
+}
+
+/// Whether the NBD target offers or demands TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTls {
+    Off,
+    #[default]
+    Optional,
+    Required,
 }
 
 impl Default for NbdConfig {
@@ -207,6 +274,11 @@ impl Default for NbdConfig {
             enabled: true,
             listen: "0.0.0.0:10809".parse().unwrap(),
             admin_hosts: Vec::new(),
+            max_connections: 256,
+            max_connections_per_peer: 16,
+            handshake_timeout: 10,
+            idle_timeout: 0,
+            tls: NbdTls::Optional,
         }
     }
 }
@@ -219,6 +291,19 @@ pub struct IscsiConfig {
     pub listen: SocketAddr,
     /// Target names are `<iqn_prefix>:<cluster>.<slot>`.
     pub iqn_prefix: String,
+    /// Connections at once, in all and from one address; more are closed at once (and counted).
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    /// Seconds from accept to the end of the login (the whole login, not each PDU).
+    pub login_timeout: u64,
+    /// Seconds without a PDU in the full feature phase before the target pings the initiator (NOP-In);
+    /// 0 never pings.
+    pub idle_timeout: u64,
+    /// Seconds the initiator has to answer that ping before the connection is closed.
+    pub ping_timeout: u64,
+    /// SCSI commands a session may have outstanding (the CmdSN window): immediate and unsolicited data
+    /// held for them is bounded by this times FirstBurstLength.
+    pub max_outstanding: u32,
 }
 
 impl IscsiConfig {
@@ -244,6 +329,12 @@ impl Default for IscsiConfig {
             enabled: true,
             listen: "0.0.0.0:3260".parse().unwrap(),
             iqn_prefix: "iqn.2026-11.io.corral".into(),
+            max_connections: 256,
+            max_connections_per_peer: 16,
+            login_timeout: 10,
+            idle_timeout: 60,
+            ping_timeout: 15,
+            max_outstanding: 64,
         }
     }
 }
@@ -254,8 +345,22 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// The base URL nodes use to reach this server; defaults to `http://<server.address>:<port>`.
     pub public_url: Option<String>,
-    /// Bearer token that write endpoints (`POST /api/v1/metrics`) require; unset, writes are refused.
+    /// The admin token inline (prefer `admin_token_file`): every write endpoint requires it.
     pub api_token: Option<String>,
+    /// A file holding the admin token (unset: `$CREDENTIALS_DIRECTORY/admin-token` when it exists).
+    /// Without any admin token, writes are refused.
+    pub admin_token_file: Option<PathBuf>,
+    /// A file holding the read token (unset: `$CREDENTIALS_DIRECTORY/read-token` when it exists). With
+    /// one, every API read (and /metrics, the dashboard's data) needs it or the admin token.
+    pub read_token_file: Option<PathBuf>,
+    /// Seconds a client has to send a request's headers once it starts one (and, on a new connection,
+    /// to start).
+    pub header_timeout: u64,
+    /// Seconds a kept-alive connection may sit between requests before it is closed.
+    pub idle_timeout: u64,
+    /// Connections at once, in all and from one address; more are closed at once (and counted).
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for HttpConfig {
@@ -264,6 +369,61 @@ impl Default for HttpConfig {
             listen: "0.0.0.0:80".parse().unwrap(),
             public_url: None,
             api_token: None,
+            admin_token_file: None,
+            read_token_file: None,
+            header_timeout: 10,
+            idle_timeout: 75,
+            max_connections: 4096,
+            max_connections_per_peer: 64,
+        }
+    }
+}
+
+/// A separate listener for operators (API, dashboard, metrics), optionally over TLS; the boot path stays
+/// on `[http]` in plain HTTP for firmware. With it, the boot listener serves only boot scripts, boot files
+/// and the agents' API.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain and private key: both set, the operator listener speaks HTTPS (rustls).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Which unknown nodes that ask for a script join the inventory (and the free pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryAllow {
+    /// MACs corral's own DHCP has seen (and listed ones), asking from the address DHCP knows them by.
+    #[default]
+    Dhcp,
+    /// Only MACs listed in the policy (`[[node]]`) or reserved in `[[dhcp.reservation]]`.
+    Listed,
+}
+
+/// Bounds on discovery: what an unknown MAC may cost.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    pub allow: DiscoveryAllow,
+    /// Discovered nodes that no cluster has taken and the policy does not list, at most; beyond, new
+    /// MACs are refused (and counted) until some are assigned or pruned.
+    pub max_unassigned: usize,
+    /// New nodes one address may introduce per minute.
+    pub rate_per_peer: u32,
+    /// Seconds after its last request a discovered node that was never assigned (and is not listed) is
+    /// pruned from the inventory.
+    pub retention: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            allow: DiscoveryAllow::Dhcp,
+            max_unassigned: 1000,
+            rate_per_peer: 30,
+            retention: 7 * 86400,
         }
     }
 }
@@ -293,6 +453,11 @@ pub struct BootConfig {
     pub park_poll: u32,
     /// Per-node images.
     pub node: Vec<NodeImage>,
+    /// Count the address a script request comes from as the node's own (how corral worked before it
+    /// checked): only for a boot network where every host is trusted and corral cannot see the nodes'
+    /// DHCP (mode "off" without reservations). Off, a node's address is what corral's DHCP leased it,
+    /// its reservation, its slot's address, or (proxy mode) what it asked the site server for.
+    pub trust_request_address: bool,
 }
 
 impl Default for BootConfig {
@@ -305,6 +470,7 @@ impl Default for BootConfig {
             default_image: None,
             park_poll: 5,
             node: Vec::new(),
+            trust_request_address: false,
         }
     }
 }
@@ -325,9 +491,16 @@ impl Config {
         };
         cfg.source = Some(path.to_path_buf());
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [cfg.server.policy.as_mut(), cfg.server.credentials.as_mut()]
-            .into_iter()
-            .flatten()
+        for p in [
+            cfg.server.policy.as_mut(),
+            cfg.server.credentials.as_mut(),
+            cfg.http.admin_token_file.as_mut(),
+            cfg.http.read_token_file.as_mut(),
+            cfg.api.tls_cert.as_mut(),
+            cfg.api.tls_key.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -344,13 +517,81 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        found.extend(Diagnostics::from_paths(text, path, cfg.validate()).0);
+        let mut errs = cfg.validate();
+        errs.extend(cfg.load_secrets(std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)));
+        found.extend(Diagnostics::from_paths(text, path, errs).0);
         if found.is_empty() {
             Ok(cfg)
         } else {
             found.sort_by_key(|d| (d.line, d.column));
             Err(Diagnostics(found))
         }
+    }
+
+    /// Reads the API tokens (and finds the credentials file) from their files or from systemd's
+    /// credentials directory (`LoadCredential=admin-token:...`, `read-token:...`, `credentials:...`), so
+    /// no secret has to sit in this file or on a command line. Empty or short tokens and files others can
+    /// read are refused.
+    fn load_secrets(&mut self, credentials_dir: Option<PathBuf>) -> Vec<(Vec<String>, String)> {
+        let mut errs = Vec::new();
+        let from_dir = |name: &str| {
+            credentials_dir
+                .as_ref()
+                .map(|d| d.join(name))
+                .filter(|p| p.is_file())
+        };
+        if self.server.credentials.is_none() {
+            self.server.credentials = from_dir("credentials");
+        }
+        let h = &self.http;
+        let admin_file = h.admin_token_file.clone().or_else(|| {
+            h.api_token
+                .is_none()
+                .then(|| from_dir("admin-token"))
+                .flatten()
+        });
+        let read_file = h.read_token_file.clone().or_else(|| from_dir("read-token"));
+        let mut admin = h.api_token.clone().map(|t| (t, vec!["http", "api_token"]));
+        if let Some(p) = admin_file {
+            if admin.is_some() {
+                errs.push((
+                    vec!["http".into(), "admin_token_file".into()],
+                    "set either api_token or admin_token_file, not both".into(),
+                ));
+            }
+            match read_secret_file(&p) {
+                Ok(t) => admin = Some((t, vec!["http", "admin_token_file"])),
+                Err(e) => errs.push((vec!["http".into(), "admin_token_file".into()], e)),
+            }
+        }
+        let read = match read_file {
+            None => None,
+            Some(p) => match read_secret_file(&p) {
+                Ok(t) => Some((t, vec!["http", "read_token_file"])),
+                Err(e) => {
+                    errs.push((vec!["http".into(), "read_token_file".into()], e));
+                    None
+                }
+            },
+        };
+        for (token, at) in admin.iter().chain(read.iter()) {
+            if let Err(e) = check_token(token) {
+                errs.push((at.iter().map(|s| s.to_string()).collect(), e));
+            }
+        }
+        if let (Some((a, _)), Some((r, at))) = (&admin, &read) {
+            if a == r {
+                errs.push((
+                    at.iter().map(|s| s.to_string()).collect(),
+                    "the read token must differ from the admin token".into(),
+                ));
+            }
+        }
+        self.tokens = ApiTokens {
+            admin: admin.map(|(t, _)| t),
+            read: read.map(|(t, _)| t),
+        };
+        errs
     }
 
     /// Semantic checks; each error names the key path it is about.
@@ -464,6 +705,81 @@ impl Config {
                 "max_windowsize must be at least 1".into(),
             );
         }
+        for (path, v) in [
+            (["http", "header_timeout"], self.http.header_timeout),
+            (["http", "idle_timeout"], self.http.idle_timeout),
+            (
+                ["http", "max_connections"],
+                self.http.max_connections as u64,
+            ),
+            (
+                ["http", "max_connections_per_peer"],
+                self.http.max_connections_per_peer as u64,
+            ),
+            (["tftp", "max_sessions"], self.tftp.max_sessions as u64),
+            (
+                ["tftp", "max_sessions_per_peer"],
+                self.tftp.max_sessions_per_peer as u64,
+            ),
+            (["tftp", "max_timeout"], u64::from(self.tftp.max_timeout)),
+            (["nbd", "max_connections"], self.nbd.max_connections as u64),
+            (
+                ["nbd", "max_connections_per_peer"],
+                self.nbd.max_connections_per_peer as u64,
+            ),
+            (["nbd", "handshake_timeout"], self.nbd.handshake_timeout),
+            (
+                ["iscsi", "max_connections"],
+                self.iscsi.max_connections as u64,
+            ),
+            (
+                ["iscsi", "max_connections_per_peer"],
+                self.iscsi.max_connections_per_peer as u64,
+            ),
+            (["iscsi", "login_timeout"], self.iscsi.login_timeout),
+            (["iscsi", "ping_timeout"], self.iscsi.ping_timeout),
+            (
+                ["iscsi", "max_outstanding"],
+                u64::from(self.iscsi.max_outstanding),
+            ),
+            (
+                ["discovery", "rate_per_peer"],
+                u64::from(self.discovery.rate_per_peer),
+            ),
+        ] {
+            if v == 0 {
+                err(&path, format!("{} must be at least 1", path[1]));
+            }
+        }
+        if self.tftp.timeout > self.tftp.max_timeout {
+            err(
+                &["tftp", "timeout"],
+                format!(
+                    "timeout {} is above max_timeout {}",
+                    self.tftp.timeout, self.tftp.max_timeout
+                ),
+            );
+        }
+        if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
+            err(
+                &["api", "tls_cert"],
+                "HTTPS needs both tls_cert and tls_key".into(),
+            );
+        }
+        if self.api.tls_cert.is_some() && self.api.listen.is_none() {
+            err(
+                &["api", "tls_cert"],
+                "TLS is for the operator listener: set api.listen too".into(),
+            );
+        }
+        if let Some(l) = self.api.listen {
+            if l == self.http.listen {
+                err(
+                    &["api", "listen"],
+                    format!("{l} is the boot listener's address (http.listen)"),
+                );
+            }
+        }
         if self.boot.park_poll == 0 {
             err(
                 &["boot", "park_poll"],
@@ -486,6 +802,39 @@ impl Config {
     pub fn subnet(&self) -> Option<(Ipv4Addr, u8)> {
         self.dhcp.subnet.as_deref().and_then(|s| parse_cidr(s).ok())
     }
+}
+
+/// Reads a secret from a file only its owner can read (mode 600 or 400): the whole file, trimmed.
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{}: others than its owner may read it (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text.trim().to_string())
+}
+
+/// An API token must be there and hard to guess.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.trim().is_empty() {
+        return Err("the token is empty: an empty token would let anyone in".into());
+    }
+    if token.len() < 16 {
+        return Err(format!(
+            "the token is {} bytes: use at least 16 (e.g. `openssl rand -hex 16`)",
+            token.len()
+        ));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the token must not contain spaces or control characters".into());
+    }
+    Ok(())
 }
 
 /// Parses `a.b.c.d/n` and returns the network address (host bits cleared) and prefix length.
@@ -588,6 +937,31 @@ mod tests {
             "park_poll",
             "node",
             "iqn_prefix",
+            "event_retention",
+            "expired_lease_retention",
+            "reclaim_from_strangers",
+            "max_sessions",
+            "max_sessions_per_peer",
+            "max_timeout",
+            "api_token",
+            "admin_token_file",
+            "read_token_file",
+            "header_timeout",
+            "idle_timeout",
+            "max_connections",
+            "max_connections_per_peer",
+            "tls_cert",
+            "tls_key",
+            "handshake_timeout",
+            "tls",
+            "login_timeout",
+            "ping_timeout",
+            "max_outstanding",
+            "trust_request_address",
+            "allow",
+            "max_unassigned",
+            "rate_per_peer",
+            "retention",
         ] {
             assert!(
                 text.contains(&format!("{key} =")) || text.contains(&format!(".{key}]")),
@@ -641,6 +1015,97 @@ mod tests {
         let e = parse("[dhcp]\nmode = \"fulll\"\n").unwrap_err().to_string();
         assert!(e.contains("corral.toml:2:8"), "{e}");
         assert!(e.contains("full"), "{e}");
+    }
+
+    #[test]
+    fn tokens_come_from_private_files_and_must_be_strong() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, body: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let good = file("admin", "0123456789abcdef-admin\n", 0o600);
+        let read = file("read", "0123456789abcdef-read", 0o400);
+        let cfg = |extra: &str| {
+            format!(
+                "[http]\nadmin_token_file = \"{}\"\nread_token_file = \"{}\"\n{extra}",
+                good.display(),
+                read.display()
+            )
+        };
+        let c = parse(&cfg("")).unwrap();
+        assert_eq!(c.tokens.admin.as_deref(), Some("0123456789abcdef-admin"));
+        assert_eq!(c.tokens.read.as_deref(), Some("0123456789abcdef-read"));
+        assert!(
+            !format!("{:?}", c.tokens).contains("abcdef"),
+            "tokens never print"
+        );
+
+        let open = file("open", "0123456789abcdef-open", 0o644);
+        let e = parse(&format!(
+            "[http]\nadmin_token_file = \"{}\"\n",
+            open.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("corral.toml:2:") && e.contains("chmod 600"),
+            "{e}"
+        );
+        let empty = file("empty", "  \n", 0o600);
+        let e = parse(&format!(
+            "[http]\nread_token_file = \"{}\"\n",
+            empty.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("empty"), "{e}");
+        let e = parse("[http]\napi_token = \"\"\n").unwrap_err().to_string();
+        assert!(e.contains("corral.toml:2:") && e.contains("empty"), "{e}");
+        let e = parse("[http]\napi_token = \"short\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least 16"), "{e}");
+        let e = parse(&cfg("api_token = \"0123456789abcdef-inline\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not both"), "{e}");
+
+        // systemd's credentials directory stands in for unset files.
+        let creds = tempfile::tempdir().unwrap();
+        for (name, body) in [
+            ("admin-token", "0123456789abcdef-systemd"),
+            ("credentials", ""),
+        ] {
+            let p = creds.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
+        }
+        let mut c = parse("").unwrap();
+        assert!(c.load_secrets(Some(creds.path().to_path_buf())).is_empty());
+        assert_eq!(c.tokens.admin.as_deref(), Some("0123456789abcdef-systemd"));
+        assert_eq!(c.tokens.read, None);
+        assert_eq!(c.server.credentials, Some(creds.path().join("credentials")));
+    }
+
+    #[test]
+    fn limits_must_be_positive_and_tls_needs_both_files() {
+        let e = parse(
+            "[tftp]\nmax_sessions = 0\n[nbd]\nhandshake_timeout = 0\n[api]\ntls_cert = \"/x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("corral.toml:2:") && e.contains("max_sessions must be at least 1"),
+            "{e}"
+        );
+        assert!(e.contains("handshake_timeout must be at least 1"), "{e}");
+        assert!(e.contains("both tls_cert and tls_key"), "{e}");
+        let e = parse("[tftp]\ntimeout = 9\n").unwrap_err().to_string();
+        assert!(e.contains("above max_timeout"), "{e}");
     }
 
     #[test]
