@@ -15,6 +15,7 @@ pub mod agents;
 pub mod disks;
 pub mod health;
 pub mod mover;
+pub mod trust;
 pub mod moves;
 pub mod views;
 

@@ -8,7 +8,7 @@
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode, UnknownOption};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use super::leases::{LeaseChange, Pool, Refusal};
+use super::leases::{Declined, LeaseChange, Pool, Refusal};
 use crate::config::{Config, DhcpMode};
 use crate::mac::Mac;
 
@@ -36,12 +36,43 @@ pub struct Reply {
     pub dest: Dest,
 }
 
+/// What corral's DHCP learnt of a node from one request: that it starts a boot (a DISCOVER, or a REQUEST
+/// straight from INIT-REBOOT), and the address it has or asks for. This is how corral knows who a node is:
+/// a script request for a MAC is the node's own only if it comes from the address DHCP knows it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sighting {
+    pub mac: Mac,
+    /// Full mode: the address ACKed. Proxy mode: the address the node asks the site server for (option
+    /// 50 of its broadcast REQUEST) or reports in its PXE request (ciaddr).
+    pub address: Option<Ipv4Addr>,
+    /// The request begins a boot (a new DHCP exchange), not a renewal.
+    pub boot: bool,
+    /// Seconds the address is good for (full mode: the lease time; proxy mode: unknown).
+    pub valid_for: Option<u32>,
+}
+
+/// Something worth counting that is not a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Note {
+    /// A DECLINE from someone not holding a fresh lease of that address.
+    DeclineIgnored,
+    /// A DECLINE honoured: the address is held back.
+    DeclineHonoured,
+    /// The pool was exhausted and a known node took a stranger's address.
+    Reclaimed { from: Mac },
+    /// The pool was exhausted: no offer.
+    Exhausted,
+}
+
 /// What handling one request produced.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Outcome {
     /// Persist these before sending the reply.
     pub changes: Vec<LeaseChange>,
     pub reply: Option<Reply>,
+    /// What this request says about the node (reported to the controller before the reply goes out).
+    pub seen: Option<Sighting>,
+    pub note: Option<Note>,
 }
 
 /// Settings the core needs, taken from the config once.
@@ -213,14 +244,24 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     v
 }
 
+/// Whether corral knows a MAC (listed, reserved or in the inventory): such nodes may reclaim strangers'
+/// addresses when the pool is exhausted.
+pub type Known = std::sync::Arc<dyn Fn(Mac) -> bool + Send + Sync>;
+
 pub struct Responder {
     pub settings: Settings,
     pub pool: Option<Pool>,
+    /// Unset: nothing is ever reclaimed.
+    pub known: Option<Known>,
 }
 
 impl Responder {
     pub fn new(settings: Settings, pool: Option<Pool>) -> Responder {
-        Responder { settings, pool }
+        Responder {
+            settings,
+            pool,
+            known: None,
+        }
     }
 
     /// Handles one request. `fixed` gives the address a node must have (its cluster slot's identity).
@@ -259,16 +300,54 @@ impl Responder {
         src: SocketAddrV4,
     ) -> Outcome {
         let client = ClientKind::of(msg);
+        let mac = Mac::from_slice(msg.chaddr());
+        // The site server hands out the addresses; what corral can see of them is the address a client
+        // asks for in its broadcast REQUEST (any client: the booted OS's DHCP too) and the ciaddr of a PXE
+        // request, which the client sends from that address.
+        let requested = match msg.opts().get(OptionCode::RequestedIpAddress) {
+            Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
+            _ => None,
+        };
+        let ciaddr = (msg.ciaddr() != Ipv4Addr::UNSPECIFIED).then_some(msg.ciaddr());
+        let seen = mac.and_then(|mac| match (kind, port) {
+            (MessageType::Discover, Port::Dhcp) if client.pxe || client.http => Some(Sighting {
+                mac,
+                address: None,
+                boot: true,
+                valid_for: None,
+            }),
+            (MessageType::Request, Port::Dhcp) => Some(Sighting {
+                mac,
+                address: requested.or(ciaddr),
+                boot: ciaddr.is_none(),
+                valid_for: None,
+            }),
+            (MessageType::Request | MessageType::Inform, Port::Pxe) => ciaddr.map(|a| Sighting {
+                mac,
+                address: Some(a),
+                boot: false,
+                valid_for: None,
+            }),
+            _ => None,
+        });
         // ProxyDHCP answers PXE and HTTP-boot firmware only, never ordinary clients.
         if !(client.pxe || client.http) {
-            return Outcome::default();
+            return Outcome {
+                seen,
+                ..Outcome::default()
+            };
         }
         let (reply_type, dest) = match (kind, port) {
             (MessageType::Discover, Port::Dhcp) => (MessageType::Offer, Dest::Broadcast),
             (MessageType::Request, Port::Pxe) | (MessageType::Inform, Port::Pxe) => {
                 (MessageType::Ack, Dest::Unicast(src))
             }
-            _ => return Outcome::default(),
+            _ => {
+                return Outcome {
+                    seen,
+                    ..Outcome::default()
+                }
+            }
         };
         let mut r = self.base_reply(msg, reply_type);
         self.boot_info(&mut r, &client, true);
@@ -278,8 +357,9 @@ impl Responder {
             dest
         };
         Outcome {
-            changes: Vec::new(),
             reply: Some(Reply { msg: r, dest }),
+            seen,
+            ..Outcome::default()
         }
     }
 
@@ -324,13 +404,38 @@ impl Responder {
         let Some(pool) = self.pool.as_mut() else {
             return Outcome::default();
         };
+        let boot = |address| {
+            Some(Sighting {
+                mac,
+                address,
+                boot: true,
+                valid_for: None,
+            })
+        };
         match kind {
             MessageType::Discover => {
-                let Some(ip) = pool.offer(mac, requested, now, hold, fixed) else {
-                    tracing::warn!(%mac, "dhcp pool exhausted: no offer");
-                    return Outcome::default();
+                let never = |_: Mac| false;
+                let known: &dyn Fn(Mac) -> bool = match &self.known {
+                    Some(k) => k.as_ref(),
+                    None => &never,
                 };
-                self.address_reply(msg, MessageType::Offer, ip, Vec::new())
+                let Some((ip, reclaimed)) =
+                    pool.offer_or_reclaim(mac, requested, now, hold, fixed, known)
+                else {
+                    tracing::warn!(%mac, "dhcp pool exhausted: no offer");
+                    return Outcome {
+                        seen: boot(None),
+                        note: Some(Note::Exhausted),
+                        ..Outcome::default()
+                    };
+                };
+                let mut out = self.address_reply(msg, MessageType::Offer, ip, Vec::new());
+                out.seen = boot(None);
+                if let Some(from) = reclaimed {
+                    tracing::warn!(%mac, %ip, stranger = %from, "dhcp pool exhausted: a known node takes a stranger's address");
+                    out.note = Some(Note::Reclaimed { from });
+                }
+                out
             }
             MessageType::Request => {
                 if server_id.is_some_and(|id| id != self.settings.server) {
@@ -344,21 +449,41 @@ impl Responder {
                     return Outcome::default();
                 };
                 match pool.request(mac, ip, now, lease_time, client_id, hostname, fixed) {
-                    Ok(change) => self.address_reply(msg, MessageType::Ack, ip, vec![change]),
+                    Ok(change) => {
+                        let mut out = self.address_reply(msg, MessageType::Ack, ip, vec![change]);
+                        out.seen = Some(Sighting {
+                            mac,
+                            address: Some(ip),
+                            // From INIT-REBOOT (no ciaddr) a REQUEST starts a boot; RENEWING does not.
+                            boot: ciaddr == Ipv4Addr::UNSPECIFIED,
+                            valid_for: Some(lease_time),
+                        });
+                        out
+                    }
                     Err(Refusal::Wrong) => self.nak(msg),
                 }
             }
             MessageType::Release => Outcome {
                 changes: pool.release(mac, msg.ciaddr()).into_iter().collect(),
-                reply: None,
+                ..Outcome::default()
             },
             MessageType::Decline => {
                 let Some(ip) = requested else {
                     return Outcome::default();
                 };
-                Outcome {
-                    changes: pool.decline(mac, ip, now).into_iter().collect(),
-                    reply: None,
+                match pool.decline(mac, ip, client_id.as_deref(), now) {
+                    Declined::Honoured(change) => {
+                        tracing::warn!(%mac, %ip, "dhcp decline: the address is in use; held back");
+                        Outcome {
+                            changes: change.into_iter().collect(),
+                            note: Some(Note::DeclineHonoured),
+                            ..Outcome::default()
+                        }
+                    }
+                    Declined::Ignored => Outcome {
+                        note: Some(Note::DeclineIgnored),
+                        ..Outcome::default()
+                    },
                 }
             }
             MessageType::Inform => {
@@ -369,8 +494,8 @@ impl Responder {
                 self.boot_info(&mut r, &client, false);
                 let dest = reply_dest(msg, false);
                 Outcome {
-                    changes: Vec::new(),
                     reply: Some(Reply { msg: r, dest }),
+                    ..Outcome::default()
                 }
             }
             _ => Outcome::default(),
@@ -401,17 +526,18 @@ impl Responder {
                 msg: r,
                 dest: reply_dest(msg, false),
             }),
+            ..Outcome::default()
         }
     }
 
     fn nak(&self, msg: &Message) -> Outcome {
         let r = self.base_reply(msg, MessageType::Nak);
         Outcome {
-            changes: Vec::new(),
             reply: Some(Reply {
                 msg: r,
                 dest: reply_dest(msg, true),
             }),
+            ..Outcome::default()
         }
     }
 

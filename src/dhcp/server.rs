@@ -8,7 +8,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::{Arc, Mutex};
 
-use super::core::{self, Dest, Port, Responder, Settings};
+use super::core::{self, Dest, Note, Port, Responder, Settings, Sighting};
 use super::leases::{LeaseChange, Pool};
 use crate::config::{Config, DhcpMode};
 use crate::mac::Mac;
@@ -25,6 +25,11 @@ pub struct DhcpStats {
     pub naks: Counter,
     pub ignored: Counter,
     pub store_errors: Counter,
+    pub declines_ignored: Counter,
+    pub declines_honoured: Counter,
+    pub reclaimed: Counter,
+    pub exhausted: Counter,
+    pub leases_pruned: Counter,
 }
 
 impl Report for DhcpStats {
@@ -67,11 +72,45 @@ impl Report for DhcpStats {
             "Leases that could not be stored (no reply sent)",
             self.store_errors.get(),
         );
+        write_counter(
+            out,
+            "corral_dhcp_declines_ignored_total",
+            "DHCPDECLINEs ignored: not from the holder of a fresh lease of the address",
+            self.declines_ignored.get(),
+        );
+        write_counter(
+            out,
+            "corral_dhcp_declines_total",
+            "DHCPDECLINEs honoured (the address is held back for 10 minutes)",
+            self.declines_honoured.get(),
+        );
+        write_counter(
+            out,
+            "corral_dhcp_reclaimed_total",
+            "Addresses a known node took from a stranger's lease when the pool was exhausted",
+            self.reclaimed.get(),
+        );
+        write_counter(
+            out,
+            "corral_dhcp_exhausted_total",
+            "DISCOVERs left without an offer: the pool was exhausted",
+            self.exhausted.get(),
+        );
+        write_counter(
+            out,
+            "corral_dhcp_leases_pruned_total",
+            "Leases deleted long after they expired (dhcp.expired_lease_retention)",
+            self.leases_pruned.get(),
+        );
     }
 }
 
 /// The address a node must get (its cluster slot's identity), when the policy gives one.
 pub type FixedAddress = Arc<dyn Fn(Mac) -> Option<Ipv4Addr> + Send + Sync>;
+
+/// Told what DHCP learnt of each node (a boot starting, its address) before the reply goes out, so the
+/// node's next script request is judged by it. Must be quick: it runs on the DHCP thread.
+pub type Observer = Arc<dyn Fn(Sighting) + Send + Sync>;
 
 pub struct DhcpServer {
     sockets: Vec<(UdpSocket, Port)>,
@@ -79,6 +118,9 @@ pub struct DhcpServer {
     store: Store,
     stats: Arc<DhcpStats>,
     fixed: Option<FixedAddress>,
+    observer: Option<Observer>,
+    /// Seconds expired leases are kept (dhcp.expired_lease_retention).
+    retention: u64,
 }
 
 fn socket(interface: &str, port: u16) -> std::io::Result<UdpSocket> {
@@ -129,12 +171,29 @@ impl DhcpServer {
             store,
             stats: Arc::default(),
             fixed: None,
+            observer: None,
+            retention: cfg.dhcp.expired_lease_retention,
         })
     }
 
     /// Gives nodes in cluster slots their slot's address.
     pub fn with_fixed_addresses(mut self, f: FixedAddress) -> DhcpServer {
         self.fixed = Some(f);
+        self
+    }
+
+    /// Reports every sighting of a node (see [`Observer`]).
+    pub fn with_observer(mut self, o: Observer) -> DhcpServer {
+        self.observer = Some(o);
+        self
+    }
+
+    /// Lets nodes corral knows reclaim strangers' addresses when the pool is exhausted.
+    pub fn with_known(self, known: core::Known) -> DhcpServer {
+        self.responder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .known = Some(known);
         self
     }
 
@@ -146,15 +205,15 @@ impl DhcpServer {
     pub async fn run(self) -> anyhow::Result<()> {
         let mut threads = tokio::task::JoinSet::new();
         for (sock, port) in self.sockets {
-            let (responder, store, stats, fixed) = (
-                self.responder.clone(),
-                self.store.clone(),
-                self.stats.clone(),
-                self.fixed.clone(),
-            );
-            threads.spawn_blocking(move || {
-                serve(sock, port, &responder, &store, &stats, fixed.as_ref())
-            });
+            let ctx = Shell {
+                responder: self.responder.clone(),
+                store: self.store.clone(),
+                stats: self.stats.clone(),
+                fixed: self.fixed.clone(),
+                observer: self.observer.clone(),
+                retention: self.retention,
+            };
+            threads.spawn_blocking(move || serve(sock, port, &ctx));
         }
         match threads.join_next().await {
             Some(Ok(r)) => r,
@@ -174,23 +233,62 @@ struct Pending {
     mac: Option<Mac>,
 }
 
-fn serve(
-    sock: UdpSocket,
-    port: Port,
-    responder: &Mutex<Responder>,
-    store: &Store,
-    stats: &DhcpStats,
-    fixed: Option<&FixedAddress>,
-) -> anyhow::Result<()> {
+/// What each serving thread shares.
+struct Shell {
+    responder: Arc<Mutex<Responder>>,
+    store: Store,
+    stats: Arc<DhcpStats>,
+    fixed: Option<FixedAddress>,
+    observer: Option<Observer>,
+    retention: u64,
+}
+
+/// Seconds between sweeps of long-expired leases.
+const PRUNE_EVERY: u64 = 60;
+
+fn serve(sock: UdpSocket, port: Port, sh: &Shell) -> anyhow::Result<()> {
+    let (responder, store, stats) = (&*sh.responder, &sh.store, &*sh.stats);
     let mut buf = vec![0u8; 4096];
     let mut changes = Vec::new();
     let mut replies: Vec<Pending> = Vec::new();
+    let mut seen: Vec<Sighting> = Vec::new();
+    let mut last_prune = 0u64;
+    // A quiet network still gets its sweep: recv wakes at least this often.
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(PRUNE_EVERY)))?;
     loop {
+        let now = crate::unix_now();
+        if port == Port::Dhcp && now.saturating_sub(last_prune) >= PRUNE_EVERY {
+            last_prune = now;
+            let gone = responder
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pool
+                .as_mut()
+                .map(|p| p.prune(now, sh.retention))
+                .unwrap_or_default();
+            if !gone.is_empty() {
+                match store.apply_leases(&gone) {
+                    Ok(()) => stats.leases_pruned.add(gone.len() as u64),
+                    Err(e) => tracing::error!(error = %e, "cannot delete expired leases"),
+                }
+            }
+        }
         // Wait for one datagram, then take whatever else has already arrived (up to BATCH) without
         // waiting: under load the lease commit is shared by the whole burst, and when idle a lone
         // request is answered at once.
         sock.set_nonblocking(false)?;
-        let first = sock.recv_from(&mut buf)?;
+        let first = match sock.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e.into()),
+        };
         sock.set_nonblocking(true)?;
         let mut next = Some(first);
         let mut taken = 0;
@@ -201,11 +299,10 @@ fn serve(
                 &buf[..n],
                 src,
                 port,
-                responder,
-                stats,
-                fixed,
+                sh,
                 &mut changes,
                 &mut replies,
+                &mut seen,
             );
             if taken < BATCH {
                 match sock.recv_from(&mut buf) {
@@ -221,9 +318,17 @@ fn serve(
             tracing::error!(error = %e, "cannot store leases; not answering this batch");
             changes.clear();
             replies.clear();
+            seen.clear();
             continue;
         }
         changes.clear();
+        // Before the replies: a node that gets its ACK asks for its script at once, and is judged by what
+        // DHCP just saw.
+        if let Some(o) = &sh.observer {
+            seen.drain(..).for_each(|s| o(s));
+        } else {
+            seen.clear();
+        }
         for r in replies.drain(..) {
             match r.msg.opts().msg_type() {
                 Some(dhcproto::v4::MessageType::Offer) => stats.offers.inc(),
@@ -241,26 +346,25 @@ fn serve(
     }
 }
 
-/// Runs one datagram through the decision core, queueing its lease changes and reply.
-#[allow(clippy::too_many_arguments)]
+/// Runs one datagram through the decision core, queueing its lease changes, sighting and reply.
 fn decide(
     data: &[u8],
     src: SocketAddr,
     port: Port,
-    responder: &Mutex<Responder>,
-    stats: &DhcpStats,
-    fixed: Option<&FixedAddress>,
+    sh: &Shell,
     changes: &mut Vec<LeaseChange>,
     replies: &mut Vec<Pending>,
+    seen: &mut Vec<Sighting>,
 ) {
+    let stats = &sh.stats;
     let SocketAddr::V4(src) = src else { return };
     let Some(msg) = core::decode(data) else {
         stats.malformed.inc();
         return;
     };
     let mac = Mac::from_slice(msg.chaddr());
-    let fixed_ip = mac.and_then(|m| fixed.and_then(|f| f(m)));
-    let outcome = responder.lock().unwrap_or_else(|p| p.into_inner()).handle(
+    let fixed_ip = mac.and_then(|m| sh.fixed.as_ref().and_then(|f| f(m)));
+    let outcome = sh.responder.lock().unwrap_or_else(|p| p.into_inner()).handle(
         &msg,
         port,
         src,
@@ -268,6 +372,14 @@ fn decide(
         fixed_ip,
     );
     changes.extend(outcome.changes);
+    seen.extend(outcome.seen);
+    match outcome.note {
+        Some(Note::DeclineIgnored) => stats.declines_ignored.inc(),
+        Some(Note::DeclineHonoured) => stats.declines_honoured.inc(),
+        Some(Note::Reclaimed { .. }) => stats.reclaimed.inc(),
+        Some(Note::Exhausted) => stats.exhausted.inc(),
+        None => {}
+    }
     let Some(reply) = outcome.reply else {
         stats.ignored.inc();
         return;

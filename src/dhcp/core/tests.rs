@@ -439,3 +439,150 @@ proptest! {
         }
     }
 }
+
+/// Who a node is comes from here: a DISCOVER starts a boot, the ACK says its address; in proxy mode the
+/// address a client asks the site server for (any client, booted OSes too) and a PXE request's ciaddr.
+#[test]
+fn sightings_say_when_a_boot_starts_and_which_address_a_node_has() {
+    let mut r = responder(DhcpMode::Full);
+    let d = r.handle(
+        &request(Kind::IpxeUserClass, MessageType::Discover, 1),
+        Port::Dhcp,
+        src(),
+        100,
+        None,
+    );
+    let offered = d.reply.as_ref().unwrap().msg.yiaddr();
+    let mac = Mac([0x52, 0x54, 0, 0, 0, 1]);
+    assert_eq!(
+        d.seen,
+        Some(Sighting {
+            mac,
+            address: None,
+            boot: true,
+            valid_for: None
+        })
+    );
+    let mut req = request(Kind::IpxeUserClass, MessageType::Request, 1);
+    req.opts_mut()
+        .insert(DhcpOption::RequestedIpAddress(offered));
+    req.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+    let a = r.handle(&req, Port::Dhcp, src(), 101, None);
+    assert_eq!(
+        a.seen,
+        Some(Sighting {
+            mac,
+            address: Some(offered),
+            boot: true,
+            valid_for: Some(3600)
+        })
+    );
+    // A renewal (RENEWING: ciaddr set, no option 50) is not a new boot.
+    let mut renew = request(Kind::Plain, MessageType::Request, 1);
+    renew.set_ciaddr(offered);
+    let n = r.handle(&renew, Port::Dhcp, src(), 2000, None);
+    assert_eq!(n.seen.map(|s| (s.address, s.boot)), Some((Some(offered), false)));
+    // A NAKed request says nothing about the node.
+    let mut wrong = request(Kind::Plain, MessageType::Request, 2);
+    wrong
+        .opts_mut()
+        .insert(DhcpOption::RequestedIpAddress(offered));
+    let nak = r.handle(&wrong, Port::Dhcp, src(), 2001, None);
+    assert_eq!(nak.seen, None);
+
+    // Proxy mode: an ordinary client's broadcast REQUEST to the site server gets no answer from corral,
+    // but tells it the address; a PXE request to 4011 tells it by ciaddr.
+    let mut p = responder(DhcpMode::Proxy);
+    let mut os = request(Kind::Plain, MessageType::Request, 3);
+    let site = Ipv4Addr::new(10, 77, 0, 57);
+    os.opts_mut().insert(DhcpOption::RequestedIpAddress(site));
+    let out = p.handle(&os, Port::Dhcp, src(), 5, None);
+    assert!(out.reply.is_none());
+    assert_eq!(
+        out.seen.map(|s| (s.address, s.boot)),
+        Some((Some(site), true))
+    );
+    let mut pxe = request(Kind::EfiPxe, MessageType::Request, 3);
+    pxe.set_ciaddr(site);
+    let out = p.handle(&pxe, Port::Pxe, SocketAddrV4::new(site, 4011), 6, None);
+    assert!(out.reply.is_some());
+    assert_eq!(out.seen.map(|s| (s.address, s.boot)), Some((Some(site), false)));
+    let disc = p.handle(
+        &request(Kind::BiosPxe, MessageType::Discover, 3),
+        Port::Dhcp,
+        src(),
+        7,
+        None,
+    );
+    assert_eq!(disc.seen.map(|s| (s.address, s.boot)), Some((None, true)));
+}
+
+#[test]
+fn declines_from_others_are_ignored_and_counted() {
+    let mut r = responder(DhcpMode::Full);
+    let d = r.handle(
+        &request(Kind::Plain, MessageType::Discover, 1),
+        Port::Dhcp,
+        src(),
+        100,
+        None,
+    );
+    let ip = d.reply.unwrap().msg.yiaddr();
+    let mut req = request(Kind::Plain, MessageType::Request, 1);
+    req.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+    assert!(r.handle(&req, Port::Dhcp, src(), 100, None).reply.is_some());
+    let decline = |mac: u8| {
+        let mut m = request(Kind::Plain, MessageType::Decline, mac);
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+        m
+    };
+    let other = r.handle(&decline(9), Port::Dhcp, src(), 101, None);
+    assert_eq!((other.note, other.changes.len()), (Some(Note::DeclineIgnored), 0));
+    let own = r.handle(&decline(1), Port::Dhcp, src(), 102, None);
+    assert_eq!(own.note, Some(Note::DeclineHonoured));
+    assert_eq!(own.changes, vec![LeaseChange::Remove(ip)]);
+}
+
+#[test]
+fn a_known_node_is_never_starved_by_strangers() {
+    let mut r = responder(DhcpMode::Full);
+    let known_mac = Mac([0x52, 0x54, 0, 0, 0, 200]);
+    r.known = Some(std::sync::Arc::new(move |m| m == known_mac));
+    // The pool holds 11 addresses: 11 strangers take them all.
+    for i in 1..=11u8 {
+        let d = r.handle(
+            &request(Kind::Plain, MessageType::Discover, i),
+            Port::Dhcp,
+            src(),
+            u64::from(i),
+            None,
+        );
+        let ip = d.reply.expect("a free address").msg.yiaddr();
+        let mut req = request(Kind::Plain, MessageType::Request, i);
+        req.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+        assert!(r.handle(&req, Port::Dhcp, src(), u64::from(i), None).reply.is_some());
+    }
+    let stranger = r.handle(
+        &request(Kind::Plain, MessageType::Discover, 50),
+        Port::Dhcp,
+        src(),
+        20,
+        None,
+    );
+    assert_eq!((stranger.reply.is_none(), stranger.note), (true, Some(Note::Exhausted)));
+    let known = r.handle(
+        &request(Kind::IpxeUserClass, MessageType::Discover, 200),
+        Port::Dhcp,
+        src(),
+        21,
+        None,
+    );
+    assert!(known.reply.is_some(), "the known node gets an offer");
+    assert_eq!(
+        known.note,
+        Some(Note::Reclaimed {
+            from: Mac([0x52, 0x54, 0, 0, 0, 1])
+        }),
+        "the oldest stranger's lease"
+    );
+}
