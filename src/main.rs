@@ -73,9 +73,6 @@ enum Command {
     Release {
         /// The node's MAC.
         mac: String,
-        /// The API token (http.api_token); default: from the config.
-        #[arg(long)]
-        token: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -105,31 +102,61 @@ pub enum DiskAction {
 
 #[derive(clap::Args)]
 struct ApiArgs {
-    /// corral's HTTP address; default: from the config's http.listen.
+    /// corral's API address (http:// or https://); default: from the config's api.listen, else
+    /// http.listen.
     #[arg(long)]
     url: Option<String>,
     #[arg(long, default_value = "/etc/corral/corral.toml")]
     config: PathBuf,
+    /// A file holding the bearer token (mode 600); default: the config's admin token for actions, its read
+    /// token (else the admin token) for reads.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 impl ApiArgs {
-    fn base(&self) -> String {
-        if let Some(u) = &self.url {
-            return u.clone();
-        }
-        let listen = corral::config::Config::load(&self.config)
-            .map(|c| c.http.listen)
-            .unwrap_or_else(|_| "127.0.0.1:80".parse().unwrap());
-        // A wildcard listener is reached on loopback.
-        let host = if listen.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            listen.ip().to_string()
+    /// The client for a running corral; `admin`: the request needs the admin token.
+    fn api(&self, admin: bool) -> Result<cli::Api, ExitCode> {
+        let fail = |e: String| {
+            eprintln!("corral: {e}");
+            ExitCode::from(1)
         };
-        format!("http://{host}:{}", listen.port())
+        let config = corral::config::Config::load(&self.config).ok();
+        let token = match &self.token_file {
+            Some(p) => Some(corral::config::read_secret_file(p).map_err(fail)?),
+            None => config.as_ref().and_then(|c| {
+                let t = &c.tokens;
+                if admin {
+                    t.admin.clone()
+                } else {
+                    t.read.clone().or_else(|| t.admin.clone())
+                }
+            }),
+        };
+        let (base, ca) = match (&self.url, &config) {
+            (Some(u), c) => (u.clone(), c.as_ref().and_then(|c| c.api.tls_cert.clone())),
+            (None, Some(c)) => match c.api.listen {
+                Some(l) => {
+                    let scheme = if c.api.tls_cert.is_some() { "https" } else { "http" };
+                    (format!("{scheme}://{}", reachable(l)), c.api.tls_cert.clone())
+                }
+                None => (format!("http://{}", reachable(c.http.listen)), None),
+            },
+            (None, None) => ("http://127.0.0.1:80".to_string(), None),
+        };
+        cli::Api::new(&base, token, ca.as_deref()).map_err(fail)
+    }
+}
+
+/// A wildcard listener is reached on loopback.
+fn reachable(listen: std::net::SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        format!("127.0.0.1:{}", listen.port())
+    } else {
+        listen.to_string()
     }
 }
 
@@ -162,22 +189,27 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status(a) => cli::status(&a.base(), a.json),
-        Command::Nodes(a) => cli::nodes(&a.base(), a.json),
+        Command::Status(a) => match a.api(false) {
+            Ok(api) => cli::status(&api, a.json),
+            Err(c) => c,
+        },
+        Command::Nodes(a) => match a.api(false) {
+            Ok(api) => cli::nodes(&api, a.json),
+            Err(c) => c,
+        },
         Command::Disk {
             action,
             config,
             json,
         } => cli::disk::run(&config, action_of(action), json),
-        Command::Events { api, limit } => cli::events(&api.base(), api.json, limit),
-        Command::Release { mac, token, api } => {
-            let token = token.or_else(|| {
-                corral::config::Config::load(&api.config)
-                    .ok()
-                    .and_then(|c| c.http.api_token)
-            });
-            cli::release(&api.base(), &mac, token.as_deref(), api.json)
-        }
+        Command::Events { api, limit } => match api.api(false) {
+            Ok(c) => cli::events(&c, api.json, limit),
+            Err(c) => c,
+        },
+        Command::Release { mac, api } => match api.api(true) {
+            Ok(c) => cli::release(&c, &mac, api.json),
+            Err(c) => c,
+        },
     }
 }
 

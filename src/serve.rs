@@ -89,9 +89,19 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         // Nodes in cluster slots get their slot's address.
         let c = controller.clone();
         let fixed: corral::dhcp::server::FixedAddress = Arc::new(move |mac| c.slot_address(mac));
+        // What DHCP sees of each node is who the node is (its address, when a boot starts).
+        let c = controller.clone();
+        let observer: corral::dhcp::server::Observer = Arc::new(move |s| c.dhcp_seen(s));
+        let known = controller.clone();
         let dhcp = corral::dhcp::DhcpServer::bind(&config, store.clone())
             .await?
-            .with_fixed_addresses(fixed);
+            .with_fixed_addresses(fixed)
+            .with_observer(observer);
+        let dhcp = if config.dhcp.reclaim_from_strangers {
+            dhcp.with_known(Arc::new(move |mac| known.is_known(mac)))
+        } else {
+            dhcp
+        };
         metrics.add(dhcp.stats());
         tracing::info!(mode = ?config.dhcp.mode, interface = ?config.server.interface, "dhcp ready");
         tasks.spawn(async move { dhcp.run().await.map_err(|e| e.context("dhcp")) });
@@ -149,6 +159,11 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         let c = controller.clone();
         tasks.spawn(async move {
             c.run_health().await;
+            Ok(())
+        });
+        let c = controller.clone();
+        tasks.spawn(async move {
+            c.run_retention(Duration::from_secs(300)).await;
             Ok(())
         });
         let (c, path) = (controller.clone(), config_path.clone());

@@ -38,6 +38,10 @@ pub struct ImageSpec {
     /// `corral-agent`.
     #[serde(default)]
     pub cmdline: String,
+    /// The command line carries secrets of its own (a key, a password): the script is then served only
+    /// to the node itself, from its address, even without a policy. (Under a policy every node script is.)
+    #[serde(default)]
+    pub secret: bool,
 }
 
 fn any_arch() -> String {

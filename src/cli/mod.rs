@@ -1,75 +1,84 @@
-//! Operator commands that read a running corral through its HTTP API: `status`, `nodes`, `events`.
-//! Tables for people, `--json` for scripts.
+//! Operator commands that read a running corral through its HTTP API: `status`, `nodes`, `events`,
+//! `release`. Tables for people, `--json` for scripts. The bearer token comes from a file (`--token-file`)
+//! or the config's token files, never from the command line.
 
 pub mod disk;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// GET `path` from `base` (http://host:port), returning the body of a 200 response.
-pub fn get(base: &str, path: &str) -> Result<String, String> {
-    call(base, "GET", path, None)
+/// A running corral's operator API: where it is, the bearer token to send, and the TLS roots to trust.
+pub struct Api {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
 }
 
-/// One request to corral's API; the body of a 200 response, else the status and body as an error.
-fn call(base: &str, method: &str, path: &str, token: Option<&str>) -> Result<String, String> {
-    let rest = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("`{base}` is not an http:// URL"))?;
-    let host = rest.trim_end_matches('/');
-    let addr = if host.contains(':') {
-        host.to_string()
-    } else {
-        format!("{host}:80")
-    };
-    let mut s =
-        TcpStream::connect(&addr).map_err(|e| format!("cannot reach corral at {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response")?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        return Err(format!("{path}: HTTP {status}: {}", body.trim()));
-    }
-    // hyper answers small bodies with Content-Length; decode chunked just in case.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Ok(dechunk(body));
-    }
-    Ok(body.to_string())
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
+impl Api {
+    /// `base` is `http://host:port` or `https://host:port`; `ca` (PEM) is trusted besides the bundled roots
+    /// (the operator listener's own certificate, when it is self-signed).
+    pub fn new(base: &str, token: Option<String>, ca: Option<&Path>) -> Result<Api, String> {
+        let mut b = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .redirects(0);
+        if let Some(ca) = ca {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            for cert in CertificateDer::pem_file_iter(ca)
+                .map_err(|e| format!("{}: {e}", ca.display()))?
+            {
+                let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            b = b.tls_config(Arc::new(cfg));
         }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+        Ok(Api {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            agent: b.build(),
+        })
     }
-    out
+
+    /// One request; the body of a 2xx response, else the status and body as an error.
+    fn call(&self, method: &str, path: &str) -> Result<String, String> {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = if method == "POST" {
+            req.send_string("")
+        } else {
+            req.call()
+        };
+        match resp {
+            Ok(r) => r.into_string().map_err(|e| e.to_string()),
+            Err(ureq::Error::Status(code, r)) => Err(format!(
+                "{path}: HTTP {code}: {}",
+                r.into_string().unwrap_or_default().trim()
+            )),
+            Err(e) => Err(format!("cannot reach corral at {}: {e}", self.base)),
+        }
+    }
+
+    /// GET `path`, the body of a 2xx response.
+    pub fn get(&self, path: &str) -> Result<String, String> {
+        self.call("GET", path)
+    }
 }
 
-fn fetch(base: &str, path: &str) -> Result<serde_json::Value, ExitCode> {
-    let body = get(base, path).map_err(|e| {
+fn fetch(api: &Api, path: &str) -> Result<serde_json::Value, ExitCode> {
+    let body = api.get(path).map_err(|e| {
         eprintln!("corral: {e}");
         ExitCode::from(1)
     })?;
@@ -80,8 +89,8 @@ fn fetch(base: &str, path: &str) -> Result<serde_json::Value, ExitCode> {
 }
 
 /// Fetches `path`; with `--json` prints it and returns None (done), else returns it for a table.
-fn fetch_table(base: &str, path: &str, json: bool) -> Result<Option<serde_json::Value>, ExitCode> {
-    let v = fetch(base, path)?;
+fn fetch_table(api: &Api, path: &str, json: bool) -> Result<Option<serde_json::Value>, ExitCode> {
+    let v = fetch(api, path)?;
     if json {
         println!("{v}");
         return Ok(None);
@@ -97,8 +106,8 @@ fn s(v: &serde_json::Value) -> String {
     }
 }
 
-pub fn status(base: &str, json: bool) -> ExitCode {
-    let v = match fetch_table(base, "/api/v1/clusters", json) {
+pub fn status(api: &Api, json: bool) -> ExitCode {
+    let v = match fetch_table(api, "/api/v1/clusters", json) {
         Ok(Some(v)) => v,
         Ok(None) => return ExitCode::SUCCESS,
         Err(c) => return c,
@@ -129,8 +138,8 @@ pub fn status(base: &str, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-pub fn nodes(base: &str, json: bool) -> ExitCode {
-    let v = match fetch_table(base, "/api/v1/nodes", json) {
+pub fn nodes(api: &Api, json: bool) -> ExitCode {
+    let v = match fetch_table(api, "/api/v1/nodes", json) {
         Ok(Some(v)) => v,
         Ok(None) => return ExitCode::SUCCESS,
         Err(c) => return c,
@@ -154,8 +163,8 @@ pub fn nodes(base: &str, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-pub fn events(base: &str, json: bool, limit: u32) -> ExitCode {
-    let v = match fetch_table(base, &format!("/api/v1/events?limit={limit}"), json) {
+pub fn events(api: &Api, json: bool, limit: u32) -> ExitCode {
+    let v = match fetch_table(api, &format!("/api/v1/events?limit={limit}"), json) {
         Ok(Some(v)) => v,
         Ok(None) => return ExitCode::SUCCESS,
         Err(c) => return c,
@@ -174,8 +183,8 @@ pub fn events(base: &str, json: bool, limit: u32) -> ExitCode {
 }
 
 /// `corral release <mac>`: a quarantined or failed node back to the pool.
-pub fn release(base: &str, mac: &str, token: Option<&str>, json: bool) -> ExitCode {
-    match call(base, "POST", &format!("/api/v1/nodes/{mac}/release"), token) {
+pub fn release(api: &Api, mac: &str, json: bool) -> ExitCode {
+    match api.call("POST", &format!("/api/v1/nodes/{mac}/release")) {
         Ok(msg) => {
             if json {
                 println!(

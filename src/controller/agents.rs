@@ -1,19 +1,23 @@
 //! The controller's side of the agents: a token for every boot into a role (put on that boot's kernel
 //! command line), heartbeats, and orders waiting for a node's agent to fetch them.
 //!
-//! A token names one node and the role it booted into; only the node's latest token is valid, so an
-//! image that is gone (the node was moved) cannot speak for the node any more. Tokens are stored, so a
+//! A token names one node and the role it booted into. The rules of who gets one and when it rotates are
+//! in [`super::trust::TokenBook`]: one token per boot (a script fetched twice in a boot carries the same
+//! one), handed only to a request from the node's own address; a new boot's token replaces the old one
+//! once it is first used, so an image that is gone (the node was moved) cannot speak for the node any
+//! more, and a script fetched but never booted cannot cut a running agent off. Tokens are stored, so a
 //! restart of corral does not cut its agents off.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::moves::Input;
+use super::trust::{TokenBook, TokenChange};
 use super::Controller;
 use crate::agent::proto::{Ack, Heartbeat, HeartbeatReply, Order, OrderKind};
 use crate::mac::Mac;
 use crate::policy::plan::SlotRef;
-use crate::store::{AgentToken, NewEvent};
+use crate::store::NewEvent;
 
 /// A heartbeat as last received.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -26,10 +30,8 @@ pub struct Beat {
 
 #[derive(Default)]
 pub struct Agents {
-    /// token → node
-    by_token: HashMap<String, Mac>,
-    /// node → its latest boot's token and role
-    boots: HashMap<Mac, (String, Option<SlotRef>)>,
+    /// Every node's boot tokens.
+    book: TokenBook,
     beats: HashMap<Mac, Beat>,
     /// The token the node's last heartbeat carried: a heartbeat with another is a new boot's first.
     beat_token: HashMap<Mac, String>,
@@ -48,11 +50,7 @@ pub enum AgentError {
 
 /// 128 random bits, hex.
 fn new_token() -> String {
-    let mut b = [0u8; 16];
-    // SAFETY: getrandom writes at most b.len() bytes into the buffer it is given.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    assert_eq!(n, b.len() as isize, "getrandom failed");
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    super::trust::random_hex(16)
 }
 
 pub fn unix_ms() -> u64 {
@@ -60,6 +58,18 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+impl Agents {
+    /// A node leaves the inventory: its tokens, beats and orders go.
+    pub fn forget(&mut self, mac: Mac) {
+        self.book.forget(mac);
+        self.beats.remove(&mac);
+        self.beat_token.remove(&mac);
+        self.orders.remove(&mac);
+        self.latest.remove(&mac);
+        self.wakers.remove(&mac);
+    }
 }
 
 impl Controller {
@@ -76,46 +86,72 @@ impl Controller {
             .unwrap_or(5)
     }
 
-    /// Loads stored tokens (at start).
+    /// Loads stored tokens (at start): the current table, and rows of the older one-token table as used
+    /// current tokens. Epochs count from 0 again after a restart, so every stored grant is of boot 0.
     pub(crate) fn load_agent_tokens(&self) {
-        let Ok(tokens) = self.store.agent_tokens() else {
-            return;
-        };
+        use super::trust::{Grant, NodeTokens};
         let mut a = self.agents();
-        for t in tokens {
-            let role = t.role.map(|(cluster, slot)| SlotRef { cluster, slot });
-            a.by_token.insert(t.token.clone(), t.mac);
-            a.boots.insert(t.mac, (t.token, role));
+        if let Ok(docs) = self.store.node_token_docs() {
+            for (mac, doc) in docs {
+                // A row we cannot read is skipped: that node's agent gets a token at its next boot.
+                if let Ok(mut t) = serde_json::from_str::<NodeTokens>(&doc) {
+                    t.current.epoch = 0;
+                    if let Some(p) = t.previous.as_mut() {
+                        p.epoch = 0;
+                    }
+                    a.book.restore(mac, t);
+                }
+            }
+        }
+        if let Ok(old) = self.store.agent_tokens() {
+            for t in old {
+                if a.book.tokens(t.mac).is_some() {
+                    continue;
+                }
+                let role = t.role.map(|(cluster, slot)| SlotRef { cluster, slot });
+                a.book.restore(
+                    t.mac,
+                    NodeTokens {
+                        current: Grant {
+                            token: t.token,
+                            role,
+                            epoch: 0,
+                            issued: t.issued,
+                            used: true,
+                        },
+                        previous: None,
+                    },
+                );
+            }
         }
     }
 
-    /// A fresh token for the boot `mac` is about to make into `role`; earlier tokens stop working.
-    pub fn issue_token(&self, mac: Mac, role: Option<&SlotRef>, now: u64) -> String {
-        let token = new_token();
-        {
-            let mut a = self.agents();
-            if let Some((old, _)) = a.boots.remove(&mac) {
-                a.by_token.remove(&old);
-            }
-            a.by_token.insert(token.clone(), mac);
-            a.boots.insert(mac, (token.clone(), role.cloned()));
-        }
-        let rec = AgentToken {
-            mac,
-            token: token.clone(),
-            role: role.map(|r| (r.cluster.clone(), r.slot)),
-            issued: now,
-        };
-        if let Err(e) = self.store.put_agent_token(&rec) {
-            tracing::error!(error = %e, %mac, "cannot store the boot token");
-        }
+    /// The token for the script `mac` is fetching (from its own address) to boot into `role`: the same
+    /// within one boot, a new one for a new boot (see [`TokenBook::for_script`]).
+    pub fn script_token(&self, mac: Mac, role: Option<&SlotRef>, now: u64) -> String {
+        let epoch = self.dhcp_epoch(mac);
+        let (token, change) = self
+            .agents()
+            .book
+            .for_script(mac, epoch, role, now, new_token);
+        self.store_tokens(change);
         token
     }
 
+    fn store_tokens(&self, change: Option<TokenChange>) {
+        if let Some(TokenChange::Put(mac, t)) = change {
+            let doc = serde_json::to_string(&t).unwrap_or_default();
+            if let Err(e) = self.store.put_node_token_doc(mac, &doc) {
+                tracing::error!(error = %e, %mac, "cannot store the boot token");
+            }
+        }
+    }
+
+    /// The node and role of a token (using it: the first use of a new boot's token retires the old one).
     fn node_of(&self, token: &str) -> Result<(Mac, Option<SlotRef>), AgentError> {
-        let a = self.agents();
-        let mac = *a.by_token.get(token).ok_or(AgentError::Unauthorized)?;
-        let role = a.boots.get(&mac).and_then(|(_, r)| r.clone());
+        let found = self.agents().book.authenticate(token);
+        let (mac, role, _current, change) = found.ok_or(AgentError::Unauthorized)?;
+        self.store_tokens(change);
         Ok((mac, role))
     }
 
@@ -215,7 +251,16 @@ impl Controller {
     /// The node's pending order, handed out once, and only to the agent of the node's current boot.
     pub fn take_order(&self, token: &str) -> Result<Option<Order>, AgentError> {
         let mut a = self.agents();
-        let mac = *a.by_token.get(token).ok_or(AgentError::Unauthorized)?;
+        let mac = a.book.holder(token).ok_or(AgentError::Unauthorized)?;
+        let current = a
+            .book
+            .tokens(mac)
+            .is_some_and(|t| t.current.token == token);
+        if !current {
+            // An earlier boot's agent (still honoured for its heartbeats) gets no orders meant for the
+            // node's new role.
+            return Ok(None);
+        }
         Ok(a.orders.remove(&mac))
     }
 

@@ -2,9 +2,10 @@
 //! open which NBD export.
 //!
 //! A slot's export `<cluster>/<slot>` may be opened only from an address of the node assigned to that
-//! slot: the slot identity's address, the address DHCP leased to the node's MAC, or the address its last
-//! boot-script request came from. A base `base/<name>` may be opened by nodes of the clusters built on
-//! it. Hosts in `nbd.admin_hosts` may open everything. Every refusal is logged with peer and export.
+//! slot, as corral knows it (see [`super::trust`]): the slot identity's address, the address its DHCP
+//! leased the node or (proxy mode) saw it ask for, its reservation — never because of an HTTP request.
+//! A base `base/<name>` may be opened by nodes of the clusters built on it. Hosts in `nbd.admin_hosts`
+//! may open everything. Every refusal is logged with peer and export.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use std::sync::Arc;
 use super::Controller;
 use crate::disk::Disk;
 use crate::iscsi::login::Chap;
-use crate::mac::Mac;
 use crate::nbd::handshake::{Exports, Refusal};
 use crate::nbd::ExportSource;
 use crate::store::NewEvent;
@@ -52,28 +52,6 @@ impl Controller {
 
     pub fn disks(&self) -> &crate::disk::DiskSet {
         &self.disks
-    }
-
-    /// Every address `mac` is known by: its slot identity, its DHCP lease, its last boot request.
-    pub fn node_addresses(&self, mac: Mac) -> Vec<IpAddr> {
-        let mut out = Vec::new();
-        if let Some(a) = self.slot_address(mac) {
-            out.push(IpAddr::V4(a));
-        }
-        if let Ok(Some((ip, _))) = self.store.lease_of(mac) {
-            out.push(IpAddr::V4(ip));
-        }
-        let queued = self
-            .seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&mac)
-            .and_then(|b| b.facts.ip.clone());
-        let stored = || self.store.node(mac).ok().flatten().and_then(|n| n.facts.ip);
-        if let Some(ip) = queued.or_else(stored).and_then(|s| s.parse().ok()) {
-            out.push(ip);
-        }
-        out
     }
 
     fn target(&self, export: &str) -> Option<Target> {
@@ -127,7 +105,7 @@ impl Controller {
                 };
                 holder
                     .or_else(owner)
-                    .is_some_and(|mac| self.node_addresses(mac).contains(&peer))
+                    .is_some_and(|mac| self.node_addresses(mac).contains(peer))
             }
             Target::Base(base) => assignments.iter().any(|(mac, s)| {
                 let on_base = state
@@ -135,7 +113,7 @@ impl Controller {
                     .as_ref()
                     .and_then(|p| p.cluster(&s.cluster))
                     .is_some_and(|c| c.spec.disk.as_deref() == Some(base.as_str()));
-                on_base && self.node_addresses(*mac).contains(&peer)
+                on_base && self.node_addresses(*mac).contains(peer)
             }),
         }
     }
@@ -323,7 +301,7 @@ impl crate::iscsi::TargetSource for NodeDisks {
             return Err(Refusal::Forbidden);
         }
         let (cluster, slot) = export.split_once('/').ok_or(Refusal::NotFound)?;
-        Ok(slot_chap(&self.0.state().credentials, cluster, slot))
+        Ok(self.0.slot_chap(cluster, slot))
     }
 
     fn open(&self, iqn: &str, peer: IpAddr) -> Result<(Arc<dyn Disk>, String, u64), String> {

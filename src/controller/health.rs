@@ -328,7 +328,7 @@ impl Controller {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                let result = match me.node_addresses(mac).first() {
+                let result = match me.node_addresses(mac).list().first() {
                     Some(ip) => crate::health::probe::run(&spec, *ip).await,
                     None => Err("no known address".into()),
                 };

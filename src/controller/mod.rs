@@ -14,6 +14,7 @@
 pub mod agents;
 pub mod disks;
 pub mod health;
+pub mod identity;
 pub mod mover;
 pub mod trust;
 pub mod moves;
@@ -396,6 +397,9 @@ pub struct Controller {
     mover_wake: tokio::sync::Notify,
     /// Monitors, running failovers, quarantined nodes.
     health: Mutex<health::Health>,
+    /// DHCP sightings, discovery rates, generated slot secrets: who each node is.
+    identity: Mutex<identity::Identity>,
+    trust_stats: identity::TrustStats,
 }
 
 #[derive(Default)]
@@ -465,6 +469,7 @@ impl Controller {
                 },
             );
         }
+        let state_rate = state.config.discovery.rate_per_peer;
         let disks = crate::disk::DiskSet::new(
             &state.config.server.disks_dir,
             &state.config.server.state_dir,
@@ -480,10 +485,16 @@ impl Controller {
             moves: Mutex::new(HashMap::new()),
             mover_wake: tokio::sync::Notify::new(),
             health: Mutex::new(Default::default()),
+            identity: Mutex::new(identity::Identity::new(
+                state_rate,
+            )),
+            trust_stats: Default::default(),
         });
+        c.restore_leases();
         c.load_agent_tokens();
         c.load_node_flags();
         c.prepare_disks(crate::unix_now());
+        c.prepare_slot_secrets(crate::unix_now());
         c.replan(crate::unix_now())?;
         Ok(c)
     }
@@ -562,6 +573,7 @@ impl Controller {
             .store
             .apply(&[], &[NewEvent::new(now, "reload", summary)]);
         self.prepare_disks(now);
+        self.prepare_slot_secrets(now);
         if let Err(e) = self.replan(now) {
             tracing::error!(error = %e, "planning after reload failed");
         }

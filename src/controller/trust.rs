@@ -176,7 +176,7 @@ impl KnownAddresses {
 }
 
 /// One token handed to one boot of a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
     pub token: String,
     pub role: Option<SlotRef>,
@@ -188,7 +188,7 @@ pub struct Grant {
 }
 
 /// A node's tokens: the current boot's, and the previous boot's until the current one is first used.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeTokens {
     pub current: Grant,
     pub previous: Option<Grant>,

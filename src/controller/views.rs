@@ -203,5 +203,6 @@ impl crate::metrics::Report for ControllerMetrics {
             self.0.reboot_pending().len() as u64,
         );
         self.0.report_health(out);
+        self.0.report_trust(out);
     }
 }

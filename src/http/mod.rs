@@ -45,6 +45,7 @@ pub struct HttpStats {
     pub files: Counter,
     pub not_found: Counter,
     pub bad_requests: Counter,
+    pub unauthorized: Counter,
 }
 
 impl Report for HttpStats {
@@ -79,6 +80,12 @@ impl Report for HttpStats {
             "Responses 400",
             self.bad_requests.get(),
         );
+        write_counter(
+            out,
+            "corral_http_unauthorized_total",
+            "API requests refused for a missing or wrong bearer token",
+            self.unauthorized.get(),
+        );
     }
 }
 
@@ -87,6 +94,23 @@ struct Ctx {
     cache: files::FileCache,
     stats: Arc<HttpStats>,
     metrics: std::sync::OnceLock<Registry>,
+    /// An operator listener exists: the API, dashboard and metrics are served there only.
+    split: bool,
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Surface {
+    /// `[http]`: firmware, nodes, agents (and operators too when there is no operator listener).
+    Boot,
+    /// `[api]`: operators only.
+    Operator,
+}
+
+/// Paths for operators (the API but the agents' part, the dashboard, metrics), as opposed to the boot path.
+fn operator_path(path: &str) -> bool {
+    matches!(path, "/" | "/dashboard" | "/metrics")
+        || (path.starts_with("/api/") && !path.starts_with("/api/v1/agent/"))
 }
 
 /// The bound HTTP server: one listener per worker thread.
@@ -97,7 +121,34 @@ struct Ctx {
 /// per-node script rate over tokio's work-stealing runtime on two cores.
 pub struct HttpServer {
     listeners: Vec<std::net::TcpListener>,
+    /// The operator listener and, for HTTPS, its TLS configuration.
+    operator: Option<(std::net::TcpListener, Option<Arc<rustls::ServerConfig>>)>,
     ctx: Arc<Ctx>,
+}
+
+/// The operator listener's TLS configuration from PEM files (certificate chain, private key).
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("{}: no certificate in it", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("{}: no private key: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// Bytes of boot files kept in memory.
@@ -128,16 +179,36 @@ impl HttpServer {
         for _ in 1..workers.max(1) {
             listeners.push(reuseport_listener(actual).map_err(err)?);
         }
+        let cfg = controller.state().config.clone();
+        let operator = match cfg.api.listen {
+            None => None,
+            Some(a) => {
+                let l = reuseport_listener(a)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on api {a}: {e}"))?;
+                let tls = match (&cfg.api.tls_cert, &cfg.api.tls_key) {
+                    (Some(c), Some(k)) => Some(tls_config(c, k)?),
+                    _ => None,
+                };
+                Some((l, tls))
+            }
+        };
         let ctx = Ctx {
             controller,
             cache: files::FileCache::new(CACHE_BUDGET),
             stats: Arc::default(),
             metrics: Default::default(),
+            split: operator.is_some(),
         };
         Ok(HttpServer {
             listeners,
+            operator,
             ctx: Arc::new(ctx),
         })
+    }
+
+    /// The operator listener's address, when there is one.
+    pub fn operator_addr(&self) -> Option<SocketAddr> {
+        self.operator.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -155,22 +226,30 @@ impl HttpServer {
     pub async fn run(self, metrics: Registry) -> anyhow::Result<()> {
         let _ = self.ctx.metrics.set(metrics);
         let (dead_tx, mut dead_rx) = tokio::sync::mpsc::channel::<String>(1);
-        for (i, listener) in self.listeners.into_iter().enumerate() {
+        let boot = self
+            .listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (format!("http-{i}"), l, Surface::Boot, None));
+        let operator = self
+            .operator
+            .into_iter()
+            .map(|(l, tls)| ("http-api".to_string(), l, Surface::Operator, tls));
+        for (name, listener, surface, tls) in boot.chain(operator) {
             let ctx = self.ctx.clone();
             let dead = dead_tx.clone();
-            std::thread::Builder::new()
-                .name(format!("http-{i}"))
-                .spawn(move || {
-                    let outcome = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(|e| e.to_string())
-                        .and_then(|rt| {
-                            rt.block_on(serve_worker(ctx, listener))
-                                .map_err(|e| e.to_string())
-                        });
-                    let _ = dead.blocking_send(format!("http worker {i} stopped: {outcome:?}"));
-                })?;
+            let thread = name.clone();
+            std::thread::Builder::new().name(thread).spawn(move || {
+                let outcome = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())
+                    .and_then(|rt| {
+                        rt.block_on(serve_worker(ctx, listener, surface, tls))
+                            .map_err(|e| e.to_string())
+                    });
+                let _ = dead.blocking_send(format!("{name} stopped: {outcome:?}"));
+            })?;
         }
         drop(dead_tx);
         let why = dead_rx
@@ -181,8 +260,14 @@ impl HttpServer {
     }
 }
 
-async fn serve_worker(ctx: Arc<Ctx>, listener: std::net::TcpListener) -> std::io::Result<()> {
+async fn serve_worker(
+    ctx: Arc<Ctx>,
+    listener: std::net::TcpListener,
+    surface: Surface,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -195,16 +280,45 @@ async fn serve_worker(ctx: Arc<Ctx>, listener: std::net::TcpListener) -> std::io
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
+        let tls = tls.clone();
         tokio::task::spawn(async move {
+            let header_timeout =
+                std::time::Duration::from_secs(ctx.controller.state().config.http.header_timeout);
+            let c = ctx.clone();
             let svc = service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req, peer).await) }
+                let ctx = c.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(handle(&ctx, req, peer, surface).await)
+                }
             });
-            if let Err(e) = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            let served = match tls {
+                None => {
+                    http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await
+                }
+                Some(acceptor) => {
+                    // The handshake is bounded like a request's headers.
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            http1::Builder::new()
+                                .keep_alive(true)
+                                .serve_connection(TokioIo::new(s), svc)
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "tls handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "http connection ended with an error");
             }
         });
@@ -239,11 +353,29 @@ fn typed(body: String, content_type: &'static str) -> Response<HttpBody> {
     r
 }
 
-async fn handle(ctx: &Ctx, req: Request<Incoming>, peer: SocketAddr) -> Response<HttpBody> {
+async fn handle(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    surface: Surface,
+) -> Response<HttpBody> {
     ctx.stats.requests.inc();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    let operator = operator_path(&path);
+    // With an operator listener, each listener serves its own paths only: the boot network never reaches
+    // the API, and operators' TLS listener serves no boot files.
+    if ctx.split && operator != (surface == Surface::Operator) {
+        ctx.stats.not_found.inc();
+        let where_ = if operator { "the operator listener (api.listen)" } else { "the boot listener (http.listen)" };
+        return text(StatusCode::NOT_FOUND, &format!("not found here: served on {where_}\n"));
+    }
+    if operator && (method == Method::GET || method == Method::HEAD) && path != "/" && path != "/dashboard" {
+        if let Some(refused) = refuse_reader(ctx, &req) {
+            return refused;
+        }
+    }
     let release = path
         .strip_prefix("/api/v1/nodes/")
         .and_then(|r| r.strip_suffix("/release"))
@@ -263,7 +395,8 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>, peer: SocketAddr) -> Response
         _ => {}
     }
     if resp.status().is_client_error() || resp.status().is_server_error() {
-        tracing::info!(%peer, %method, %path, status = resp.status().as_u16(), "http request refused");
+        // debug, not info: a hostile host would otherwise write the log full.
+        tracing::debug!(%peer, %method, %path, status = resp.status().as_u16(), "http request refused");
     }
     resp
 }
@@ -453,22 +586,59 @@ async fn agent_api(
     }
 }
 
-/// Writes need `Authorization: Bearer <http.api_token>`; without a configured token they are disabled.
-fn refuse_writer(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<HttpBody>> {
-    let state = ctx.controller.state();
-    let Some(token) = state.config.http.api_token.as_deref() else {
-        return Some(text(
-            StatusCode::FORBIDDEN,
-            "writes are disabled: set http.api_token\n",
-        ));
-    };
-    let auth = req
-        .headers()
+/// The bearer token a request carries ("" without one).
+fn bearer(req: &Request<Incoming>) -> &str {
+    req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    (auth.strip_prefix("Bearer ").map(str::trim) != Some(token))
-        .then(|| text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n"))
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("")
+}
+
+/// Writes need the admin token (`Authorization: Bearer ...`); without one configured they are disabled.
+/// Compared in constant time.
+fn refuse_writer(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<HttpBody>> {
+    let state = ctx.controller.state();
+    let Some(token) = state.config.tokens.admin.as_deref() else {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "writes are disabled: set an admin token (http.admin_token_file)\n",
+        ));
+    };
+    if crate::controller::trust::same_secret(bearer(req), token) {
+        return None;
+    }
+    ctx.stats.unauthorized.inc();
+    Some(text(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token\n",
+    ))
+}
+
+/// With a read token configured, reads need it (or the admin token); without one they are open.
+fn refuse_reader(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<HttpBody>> {
+    let state = ctx.controller.state();
+    let t = &state.config.tokens;
+    let Some(read) = t.read.as_deref() else {
+        return None;
+    };
+    let got = bearer(req);
+    let admin_ok = t
+        .admin
+        .as_deref()
+        .is_some_and(|a| crate::controller::trust::same_secret(got, a));
+    if crate::controller::trust::same_secret(got, read) || admin_ok {
+        return None;
+    }
+    ctx.stats.unauthorized.inc();
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        "this corral's API needs its read token: Authorization: Bearer <token>\n",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
 }
 
 /// `POST /api/v1/nodes/<mac>/release`: a quarantined or failed node goes back to the pool.
@@ -547,11 +717,58 @@ fn json<T: serde::Serialize>(v: &T) -> Response<HttpBody> {
     )
 }
 
+/// The iPXE error script with `message`, as a refusal: 403, so iPXE does not run it and a tool sees it.
+fn refused_script(state: &crate::controller::BootState, mac: Mac, message: &str) -> Response<HttpBody> {
+    let msg = boot::ipxe_safe(message);
+    let mut r = typed(
+        state.templates.error.render(&[
+            ("base_url", &state.config.public_url()),
+            ("mac", &mac.to_string()),
+            ("poll", &state.config.boot.park_poll.to_string()),
+            ("message", &msg),
+        ]),
+        "text/plain; charset=utf-8",
+    );
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    r
+}
+
+/// A node's script. Only a request from the node's own address (as corral's DHCP knows it, see
+/// `controller::trust`) gets a script that carries its secrets (agent token, CHAP) or changes anything
+/// (discovery, facts, holds, move confirmations, a failed node's return); under a policy every other
+/// request is refused (403), counted and logged with its peer. Without a policy a script carries no
+/// secret unless its image says so, and is served to anyone, but only the node's own requests are
+/// recorded.
 fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<HttpBody> {
-    let facts = facts_from_query(query, peer);
     let state = ctx.controller.state();
     let now = crate::unix_now();
+    let from_node = ctx.controller.is_from_node(mac, peer.ip());
+    if state.policy.is_some() && !from_node {
+        ctx.controller.refuse_foreign(mac, peer.ip(), "a node script");
+        return refused_script(
+            &state,
+            mac,
+            "corral serves this node's script only to the node itself, from the address its DHCP knows it by",
+        );
+    }
+    let facts = facts_from_query(query, peer);
     let slot = if state.policy.is_some() {
+        if !ctx.controller.is_known(mac) {
+            if let Err(why) = ctx.controller.may_discover(mac, peer.ip(), now) {
+                // Not an attack on a node (the request is from its address), only a node corral will not
+                // take in (yet): the error script asks again later, when it may be listed.
+                let msg = boot::ipxe_safe(&format!("corral does not take this node in: {}", why.as_str()));
+                return typed(
+                    state.templates.error.render(&[
+                        ("base_url", &state.config.public_url()),
+                        ("mac", &mac.to_string()),
+                        ("poll", &state.config.boot.park_poll.to_string()),
+                        ("message", &msg),
+                    ]),
+                    "text/plain; charset=utf-8",
+                );
+            }
+        }
         // Discovery (and planning for a new node) happens here, so its first request gets its role.
         ctx.controller.node_seen(mac, facts.clone(), now);
         // Parked while the slot's disk is still held by the node it is taken from.
@@ -561,7 +778,19 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
     };
     let decision = state.decide(mac, &facts, now, slot.as_ref());
     if state.policy.is_none() {
-        ctx.controller.node_seen(mac, facts, now);
+        if let BootDecision::Image(image, _) = &decision {
+            if image.spec.secret && !from_node {
+                ctx.controller.refuse_foreign(mac, peer.ip(), "a secret image's script");
+                return refused_script(
+                    &state,
+                    mac,
+                    "this image's script is served only to the node itself, from the address corral knows it by",
+                );
+            }
+        }
+        if from_node {
+            ctx.controller.node_seen(mac, facts, now);
+        }
     }
     ctx.stats.scripts.inc();
     let base_url = state.config.public_url();
@@ -601,12 +830,12 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
             } else {
                 (String::new(), String::new())
             };
-            // Every boot into a role gets its own token: the agent of this boot, and only it, speaks
-            // for the node.
+            // Every boot into a role gets its own token (the same however often this boot fetches its
+            // script): the agent of this boot, and only it, speaks for the node.
             let agent = if state.policy.is_some() {
                 let token = ctx
                     .controller
-                    .issue_token(mac, role.as_ref().map(|r| &r.slot), now);
+                    .script_token(mac, role.as_ref().map(|r| &r.slot), now);
                 format!("corral.api={base_url} corral.token={token}")
             } else {
                 String::new()
@@ -634,8 +863,7 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
                         iscsi.listen.port(),
                         iscsi.target_iqn(&cluster, &slot)
                     );
-                    let chap =
-                        crate::controller::disks::slot_chap(&state.credentials, &cluster, &slot);
+                    let chap = ctx.controller.slot_chap(&cluster, &slot);
                     let san = boot::SanVars {
                         root_path: &root_path,
                         initiator_iqn: &iscsi.initiator_iqn(&mac),

@@ -112,6 +112,14 @@ CREATE TABLE IF NOT EXISTS agent_token (
     slot    INTEGER,
     issued  INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS node_tokens (
+    mac  TEXT PRIMARY KEY,
+    doc  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slot_secret (
+    slot TEXT PRIMARY KEY,
+    doc  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS node_flag (
     mac    TEXT PRIMARY KEY,
     state  TEXT NOT NULL,
@@ -512,6 +520,98 @@ impl Store {
                 ])?;
             Ok(())
         })
+    }
+}
+
+impl Store {
+    /// Every node's boot tokens as the controller wrote them (a JSON document per node; the store does
+    /// not look inside).
+    pub fn node_token_docs(&self) -> Result<Vec<(Mac, String)>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached("SELECT mac, doc FROM node_tokens")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (mac, doc) = row?;
+                if let Some(mac) = Mac::parse(&mac) {
+                    out.push((mac, doc));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Replaces a node's boot tokens (and drops its row of the older one-token table).
+    pub fn put_node_token_doc(&self, mac: Mac, doc: &str) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached("INSERT OR REPLACE INTO node_tokens (mac, doc) VALUES (?1, ?2)")?
+                .execute(params![mac.to_string(), doc])?;
+            c.prepare_cached("DELETE FROM agent_token WHERE mac = ?1")?
+                .execute(params![mac.to_string()])?;
+            Ok(())
+        })
+    }
+
+    /// CHAP secrets corral generated for slots the operator gave none (`cluster.slot` → secrets).
+    pub fn slot_secrets(&self) -> Result<Vec<(String, SlotSecret)>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached("SELECT slot, doc FROM slot_secret")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (slot, doc) = row?;
+                if let Ok(s) = serde_json::from_str(&doc) {
+                    out.push((slot, s));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn put_slot_secret(&self, slot: &str, s: &SlotSecret) -> Result<()> {
+        let doc = serde_json::to_string(s).unwrap_or_default();
+        self.with(|c| {
+            c.prepare_cached("INSERT OR REPLACE INTO slot_secret (slot, doc) VALUES (?1, ?2)")?
+                .execute(params![slot, doc])?;
+            Ok(())
+        })
+    }
+
+    /// Deletes events older than `before` (unix seconds); returns how many.
+    pub fn prune_events(&self, before: u64) -> Result<usize> {
+        self.with(|c| {
+            c.prepare_cached("DELETE FROM event WHERE at < ?1")?
+                .execute(params![before as i64])
+        })
+    }
+
+    /// Deletes nodes from the inventory (with their tokens).
+    pub fn forget_nodes(&self, macs: &[Mac]) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for m in macs {
+                let m = m.to_string();
+                for table in ["node", "node_tokens", "agent_token"] {
+                    tx.execute(&format!("DELETE FROM {table} WHERE mac = ?1"), params![m])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+}
+
+/// iSCSI CHAP secrets generated for one slot: what the initiator proves and (mutual) what corral answers.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlotSecret {
+    pub user: String,
+    pub secret: String,
+    pub target_user: String,
+    pub target_secret: String,
+}
+
+impl std::fmt::Debug for SlotSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotSecret {{ user: {:?}, .. }}", self.user)
     }
 }
 
