@@ -140,8 +140,15 @@ impl ApiArgs {
             (Some(u), c) => (u.clone(), c.as_ref().and_then(|c| c.api.tls_cert.clone())),
             (None, Some(c)) => match c.api.listen {
                 Some(l) => {
-                    let scheme = if c.api.tls_cert.is_some() { "https" } else { "http" };
-                    (format!("{scheme}://{}", reachable(l)), c.api.tls_cert.clone())
+                    let scheme = if c.api.tls_cert.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    (
+                        format!("{scheme}://{}", reachable(l)),
+                        c.api.tls_cert.clone(),
+                    )
                 }
                 None => (format!("http://{}", reachable(c.http.listen)), None),
             },

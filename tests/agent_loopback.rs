@@ -127,7 +127,7 @@ fn agent_drains_powers_off_and_confirms_a_move_with_the_command_driver() {
     )
     .unwrap();
     std::fs::write(dir.join("policy.toml"), policy(0, dir)).unwrap();
-    common::loopback_config(dir, http, "", "");
+    common::loopback_config(dir, http, "", &common::reservation(MAC, "127.0.0.1"));
     let _server = start(dir, http);
     let boot = format!("http://127.0.0.1:{http}/boot/{MAC}?buildarch=x86_64");
 
@@ -164,15 +164,40 @@ fn agent_drains_powers_off_and_confirms_a_move_with_the_command_driver() {
     assert!(script.contains("host=db-1"), "{script}");
     let t2 = token_of(&script);
     assert_ne!(t1, t2);
-    assert_eq!(
-        status(&hb, &t1, "{}"),
-        "401",
-        "the earlier boot's token is dead"
-    );
+    // Fetched again in the same boot: the same token.
+    assert_eq!(token_of(&get(&boot)), t2, "one token per boot");
+    // Until the new boot's token is used, the earlier one is still honoured (a script fetched but not
+    // booted must not cut a running agent off): its request gets past the token check to the body check.
+    assert_eq!(status(&hb, &t1, "{not json"), "400");
     let _a2 = agent(dir, http, &t2, 2);
     wait_for("the move to be confirmed", 30, || {
         has_event(http, "move-done")
     });
+    assert_eq!(
+        status(&hb, &t1, "{}"),
+        "401",
+        "the earlier boot's token is dead once the new one is used"
+    );
+    // Another host asking for the node's script gets neither script nor token, and changes nothing.
+    let foreign = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--interface",
+            "127.0.0.9",
+            &boot,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&foreign.stdout), "403");
+    assert_eq!(
+        status(&hb, &t2, "{not json"),
+        "400",
+        "the node's token still works"
+    );
     let ev = events(http);
     let kinds: Vec<&str> = ev
         .as_array()

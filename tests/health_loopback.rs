@@ -178,8 +178,11 @@ fn quarantine_retry_limit_alert_webhook_and_release() {
     common::loopback_config(
         dir,
         http,
-        "api_token = \"op-secret\"\n",
-        "[boot]\npark_poll = 1\n",
+        "api_token = \"op-secret-0123456789\"\n",
+        // Several nodes ask from 127.0.0.1: this test is about health, so the trusted-network setting
+        // counts each request's address as its node's (tests/hostile_lan.rs and the trust unit tests
+        // cover the default).
+        "[boot]\npark_poll = 1\ntrust_request_address = true\n",
     );
     let server = start(dir, http);
     let boot = |mac: &str| {
@@ -270,11 +273,13 @@ fn quarantine_retry_limit_alert_webhook_and_release() {
         post(http, &format!("/api/v1/nodes/{A}/release"), "wrong", ""),
         401
     );
+    // The CLI takes the admin token from the config (never from its command line).
+    let config = dir.join("corral.toml");
     let (code, out, err) = common::corral(&[
         "release",
         A,
-        "--token",
-        "op-secret",
+        "--config",
+        config.to_str().unwrap(),
         "--url",
         &format!("http://127.0.0.1:{http}"),
     ]);
@@ -291,13 +296,22 @@ fn quarantine_retry_limit_alert_webhook_and_release() {
     });
     assert!(boot(A).contains("is parked"));
     assert_eq!(state(http, A), "idle");
+    // Or from a file only its owner reads.
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, "op-secret-0123456789\n").unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let (code, _, err) = common::corral(&[
         "release",
         A,
-        "--token",
-        "op-secret",
+        "--token-file",
+        token_file.to_str().unwrap(),
         "--url",
         &format!("http://127.0.0.1:{http}"),
     ]);
     assert_eq!(code, 1, "a healthy node cannot be released: {err}");
+    assert!(err.contains("HTTP 409"), "past the token check: {err}");
 }

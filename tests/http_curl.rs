@@ -116,7 +116,8 @@ fn scripts_files_and_errors() {
     write_config(
         dir,
         port,
-        "[boot]\nnode = [{ mac = \"52:54:00:00:00:02\", image = \"testos\" }]\n",
+        "[boot]\nnode = [{ mac = \"52:54:00:00:00:02\", image = \"testos\" }]\n\
+         [[dhcp.reservation]]\nmac = \"52:54:00:00:00:02\"\naddress = \"127.0.0.1\"\n",
     );
     let srv = start(dir, port);
     let base = format!("http://127.0.0.1:{}", srv.port);
@@ -244,6 +245,28 @@ fn scripts_files_and_errors() {
     assert!(String::from_utf8(metrics)
         .unwrap()
         .contains("corral_http_node_scripts_total 3"));
+
+    // Without a policy a script carries no secret, so another host gets it too, but its request is not
+    // the node's: nothing about the node changes (facts, boot count).
+    let (code, _, _) = curl(&[
+        "--interface",
+        "127.0.0.7",
+        &format!("{base}/boot/52-54-00-00-00-02?buildarch=x86_64&uuid=forged"),
+    ]);
+    assert_eq!(code, 200);
+    std::thread::sleep(Duration::from_millis(600));
+    let (_, _, body) = curl(&[&format!("{base}/api/v1/nodes")]);
+    let nodes: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let n = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["mac"] == "52:54:00:00:00:02")
+        .unwrap();
+    assert_eq!(
+        (n["facts"]["uuid"].as_str(), n["boot_count"].as_u64()),
+        (Some("abcd"), Some(2))
+    );
 }
 
 #[test]
@@ -252,7 +275,11 @@ fn inventory_survives_restart() {
     let dir = tmp.path();
     image_dir(dir);
     let port = free_port();
-    write_config(dir, port, "[boot]\ndefault_image = \"testos\"\n");
+    write_config(
+        dir,
+        port,
+        "[boot]\ndefault_image = \"testos\"\n[[dhcp.reservation]]\nmac = \"52:54:00:aa:bb:cc\"\naddress = \"127.0.0.1\"\n",
+    );
     {
         let srv = start(dir, port);
         curl(&[&format!(

@@ -24,7 +24,7 @@ fn setup_with(dir: &Path, http: u16, iscsi: u16, server_extra: &str, cluster_ima
     std::fs::write(
         dir.join("corral.toml"),
         format!(
-            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}/boot-scripts\"\npolicy = \"policy.toml\"\ndisks_dir = \"disks\"\n{server_extra}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[tftp]\nenabled = false\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{iscsi}\"\n",
+            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}/boot-scripts\"\npolicy = \"policy.toml\"\ndisks_dir = \"disks\"\n{server_extra}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[tftp]\nenabled = false\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{iscsi}\"\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:01\"\naddress = \"127.0.0.1\"\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:02\"\naddress = \"127.0.0.2\"\n",
             env!("CARGO_MANIFEST_DIR"),
             free_port()
         ),
@@ -191,6 +191,24 @@ fn chap_secrets_from_the_credentials_file() {
             "{line:?} missing from:\n{script}"
         );
     }
+    // Another host asking for the same script gets a refusal without a secret in it.
+    let (code, foreign, _) = run(
+        "curl",
+        &[
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "--interface",
+            "127.0.0.9",
+            &format!("http://127.0.0.1:{http}/boot/52-54-00-00-00-01?buildarch=x86_64"),
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(foreign.ends_with("403"), "{foreign}");
+    assert!(
+        !foreign.contains("initiator-secret-1") && !foreign.contains("target-secret-22"),
+        "{foreign}"
+    );
     let target = "iqn.2026-11.io.corral:db.0/0";
     let inq = |auth: &str, query: &str| {
         run(
@@ -232,5 +250,67 @@ fn chap_secrets_from_the_credentials_file() {
         .0,
         0,
         "the initiator must reject a target that does not know the target secret"
+    );
+}
+
+/// A sanboot cluster without secrets in the credentials file: corral generates CHAP and mutual-CHAP
+/// secrets per slot (stored, the same after a restart), hands them only to the slot's node in its script,
+/// and the target demands them.
+#[test]
+fn generated_chap_secrets_guard_a_sanboot_slot() {
+    if !need_tools(&["iscsi-inq"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (http, iscsi) = (free_port(), free_port());
+    std::fs::create_dir_all(dir.join("images/appliance")).unwrap();
+    std::fs::write(
+        dir.join("images/appliance/image.toml"),
+        "kind = \"sanboot\"\n",
+    )
+    .unwrap();
+    setup_with(dir, http, iscsi, "", "appliance");
+    let url = format!("http://127.0.0.1:{http}/boot/52-54-00-00-00-01?buildarch=x86_64");
+    let setting = |script: &str, name: &str| {
+        script
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("set {name}:string ")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{script}"))
+            .to_string()
+    };
+    let (user, secret, target_secret) = {
+        let _server = start(dir, http);
+        let script = get(&url);
+        let s = (
+            setting(&script, "username"),
+            setting(&script, "password"),
+            setting(&script, "reverse-password"),
+        );
+        assert!(s.1.len() >= 12 && s.2.len() >= 12 && s.1 != s.2, "{s:?}");
+        // Fetched again within the boot: the same secrets.
+        assert_eq!(setting(&get(&url), "password"), s.1);
+        s
+    };
+    // After a restart the slot keeps its secrets.
+    let _server = start(dir, http);
+    assert_eq!(setting(&get(&url), "password"), secret);
+    let inq = |auth: &str| {
+        run(
+            "iscsi-inq",
+            &[
+                "-i",
+                "iqn.2026-11.io.corral:node.525400000001",
+                &format!("iscsi://{auth}127.0.0.1:{iscsi}/iqn.2026-11.io.corral:db.0/0?target_user=corral&target_password={target_secret}"),
+            ],
+        )
+        .0
+    };
+    assert_ne!(inq(""), 0, "no CHAP: refused");
+    assert_ne!(inq(&format!("{user}%wrong-secret-000@")), 0);
+    assert_eq!(
+        inq(&format!("{user}%{secret}@")),
+        0,
+        "the generated secret works"
     );
 }

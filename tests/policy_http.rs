@@ -133,7 +133,7 @@ fn discovery_priority_links_reload_and_restart() {
     std::fs::write(
         dir.join("corral.toml"),
         format!(
-            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}\"\npolicy = \"policy.toml\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[tftp]\nenabled = false\n",
+            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}\"\npolicy = \"policy.toml\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[tftp]\nenabled = false\n[boot]\ntrust_request_address = true\n",
             scripts.display()
         ),
     )
@@ -280,7 +280,7 @@ fn metrics_feed_scale_rules_behind_a_token() {
     std::fs::write(
         dir.join("corral.toml"),
         format!(
-            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}\"\npolicy = \"policy.toml\"\n[http]\nlisten = \"127.0.0.1:{port}\"\napi_token = \"s3cret\"\n[tftp]\nenabled = false\n",
+            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}\"\npolicy = \"policy.toml\"\n[http]\nlisten = \"127.0.0.1:{port}\"\napi_token = \"s3cret-0123456789abc\"\n[tftp]\nenabled = false\n[boot]\ntrust_request_address = true\n",
             scripts.display()
         ),
     )
@@ -317,13 +317,19 @@ fn metrics_feed_scale_rules_behind_a_token() {
     assert_eq!(post("Authorization: Bearer wrong", sample), "401");
     assert_eq!(
         post(
-            "Authorization: Bearer s3cret",
+            "Authorization: Bearer s3cret-0123456789abc",
             r#"{"cluster": "nope", "metric": "rt_ms", "value": 1}"#
         ),
         "400"
     );
-    assert_eq!(post("Authorization: Bearer s3cret", "not json"), "400");
-    assert_eq!(post("Authorization: Bearer s3cret", sample), "200");
+    assert_eq!(
+        post("Authorization: Bearer s3cret-0123456789abc", "not json"),
+        "400"
+    );
+    assert_eq!(
+        post("Authorization: Bearer s3cret-0123456789abc", sample),
+        "200"
+    );
     let base = format!("http://127.0.0.1:{port}");
     wait_for("the scale rule", || {
         get(&format!("{base}/api/v1/clusters")).contains("\"desired\": 3")

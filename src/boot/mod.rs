@@ -557,6 +557,7 @@ mod tests {
                 kernel: "vmlinuz".into(),
                 initrds: vec!["boot/initrd.img".into()],
                 cmdline: "console=ttyS0 node={{mac}} img={{image}}".into(),
+                secret: false,
             },
         )
         .unwrap();
@@ -620,6 +621,7 @@ mod tests {
                 kernel: String::new(),
                 initrds: vec![],
                 cmdline: String::new(),
+                secret: false,
             },
         )
         .unwrap();
@@ -712,6 +714,7 @@ mod tests {
             kernel: "k".into(),
             initrds: vec![],
             cmdline: String::new(),
+            secret: false,
         };
         let img = |s: &ImageSpec| Image::new("i".into(), PathBuf::new(), s.clone()).unwrap();
         assert!(img(&spec).runs_on(Some("x86_64")));

@@ -27,8 +27,8 @@ impl Api {
             use rustls::pki_types::{pem::PemObject, CertificateDer};
             let mut roots = rustls::RootCertStore::empty();
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            for cert in CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("{}: {e}", ca.display()))?
+            for cert in
+                CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
             {
                 let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
                 roots

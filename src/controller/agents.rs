@@ -252,10 +252,7 @@ impl Controller {
     pub fn take_order(&self, token: &str) -> Result<Option<Order>, AgentError> {
         let mut a = self.agents();
         let mac = a.book.holder(token).ok_or(AgentError::Unauthorized)?;
-        let current = a
-            .book
-            .tokens(mac)
-            .is_some_and(|t| t.current.token == token);
+        let current = a.book.tokens(mac).is_some_and(|t| t.current.token == token);
         if !current {
             // An earlier boot's agent (still honoured for its heartbeats) gets no orders meant for the
             // node's new role.

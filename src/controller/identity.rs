@@ -93,7 +93,11 @@ impl Controller {
     /// Whether the operator named `mac`: a policy `[[node]]` or a DHCP reservation.
     pub fn is_listed(&self, mac: Mac) -> bool {
         let state = self.state();
-        state.policy.as_ref().is_some_and(|p| p.nodes.contains_key(&mac)) || reservation(&state.config, mac).is_some()
+        state
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.nodes.contains_key(&mac))
+            || reservation(&state.config, mac).is_some()
     }
 
     /// Every address `mac` is known by (see [`trust::KnownAddresses`]).

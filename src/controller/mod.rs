@@ -16,8 +16,8 @@ pub mod disks;
 pub mod health;
 pub mod identity;
 pub mod mover;
-pub mod trust;
 pub mod moves;
+pub mod trust;
 pub mod views;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -485,9 +485,7 @@ impl Controller {
             moves: Mutex::new(HashMap::new()),
             mover_wake: tokio::sync::Notify::new(),
             health: Mutex::new(Default::default()),
-            identity: Mutex::new(identity::Identity::new(
-                state_rate,
-            )),
+            identity: Mutex::new(identity::Identity::new(state_rate)),
             trust_stats: Default::default(),
         });
         c.restore_leases();

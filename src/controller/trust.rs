@@ -104,7 +104,9 @@ impl Sightings {
             .map(|(m, e)| (e.at, *m))
             .collect();
         strangers.sort_unstable();
-        let drop = strangers.len().min(self.by_mac.len().saturating_sub(self.cap / 2));
+        let drop = strangers
+            .len()
+            .min(self.by_mac.len().saturating_sub(self.cap / 2));
         for (_, m) in strangers.into_iter().take(drop) {
             if let Some(e) = self.by_mac.remove(&m) {
                 if let Some(a) = e.address {

@@ -569,7 +569,9 @@ mod tests {
             p.offer_or_reclaim(mac(1), None, 10, 30, None, &known),
             Some((held[0], Some(mac(21))))
         );
-        assert!(p.request(mac(1), held[0], 10, 3600, None, None, None).is_ok());
+        assert!(p
+            .request(mac(1), held[0], 10, 3600, None, None, None)
+            .is_ok());
         assert_eq!(
             p.request(mac(21), held[0], 11, 3600, None, None, None),
             Err(Refusal::Wrong),

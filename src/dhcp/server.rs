@@ -364,13 +364,11 @@ fn decide(
     };
     let mac = Mac::from_slice(msg.chaddr());
     let fixed_ip = mac.and_then(|m| sh.fixed.as_ref().and_then(|f| f(m)));
-    let outcome = sh.responder.lock().unwrap_or_else(|p| p.into_inner()).handle(
-        &msg,
-        port,
-        src,
-        crate::unix_now(),
-        fixed_ip,
-    );
+    let outcome = sh
+        .responder
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .handle(&msg, port, src, crate::unix_now(), fixed_ip);
     changes.extend(outcome.changes);
     seen.extend(outcome.seen);
     match outcome.note {

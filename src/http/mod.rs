@@ -208,7 +208,9 @@ impl HttpServer {
 
     /// The operator listener's address, when there is one.
     pub fn operator_addr(&self) -> Option<SocketAddr> {
-        self.operator.as_ref().and_then(|(l, _)| l.local_addr().ok())
+        self.operator
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -287,9 +289,7 @@ async fn serve_worker(
             let c = ctx.clone();
             let svc = service_fn(move |req| {
                 let ctx = c.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(handle(&ctx, req, peer, surface).await)
-                }
+                async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req, peer, surface).await) }
             });
             let served = match tls {
                 None => {
@@ -368,10 +368,21 @@ async fn handle(
     // the API, and operators' TLS listener serves no boot files.
     if ctx.split && operator != (surface == Surface::Operator) {
         ctx.stats.not_found.inc();
-        let where_ = if operator { "the operator listener (api.listen)" } else { "the boot listener (http.listen)" };
-        return text(StatusCode::NOT_FOUND, &format!("not found here: served on {where_}\n"));
+        let where_ = if operator {
+            "the operator listener (api.listen)"
+        } else {
+            "the boot listener (http.listen)"
+        };
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!("not found here: served on {where_}\n"),
+        );
     }
-    if operator && (method == Method::GET || method == Method::HEAD) && path != "/" && path != "/dashboard" {
+    if operator
+        && (method == Method::GET || method == Method::HEAD)
+        && path != "/"
+        && path != "/dashboard"
+    {
         if let Some(refused) = refuse_reader(ctx, &req) {
             return refused;
         }
@@ -718,7 +729,11 @@ fn json<T: serde::Serialize>(v: &T) -> Response<HttpBody> {
 }
 
 /// The iPXE error script with `message`, as a refusal: 403, so iPXE does not run it and a tool sees it.
-fn refused_script(state: &crate::controller::BootState, mac: Mac, message: &str) -> Response<HttpBody> {
+fn refused_script(
+    state: &crate::controller::BootState,
+    mac: Mac,
+    message: &str,
+) -> Response<HttpBody> {
     let msg = boot::ipxe_safe(message);
     let mut r = typed(
         state.templates.error.render(&[
@@ -744,7 +759,8 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
     let now = crate::unix_now();
     let from_node = ctx.controller.is_from_node(mac, peer.ip());
     if state.policy.is_some() && !from_node {
-        ctx.controller.refuse_foreign(mac, peer.ip(), "a node script");
+        ctx.controller
+            .refuse_foreign(mac, peer.ip(), "a node script");
         return refused_script(
             &state,
             mac,
@@ -757,7 +773,10 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
             if let Err(why) = ctx.controller.may_discover(mac, peer.ip(), now) {
                 // Not an attack on a node (the request is from its address), only a node corral will not
                 // take in (yet): the error script asks again later, when it may be listed.
-                let msg = boot::ipxe_safe(&format!("corral does not take this node in: {}", why.as_str()));
+                let msg = boot::ipxe_safe(&format!(
+                    "corral does not take this node in: {}",
+                    why.as_str()
+                ));
                 return typed(
                     state.templates.error.render(&[
                         ("base_url", &state.config.public_url()),
@@ -780,7 +799,8 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
     if state.policy.is_none() {
         if let BootDecision::Image(image, _) = &decision {
             if image.spec.secret && !from_node {
-                ctx.controller.refuse_foreign(mac, peer.ip(), "a secret image's script");
+                ctx.controller
+                    .refuse_foreign(mac, peer.ip(), "a secret image's script");
                 return refused_script(
                     &state,
                     mac,

@@ -57,7 +57,9 @@ impl NodeState {
 }
 
 /// A slot of a cluster.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct SlotRef {
     pub cluster: String,
     pub slot: u32,

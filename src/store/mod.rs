@@ -529,7 +529,8 @@ impl Store {
     pub fn node_token_docs(&self) -> Result<Vec<(Mac, String)>> {
         self.with(|c| {
             let mut st = c.prepare_cached("SELECT mac, doc FROM node_tokens")?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let rows =
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
             let mut out = Vec::new();
             for row in rows {
                 let (mac, doc) = row?;
@@ -556,7 +557,8 @@ impl Store {
     pub fn slot_secrets(&self) -> Result<Vec<(String, SlotSecret)>> {
         self.with(|c| {
             let mut st = c.prepare_cached("SELECT slot, doc FROM slot_secret")?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let rows =
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
             let mut out = Vec::new();
             for row in rows {
                 let (slot, doc) = row?;

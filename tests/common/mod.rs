@@ -358,6 +358,12 @@ pub fn base_disk(dir: &Path) -> std::path::PathBuf {
     disks
 }
 
+/// A `[[dhcp.reservation]]` for `mac` at `address`: how a test on loopback (no DHCP) tells corral which
+/// address a node asks from, so that its requests are the node's own.
+pub fn reservation(mac: &str, address: &str) -> String {
+    format!("[[dhcp.reservation]]\nmac = \"{mac}\"\naddress = \"{address}\"\n")
+}
+
 /// `<dir>/corral.toml` for a corral on loopback port `http` with `<dir>/images`, `<dir>/policy.toml`,
 /// no DHCP or TFTP; `http_extra` and `extra` are appended to `[http]` and to the file.
 pub fn loopback_config(dir: &Path, http: u16, http_extra: &str, extra: &str) {

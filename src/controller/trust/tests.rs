@@ -30,7 +30,10 @@ fn dhcp_says_which_address_is_whose_one_mac_per_address() {
     s.observe(&seen(1, None, true), 10, NOBODY);
     assert_eq!((s.epoch(mac(1)), s.address(mac(1), 10)), (Some(1), None));
     s.observe(&seen(1, Some(ip(5)), true), 11, NOBODY);
-    assert_eq!((s.epoch(mac(1)), s.address(mac(1), 11)), (Some(2), Some(ip(5))));
+    assert_eq!(
+        (s.epoch(mac(1)), s.address(mac(1), 11)),
+        (Some(2), Some(ip(5)))
+    );
     // A renewal is not a boot.
     s.observe(&seen(1, Some(ip(5)), false), 50, NOBODY);
     assert_eq!(s.epoch(mac(1)), Some(2));
@@ -47,9 +50,15 @@ fn dhcp_says_which_address_is_whose_one_mac_per_address() {
     assert_eq!(s.address(mac(3), 64), Some(ip(5)));
     // A restored lease does not count a boot and does not override a sighting.
     s.restore(mac(3), ip(9), 1000);
-    assert_eq!((s.address(mac(3), 64), s.epoch(mac(3))), (Some(ip(5)), Some(0)));
+    assert_eq!(
+        (s.address(mac(3), 64), s.epoch(mac(3))),
+        (Some(ip(5)), Some(0))
+    );
     s.restore(mac(4), ip(9), 1000);
-    assert_eq!((s.address(mac(4), 64), s.epoch(mac(4))), (Some(ip(9)), Some(0)));
+    assert_eq!(
+        (s.address(mac(4), 64), s.epoch(mac(4))),
+        (Some(ip(9)), Some(0))
+    );
 }
 
 #[test]
@@ -103,19 +112,32 @@ fn within_a_boot_the_token_is_the_same_and_a_new_boot_gets_a_new_one() {
     let (t1, c) = b.for_script(mac(1), Some(2), Some(&db0), 10, &mut fresh);
     assert!(c.is_some(), "a new token is stored");
     // Fetched again in the same boot: the same token, nothing to store.
-    assert_eq!(b.for_script(mac(1), Some(2), Some(&db0), 11, &mut fresh), (t1.clone(), None));
+    assert_eq!(
+        b.for_script(mac(1), Some(2), Some(&db0), 11, &mut fresh),
+        (t1.clone(), None)
+    );
     // The agent uses it.
     let (m, role, current, change) = b.authenticate(&t1).unwrap();
     assert_eq!((m, role.as_ref(), current), (mac(1), Some(&db0), true));
     assert!(change.is_some(), "first use is stored");
-    assert!(b.authenticate(&t1).unwrap().3.is_none(), "later uses are not");
+    assert!(
+        b.authenticate(&t1).unwrap().3.is_none(),
+        "later uses are not"
+    );
     // A new boot (DHCP again): a new token; the old one still works until the new one is used.
     let (t2, _) = b.for_script(mac(1), Some(3), Some(&db0), 20, &mut fresh);
     assert_ne!(t1, t2);
     let (_, _, current, _) = b.authenticate(&t1).unwrap();
-    assert!(!current, "the old boot's token is still honoured, as not current");
+    assert!(
+        !current,
+        "the old boot's token is still honoured, as not current"
+    );
     assert!(b.authenticate(&t2).unwrap().2);
-    assert_eq!(b.authenticate(&t1), None, "retired once the new one is used");
+    assert_eq!(
+        b.authenticate(&t1),
+        None,
+        "retired once the new one is used"
+    );
     // A different role in the same boot: a new token.
     let web = slot("web", 1);
     let (t3, _) = b.for_script(mac(1), Some(3), Some(&web), 21, &mut fresh);
@@ -140,7 +162,11 @@ fn without_dhcp_a_boot_is_told_by_its_token() {
     let mut b = TokenBook::default();
     let mut fresh = counter();
     let (t1, _) = b.for_script(mac(1), None, None, 0, &mut fresh);
-    assert_eq!(b.for_script(mac(1), None, None, 1, &mut fresh).0, t1, "unused: same");
+    assert_eq!(
+        b.for_script(mac(1), None, None, 1, &mut fresh).0,
+        t1,
+        "unused: same"
+    );
     b.authenticate(&t1).unwrap();
     let (t2, _) = b.for_script(mac(1), None, None, 2, &mut fresh);
     assert_ne!(t1, t2, "used: the node booted again");
@@ -165,7 +191,8 @@ fn tokens_of_other_nodes_and_after_forgetting_are_refused() {
 fn restored_tokens_survive_and_keep_their_boot() {
     let mut b = TokenBook::default();
     let mut fresh = counter();
-    let (t1, Some(TokenChange::Put(m, stored))) = b.for_script(mac(1), Some(4), None, 0, &mut fresh)
+    let (t1, Some(TokenChange::Put(m, stored))) =
+        b.for_script(mac(1), Some(4), None, 0, &mut fresh)
     else {
         panic!("stored")
     };
@@ -183,10 +210,23 @@ fn restored_tokens_survive_and_keep_their_boot() {
 fn discovery_bounds() {
     use DiscoveryAllow::*;
     assert_eq!(may_discover(Dhcp, false, 0, 10, true), Ok(()));
-    assert_eq!(may_discover(Listed, false, 0, 10, true), Err(NotDiscovered::NotListed));
-    assert_eq!(may_discover(Listed, true, 99, 10, false), Ok(()), "listed: always");
-    assert_eq!(may_discover(Dhcp, false, 10, 10, true), Err(NotDiscovered::TooMany));
-    assert_eq!(may_discover(Dhcp, false, 1, 10, false), Err(NotDiscovered::RateLimited));
+    assert_eq!(
+        may_discover(Listed, false, 0, 10, true),
+        Err(NotDiscovered::NotListed)
+    );
+    assert_eq!(
+        may_discover(Listed, true, 99, 10, false),
+        Ok(()),
+        "listed: always"
+    );
+    assert_eq!(
+        may_discover(Dhcp, false, 10, 10, true),
+        Err(NotDiscovered::TooMany)
+    );
+    assert_eq!(
+        may_discover(Dhcp, false, 1, 10, false),
+        Err(NotDiscovered::RateLimited)
+    );
 }
 
 #[test]

@@ -481,7 +481,10 @@ fn sightings_say_when_a_boot_starts_and_which_address_a_node_has() {
     let mut renew = request(Kind::Plain, MessageType::Request, 1);
     renew.set_ciaddr(offered);
     let n = r.handle(&renew, Port::Dhcp, src(), 2000, None);
-    assert_eq!(n.seen.map(|s| (s.address, s.boot)), Some((Some(offered), false)));
+    assert_eq!(
+        n.seen.map(|s| (s.address, s.boot)),
+        Some((Some(offered), false))
+    );
     // A NAKed request says nothing about the node.
     let mut wrong = request(Kind::Plain, MessageType::Request, 2);
     wrong
@@ -506,7 +509,10 @@ fn sightings_say_when_a_boot_starts_and_which_address_a_node_has() {
     pxe.set_ciaddr(site);
     let out = p.handle(&pxe, Port::Pxe, SocketAddrV4::new(site, 4011), 6, None);
     assert!(out.reply.is_some());
-    assert_eq!(out.seen.map(|s| (s.address, s.boot)), Some((Some(site), false)));
+    assert_eq!(
+        out.seen.map(|s| (s.address, s.boot)),
+        Some((Some(site), false))
+    );
     let disc = p.handle(
         &request(Kind::BiosPxe, MessageType::Discover, 3),
         Port::Dhcp,
@@ -537,7 +543,10 @@ fn declines_from_others_are_ignored_and_counted() {
         m
     };
     let other = r.handle(&decline(9), Port::Dhcp, src(), 101, None);
-    assert_eq!((other.note, other.changes.len()), (Some(Note::DeclineIgnored), 0));
+    assert_eq!(
+        (other.note, other.changes.len()),
+        (Some(Note::DeclineIgnored), 0)
+    );
     let own = r.handle(&decline(1), Port::Dhcp, src(), 102, None);
     assert_eq!(own.note, Some(Note::DeclineHonoured));
     assert_eq!(own.changes, vec![LeaseChange::Remove(ip)]);
@@ -560,7 +569,10 @@ fn a_known_node_is_never_starved_by_strangers() {
         let ip = d.reply.expect("a free address").msg.yiaddr();
         let mut req = request(Kind::Plain, MessageType::Request, i);
         req.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-        assert!(r.handle(&req, Port::Dhcp, src(), u64::from(i), None).reply.is_some());
+        assert!(r
+            .handle(&req, Port::Dhcp, src(), u64::from(i), None)
+            .reply
+            .is_some());
     }
     let stranger = r.handle(
         &request(Kind::Plain, MessageType::Discover, 50),
@@ -569,7 +581,10 @@ fn a_known_node_is_never_starved_by_strangers() {
         20,
         None,
     );
-    assert_eq!((stranger.reply.is_none(), stranger.note), (true, Some(Note::Exhausted)));
+    assert_eq!(
+        (stranger.reply.is_none(), stranger.note),
+        (true, Some(Note::Exhausted))
+    );
     let known = r.handle(
         &request(Kind::IpxeUserClass, MessageType::Discover, 200),
         Port::Dhcp,
