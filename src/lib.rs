@@ -15,6 +15,7 @@ pub mod health;
 pub mod http;
 pub mod iscsi;
 pub mod lab;
+pub mod liveness;
 pub mod mac;
 pub mod metrics;
 pub mod nbd;

@@ -22,8 +22,11 @@ pub fn main(config_path: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A bounded blocking pool (tokio's default allows 512 threads): with the disk targets' connection caps
+    // this keeps the thread count under the unit's TasksMax=.
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(64)
         .build()
     {
         Ok(rt) => rt,
@@ -73,6 +76,7 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         controller.clone(),
     )));
     let mut tasks = tokio::task::JoinSet::new();
+    let liveness = corral::liveness::Liveness::default();
 
     let http =
         corral::http::HttpServer::bind(config.http.listen, controller.clone(), workers()).await?;
@@ -96,7 +100,8 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         let dhcp = corral::dhcp::DhcpServer::bind(&config, store.clone())
             .await?
             .with_fixed_addresses(fixed)
-            .with_observer(observer);
+            .with_observer(observer)
+            .with_liveness(liveness.clone());
         let dhcp = if config.dhcp.reclaim_from_strangers {
             dhcp.with_known(Arc::new(move |mac| known.is_known(mac)))
         } else {
@@ -139,7 +144,15 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
                 .map_err(|e| e.context("router advertisements"))
         });
     }
-    tasks.spawn(async move { http.run(metrics).await.map_err(|e| e.context("http")) });
+    let l = liveness.clone();
+    tasks.spawn(async move { http.run(metrics, l).await.map_err(|e| e.context("http")) });
+    if let Some(interval) = corral::liveness::watchdog_interval() {
+        let (c, l) = (controller.clone(), liveness.clone());
+        tasks.spawn(async move {
+            watchdog(c, l, interval).await;
+            Ok(())
+        });
+    }
     {
         let c = controller.clone();
         tasks.spawn(async move {
@@ -202,6 +215,40 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let c = controller.clone();
     tokio::task::spawn_blocking(move || c.flush()).await??;
     Ok(())
+}
+
+/// systemd's watchdog (`WatchdogSec=`): `WATCHDOG=1` at a third of the interval, but only while every
+/// event loop beats (HTTP workers, DHCP threads) and the controller's state answers within half the
+/// interval (its locks are not stuck). Otherwise the pings stop and systemd restarts corral.
+async fn watchdog(
+    controller: Arc<Controller>,
+    liveness: corral::liveness::Liveness,
+    interval: Duration,
+) {
+    let period = interval / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        let c = controller.clone();
+        let probe = tokio::task::spawn_blocking(move || {
+            let _ = c.state();
+            let _ = c.fleet_state();
+            let _ = c.reboot_pending();
+        });
+        let controller_ok = matches!(tokio::time::timeout(interval / 2, probe).await, Ok(Ok(())));
+        let silent = liveness.silent(
+            corral::liveness::now_ms(),
+            (interval / 2).as_millis() as u64,
+        );
+        if controller_ok && silent.is_empty() {
+            notify_systemd("WATCHDOG=1");
+        } else {
+            tracing::error!(
+                ?silent,
+                controller_ok,
+                "not answering: the watchdog ping is withheld"
+            );
+        }
+    }
 }
 
 /// Size and mtime of the config and policy files: a change to either reloads.

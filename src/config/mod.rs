@@ -534,11 +534,13 @@ impl Config {
     /// read are refused.
     fn load_secrets(&mut self, credentials_dir: Option<PathBuf>) -> Vec<(Vec<String>, String)> {
         let mut errs = Vec::new();
+        // An empty credential is no credential: the unit file's `SetCredential=name:` (empty) stands in
+        // for a `LoadCredential=` whose file the operator did not create.
         let from_dir = |name: &str| {
             credentials_dir
                 .as_ref()
                 .map(|d| d.join(name))
-                .filter(|p| p.is_file())
+                .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0))
         };
         if self.server.credentials.is_none() {
             self.server.credentials = from_dir("credentials");
@@ -1078,7 +1080,8 @@ mod tests {
         let creds = tempfile::tempdir().unwrap();
         for (name, body) in [
             ("admin-token", "0123456789abcdef-systemd"),
-            ("credentials", ""),
+            ("credentials", "# no secrets yet\n"),
+            ("read-token", ""),
         ] {
             let p = creds.path().join(name);
             std::fs::write(&p, body).unwrap();
@@ -1089,6 +1092,11 @@ mod tests {
         assert_eq!(c.tokens.admin.as_deref(), Some("0123456789abcdef-systemd"));
         assert_eq!(c.tokens.read, None);
         assert_eq!(c.server.credentials, Some(creds.path().join("credentials")));
+        // An empty credential (the unit's `SetCredential=read-token:` fallback) is no credential.
+        std::fs::write(creds.path().join("credentials"), "").unwrap();
+        let mut c = parse("").unwrap();
+        assert!(c.load_secrets(Some(creds.path().to_path_buf())).is_empty());
+        assert_eq!(c.server.credentials, None);
     }
 
     #[test]

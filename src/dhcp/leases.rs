@@ -223,7 +223,7 @@ impl Pool {
             .filter(|(ip, e)| {
                 (self.first..=self.last).contains(*ip)
                     && !self.reserved.contains_key(ip)
-                    && !self.declined.get(ip).is_some_and(|until| now < *until)
+                    && self.declined.get(ip).is_none_or(|until| now >= *until)
                     && !known(e.mac)
             })
             .min_by_key(|(ip, e)| {

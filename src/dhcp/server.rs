@@ -121,6 +121,7 @@ pub struct DhcpServer {
     observer: Option<Observer>,
     /// Seconds expired leases are kept (dhcp.expired_lease_retention).
     retention: u64,
+    liveness: Option<crate::liveness::Liveness>,
 }
 
 fn socket(interface: &str, port: u16) -> std::io::Result<UdpSocket> {
@@ -173,12 +174,19 @@ impl DhcpServer {
             fixed: None,
             observer: None,
             retention: cfg.dhcp.expired_lease_retention,
+            liveness: None,
         })
     }
 
     /// Gives nodes in cluster slots their slot's address.
     pub fn with_fixed_addresses(mut self, f: FixedAddress) -> DhcpServer {
         self.fixed = Some(f);
+        self
+    }
+
+    /// Each serving thread beats `l` while it runs (systemd's watchdog).
+    pub fn with_liveness(mut self, l: crate::liveness::Liveness) -> DhcpServer {
+        self.liveness = Some(l);
         self
     }
 
@@ -212,6 +220,10 @@ impl DhcpServer {
                 fixed: self.fixed.clone(),
                 observer: self.observer.clone(),
                 retention: self.retention,
+                beat: self
+                    .liveness
+                    .as_ref()
+                    .map(|l| l.register(&format!("dhcp-{port:?}"), crate::liveness::now_ms())),
             };
             threads.spawn_blocking(move || serve(sock, port, &ctx));
         }
@@ -241,10 +253,13 @@ struct Shell {
     fixed: Option<FixedAddress>,
     observer: Option<Observer>,
     retention: u64,
+    beat: Option<crate::liveness::Beat>,
 }
 
 /// Seconds between sweeps of long-expired leases.
 const PRUNE_EVERY: u64 = 60;
+/// A quiet network still wakes the thread this often (its liveness beat, the lease sweep).
+const WAKE_EVERY: u64 = 2;
 
 fn serve(sock: UdpSocket, port: Port, sh: &Shell) -> anyhow::Result<()> {
     let (responder, store, stats) = (&*sh.responder, &sh.store, &*sh.stats);
@@ -253,9 +268,11 @@ fn serve(sock: UdpSocket, port: Port, sh: &Shell) -> anyhow::Result<()> {
     let mut replies: Vec<Pending> = Vec::new();
     let mut seen: Vec<Sighting> = Vec::new();
     let mut last_prune = 0u64;
-    // A quiet network still gets its sweep: recv wakes at least this often.
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(PRUNE_EVERY)))?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(WAKE_EVERY)))?;
     loop {
+        if let Some(b) = &sh.beat {
+            b.beat(crate::liveness::now_ms());
+        }
         let now = crate::unix_now();
         if port == Port::Dhcp && now.saturating_sub(last_prune) >= PRUNE_EVERY {
             last_prune = now;

@@ -225,7 +225,11 @@ impl HttpServer {
 
     /// Serves until the task is dropped (or a worker dies, which is returned as an error). `metrics` is the
     /// registry `/metrics` renders.
-    pub async fn run(self, metrics: Registry) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        metrics: Registry,
+        liveness: crate::liveness::Liveness,
+    ) -> anyhow::Result<()> {
         let _ = self.ctx.metrics.set(metrics);
         let (dead_tx, mut dead_rx) = tokio::sync::mpsc::channel::<String>(1);
         let boot = self
@@ -241,12 +245,21 @@ impl HttpServer {
             let ctx = self.ctx.clone();
             let dead = dead_tx.clone();
             let thread = name.clone();
+            let beat = liveness.register(&name, crate::liveness::now_ms());
             std::thread::Builder::new().name(thread).spawn(move || {
                 let outcome = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .map_err(|e| e.to_string())
                     .and_then(|rt| {
+                        // The worker's runtime beats while it runs its tasks: a request that blocks the
+                        // thread stops the beats (and systemd's watchdog pings).
+                        rt.spawn(async move {
+                            loop {
+                                beat.beat(crate::liveness::now_ms());
+                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                            }
+                        });
                         rt.block_on(serve_worker(ctx, listener, surface, tls))
                             .map_err(|e| e.to_string())
                     });
@@ -631,9 +644,7 @@ fn refuse_writer(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<HttpBody
 fn refuse_reader(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<HttpBody>> {
     let state = ctx.controller.state();
     let t = &state.config.tokens;
-    let Some(read) = t.read.as_deref() else {
-        return None;
-    };
+    let read = t.read.as_deref()?;
     let got = bearer(req);
     let admin_ok = t
         .admin
