@@ -120,14 +120,16 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         .is_some_and(|p| p.clusters.iter().any(|c| c.spec.disk.is_some()));
     if config.nbd.enabled && has_disks {
         let source = Arc::new(corral::controller::disks::NodeDisks(controller.clone()));
-        let nbd = corral::nbd::NbdServer::bind(config.nbd.listen, source).await?;
+        let limits = corral::nbd::server::NbdLimits::from_config(&config.nbd);
+        let nbd = corral::nbd::NbdServer::bind(config.nbd.listen, source, limits).await?;
         metrics.add(nbd.stats());
         tracing::info!(listen = %nbd.local_addr(), "nbd ready");
         tasks.spawn(async move { nbd.run().await.map_err(|e| e.context("nbd")) });
     }
     if config.iscsi.enabled && has_disks {
         let source = Arc::new(corral::controller::disks::NodeDisks(controller.clone()));
-        let iscsi = corral::iscsi::IscsiServer::bind(config.iscsi.listen, source).await?;
+        let limits = corral::iscsi::server::IscsiLimits::from_config(&config.iscsi);
+        let iscsi = corral::iscsi::IscsiServer::bind(config.iscsi.listen, source, limits).await?;
         metrics.add(iscsi.stats());
         tracing::info!(listen = %iscsi.local_addr(), "iscsi ready");
         tasks.spawn(async move { iscsi.run().await.map_err(|e| e.context("iscsi")) });

@@ -3,7 +3,10 @@
 //! truncated PDUs, data segments longer than the receiver declared, immediate data beyond the expected
 //! length, out-of-range and wrapping LBAs, logins to targets that are not the initiator's, and PDUs out of
 //! place. Each gets the RFC's answer or a closed connection; the server keeps serving, never panics, writes
-//! nothing it refused, and counts what it refused.
+//! nothing it refused, and counts what it refused. And initiators that only hold connections (issue 15):
+//! beyond the connection caps they are closed at once, logins that do not finish by the login deadline
+//! are closed however slowly they keep sending, and a silent initiator in the full feature phase is
+//! pinged and closed when it does not answer.
 
 mod common;
 
@@ -56,7 +59,7 @@ struct Corral {
     _tmp: tempfile::TempDir,
 }
 
-fn setup(dir: &Path, http: u16, iscsi: u16) {
+fn setup(dir: &Path, http: u16, iscsi: u16, iscsi_keys: &str) {
     image(dir, "testos");
     std::fs::create_dir_all(dir.join("disks")).unwrap();
     std::fs::write(
@@ -67,7 +70,7 @@ fn setup(dir: &Path, http: u16, iscsi: u16) {
     std::fs::write(
         dir.join("corral.toml"),
         format!(
-            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}/boot-scripts\"\npolicy = \"policy.toml\"\ndisks_dir = \"disks\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[tftp]\nenabled = false\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{iscsi}\"\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:01\"\naddress = \"127.0.0.1\"\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:02\"\naddress = \"127.0.0.2\"\n",
+            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nimages_dir = \"images\"\nscripts_dir = \"{}/boot-scripts\"\npolicy = \"policy.toml\"\ndisks_dir = \"disks\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[tftp]\nenabled = false\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{iscsi}\"\n{iscsi_keys}\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:01\"\naddress = \"127.0.0.1\"\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:02\"\naddress = \"127.0.0.2\"\n",
             env!("CARGO_MANIFEST_DIR"),
             free_port()
         ),
@@ -117,10 +120,24 @@ impl Corral {
 
     /// A corral, within `limit` KiB of address space when given (None if it cannot start in it).
     fn start_with(limit: Option<u64>) -> Option<Corral> {
+        Corral::start_configured(limit, "")
+    }
+
+    /// A corral with more keys for `[iscsi]`, once no connection is open (those that waited for its
+    /// listener are gone).
+    fn start_keys(iscsi_keys: &str) -> Corral {
+        let c = Corral::start_configured(None, iscsi_keys).unwrap();
+        wait_for("no iscsi connection open", 30, || {
+            c.metric("corral_iscsi_connections_open") == 0
+        });
+        c
+    }
+
+    fn start_configured(limit: Option<u64>, iscsi_keys: &str) -> Option<Corral> {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let (http, iscsi) = (free_port(), free_port());
-        setup(&dir, http, iscsi);
+        setup(&dir, http, iscsi, iscsi_keys);
         let server = match limit {
             None => start(&dir, http),
             Some(kib) => start_limited(&dir, http, kib)?,
@@ -341,6 +358,14 @@ const SECURITY_TO_OPERATIONAL: u8 = 0x80 | 1;
 /// Operational stage, transit to full feature (T=1, CSG=1, NSG=3).
 const OPERATIONAL_TO_FULL: u8 = 0x80 | (1 << 2) | 3;
 
+fn discovery_keys() -> Vec<u8> {
+    text(&[
+        ("InitiatorName", INITIATOR),
+        ("SessionType", "Discovery"),
+        ("AuthMethod", "None"),
+    ])
+}
+
 fn security_keys(target: &str) -> Vec<u8> {
     text(&[
         ("InitiatorName", INITIATOR),
@@ -385,10 +410,21 @@ static NEXT_ISID: AtomicU16 = AtomicU16::new(100);
 
 /// Logs in to `target` with AuthMethod=None through the security and operational stages. On refusal:
 /// the Login Response's status, and the connection.
-fn login(mut s: TcpStream, target: &str) -> Result<Conn, ((u8, u8), TcpStream)> {
+fn login(s: TcpStream, target: &str) -> Result<Conn, ((u8, u8), TcpStream)> {
+    login_keys(s, &security_keys(target))
+}
+
+/// A discovery session's login (no target named, so no slot's authorisation involved).
+fn discovery_login(s: TcpStream) -> Conn {
+    login_keys(s, &discovery_keys())
+        .unwrap_or_else(|(st, _)| panic!("discovery login refused: {st:?}"))
+}
+
+/// [`login`] with the security stage's keys given.
+fn login_keys(mut s: TcpStream, security: &[u8]) -> Result<Conn, ((u8, u8), TcpStream)> {
     let isid = NEXT_ISID.fetch_add(1, Ordering::Relaxed);
     let first = login_request(SECURITY_TO_OPERATIONAL, isid, 0, 1, 0);
-    s.write_all(&wire(first, &security_keys(target))).unwrap();
+    s.write_all(&wire(first, security)).unwrap();
     let r = recv(&mut s).expect("security stage response");
     assert_eq!(r.opcode(), LOGIN_RESPONSE, "{r:?}");
     assert_eq!(get32(&r.bhs, 16), get32(&first, 16), "ITT echoed");
@@ -1329,5 +1365,159 @@ fn c_write_with_an_expected_length_of_4_gib() {
     bystander.ping();
     c.still_serves();
     assert!(c.alive());
+    c.log_is_clean();
+}
+
+// ---- what only holds connections (issue 15) ----
+
+/// Sends a discovery Login Request and tells whether the connection was closed without an answer
+/// (refused at the door: a connection that was taken answers a login at once).
+fn closed_without_answer(mut s: TcpStream, what: &str) -> bool {
+    let req = wire(
+        login_request(SECURITY_TO_OPERATIONAL, 7, 0, 1, 0),
+        &discovery_keys(),
+    );
+    // The write may already fail if the server closed first.
+    let _ = s.write_all(&req);
+    until_closed(&mut s, what).is_empty()
+}
+
+/// (g) More connections than max_connections_per_peer from one address, and than max_connections in
+/// all: the extra ones are closed at once and counted; connections that never finish their login
+/// (silent, trickling one byte at a time, or stopping after the security stage) are closed at the login
+/// deadline; and a legitimate initiator is served throughout and after.
+#[test]
+fn g_connection_caps_and_the_login_deadline() {
+    let c = Corral::start_keys(
+        "max_connections = 4\nmax_connections_per_peer = 3\nlogin_timeout = 2\n",
+    );
+    let port = c.iscsi;
+    // Three silent connections from one address are taken...
+    let mut idle: Vec<TcpStream> = (0..3).map(|_| connect_from(port, NODE1)).collect();
+    wait_for("three connections open", 30, || {
+        c.metric("corral_iscsi_connections_open") == 3
+    });
+    // ...a fourth is closed at once, its login unanswered.
+    assert!(
+        closed_without_answer(connect_from(port, NODE1), "a fourth from one address"),
+        "a fourth connection from one address was served"
+    );
+    assert_eq!(c.metric("corral_iscsi_refused_busy_total"), 1);
+    // Another address has places of its own, up to the total of 4.
+    let mut other = discovery_login(connect_from(port, NODE2));
+    other.ping();
+    assert!(
+        closed_without_answer(connect_from(port, "127.0.0.3"), "beyond max_connections"),
+        "a connection beyond max_connections was served"
+    );
+    assert_eq!(c.metric("corral_iscsi_refused_busy_total"), 2);
+    assert_eq!(c.metric("corral_iscsi_connections_open"), 4);
+
+    // The silent ones are closed at the login deadline.
+    for s in &mut idle {
+        let got = until_closed(s, "a connection that never logs in");
+        assert!(got.is_empty(), "{got:?}");
+    }
+    // One login that keeps sending a byte at a time (a data segment of 8 KiB, 20 ms a byte): the
+    // deadline is for the whole login, so it is closed long before it has sent it all.
+    let trickler = {
+        let mut s = connect_from(port, NODE1);
+        std::thread::spawn(move || {
+            s.write_all(&declare(
+                login_request(SECURITY_TO_OPERATIONAL, 8, 0, 1, 0),
+                8192,
+            ))
+            .unwrap();
+            // Writing to a connection the server closed fails (it answers with a reset).
+            (0..8192).any(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                s.write_all(b"x").is_err()
+            })
+        })
+    };
+    // One that passes the security stage and then says nothing more.
+    let mut half = connect_from(port, NODE1);
+    half.write_all(&wire(
+        login_request(SECURITY_TO_OPERATIONAL, 9, 0, 1, 0),
+        &discovery_keys(),
+    ))
+    .unwrap();
+    let r = recv(&mut half).expect("the security stage's answer");
+    assert_eq!((r.opcode(), r.login_status()), (LOGIN_RESPONSE, (0, 0)));
+    let got = until_closed(&mut half, "a login stopped after the security stage");
+    assert!(got.is_empty(), "{got:?}");
+    assert!(
+        trickler.join().unwrap(),
+        "a trickling login was still open after 160 s of it"
+    );
+    wait_for("the closed connections to be counted out", 30, || {
+        c.metric("corral_iscsi_connections_open") == 1
+    });
+    assert!(c.metric("corral_iscsi_login_timeouts_total") >= 5);
+
+    // The session that logged in is not bound by the login deadline, and the places given back serve
+    // a new login from the address that was full.
+    std::thread::sleep(Duration::from_secs(3));
+    other.ping();
+    c.still_serves();
+    other.logout();
+    c.log_is_clean();
+}
+
+/// A NOP-Out answering the target's ping: ITT reserved, the ping's Target Transfer Tag, immediate.
+fn answer_ping(s: &mut Conn, ping: &Rx) {
+    let mut b = [0u8; 48];
+    b[0] = IMMEDIATE | NOP_OUT;
+    b[1] = 0x80;
+    b[8..16].copy_from_slice(&ping.bhs[8..16]);
+    put32(&mut b, 16, 0xFFFF_FFFF);
+    put32(&mut b, 20, get32(&ping.bhs, 20));
+    put32(&mut b, 24, s.cmd_sn);
+    put32(&mut b, 28, s.exp_stat_sn);
+    s.send(&wire(b, &[]));
+}
+
+fn is_ping(r: &Rx) -> bool {
+    r.opcode() == NOP_IN && get32(&r.bhs, 16) == 0xFFFF_FFFF && get32(&r.bhs, 20) != 0xFFFF_FFFF
+}
+
+/// (h) A silent initiator in the full feature phase is pinged (NOP-In asking for an answer); one that
+/// answers stays, one that does not is closed and counted.
+#[test]
+fn h_a_silent_initiator_is_pinged_and_closed_if_it_does_not_answer() {
+    let c = Corral::start_keys("idle_timeout = 1\nping_timeout = 1\n");
+    let mut s = discovery_login(c.connect());
+    let ping = recv(&mut s.s).expect("a ping after a silence");
+    assert!(is_ping(&ping), "a NOP-In ping: {ping:?}");
+    answer_ping(&mut s, &ping);
+    // Still served: SendTargets gets its answer (answering any ping on the way).
+    let mut txt = [0u8; 48];
+    txt[0] = TEXT;
+    txt[1] = 0x80;
+    put32(&mut txt, 16, s.itt);
+    put32(&mut txt, 20, 0xFFFF_FFFF);
+    put32(&mut txt, 24, s.cmd_sn);
+    put32(&mut txt, 28, s.exp_stat_sn);
+    s.itt += 1;
+    s.cmd_sn += 1;
+    s.send(&wire(txt, &text(&[("SendTargets", "All")])));
+    loop {
+        let r = recv(&mut s.s).expect("the SendTargets answer");
+        if is_ping(&r) {
+            answer_ping(&mut s, &r);
+            continue;
+        }
+        assert_eq!(r.opcode(), 0x24, "Text Response: {r:?}");
+        break;
+    }
+    assert_eq!(c.metric("corral_iscsi_idle_closed_total"), 0);
+    // Silent again, and this time the ping goes unanswered: closed.
+    let ping = recv(&mut s.s).expect("another ping");
+    assert!(is_ping(&ping), "{ping:?}");
+    let got = until_closed(&mut s.s, "an unanswered ping");
+    assert!(got.iter().all(is_ping), "{got:?}");
+    assert_eq!(c.metric("corral_iscsi_idle_closed_total"), 1);
+    // (No SCSI session here: with a ping after every second of silence, a test initiator that does
+    // not expect one could meet it between two commands.)
     c.log_is_clean();
 }

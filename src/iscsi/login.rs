@@ -42,6 +42,9 @@ pub struct Limits {
     pub max_burst: u32,
     pub first_burst: u32,
     pub max_outstanding_r2t: u32,
+    /// The CmdSN window Login Responses open (MaxCmdSN - CmdSN + 1): the session's `max_outstanding`,
+    /// which the full feature phase then keeps to.
+    pub cmd_window: u32,
 }
 
 impl Default for Limits {
@@ -51,6 +54,7 @@ impl Default for Limits {
             max_burst: 16 * 1024 * 1024,
             first_burst: 262_144,
             max_outstanding_r2t: 16,
+            cmd_window: super::session::CMD_WINDOW,
         }
     }
 }
@@ -213,22 +217,30 @@ pub fn chap_response(id: u8, secret: &[u8], challenge: &[u8]) -> [u8; 16] {
     h.finalize().into()
 }
 
-/// CHAP binary values: `0x` hex or `0b` base64 (RFC 7143 6.1, 13.1).
+/// CHAP binary values (RFC 7143 5.1, 13.1): `0x`/`0X` and hexadecimal digits, or `0b`/`0B` and base64. Anything
+/// else (no prefix, an odd number of digits, characters outside the encoding, non-ASCII text) is `None`:
+/// the bytes are looked at one by one, never sliced as text.
 fn decode_binary(v: &str) -> Option<Vec<u8>> {
-    if let Some(hex) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        if hex.is_empty() || hex.len() % 2 != 0 {
-            return None;
-        }
-        return (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
-            .collect();
+    let b = v.as_bytes();
+    let (prefix, rest) = (b.get(..2)?, &b[2..]);
+    match prefix {
+        b"0x" | b"0X" => hex_decode(rest),
+        b"0b" | b"0B" => base64_decode(rest),
+        _ => None,
     }
-    let b64 = v.strip_prefix("0b").or_else(|| v.strip_prefix("0B"))?;
-    base64_decode(b64)
 }
 
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
+fn hex_decode(s: &[u8]) -> Option<Vec<u8>> {
+    if s.is_empty() || s.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16);
+    s.chunks_exact(2)
+        .map(|p| Some(((digit(p[0])? << 4) | digit(p[1])?) as u8))
+        .collect()
+}
+
+fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
     let val = |c: u8| -> Option<u32> {
         Some(match c {
             b'A'..=b'Z' => c - b'A',
@@ -239,12 +251,19 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
             _ => return None,
         } as u32)
     };
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::new();
+    // At most two '=' of padding, and only at the end; one character alone cannot make a byte.
+    let body = s
+        .strip_suffix(b"==")
+        .or_else(|| s.strip_suffix(b"="))
+        .unwrap_or(s);
+    if body.is_empty() || body.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() * 3 / 4);
     let mut acc = 0u32;
     let mut bits = 0;
-    for &c in s {
-        acc = (acc << 6) | val(c)?;
+    for &c in body {
+        acc = ((acc << 6) | val(c)?) & 0xFFFF;
         bits += 6;
         if bits >= 8 {
             bits -= 8;
@@ -314,9 +333,10 @@ impl Login {
             self.stat_sn = req.exp_stat_sn();
         }
         let cmd_sn = req.cmd_sn();
-        p.set_u32(24, self.stat_sn)
-            .set_u32(28, cmd_sn)
-            .set_u32(32, cmd_sn.wrapping_add(31));
+        p.set_u32(24, self.stat_sn).set_u32(28, cmd_sn).set_u32(
+            32,
+            cmd_sn.wrapping_add(self.limits.cmd_window.clamp(1, super::session::MAX_WINDOW) - 1),
+        );
         self.stat_sn = self.stat_sn.wrapping_add(1);
         self.answered = true;
         p.bhs[36] = st.0;

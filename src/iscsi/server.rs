@@ -1,20 +1,62 @@
 //! The iSCSI shell: a tokio accept loop and one thread per connection that moves bytes between the
 //! socket and the cores (framing, login, session, SCSI). A thread per connection for the same reason as
 //! the NBD room: each command is a `pread`/`pwrite` that takes microseconds.
+//!
+//! What bounds a connection ([`IscsiLimits`]): the room's connection caps (checked before a thread is
+//! started, [`crate::conn::Gate`]); one deadline for the whole login; in the full feature phase, the
+//! session core's CmdSN window and its liveness check, for which the shell owns only the timer: the
+//! socket's read timeout, set to the core's [`Session::patience`] when that changes (not per PDU), whose
+//! running out is handed to [`Session::quiet`].
 
 use std::collections::HashMap;
 use std::io::{IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::login::{self, Chap, Limits, Login, Refusal, SessionKind, Step};
 use super::pdu::{self, frame, Frame, FrameError, Numbers};
 use super::scsi::Lun;
-use super::session::Session;
+use super::session::{Quiet, Session};
+use crate::conn::{Caps, Deadline, Gate};
 use crate::disk::Disk;
-use crate::metrics::{write_counter, Counter, Report};
+use crate::metrics::{write_counter, write_gauge, Counter, Report};
+
+/// What bounds the iSCSI room's connections (from `[iscsi]`).
+#[derive(Debug, Clone, Copy)]
+pub struct IscsiLimits {
+    pub connections: Caps,
+    /// From accept to the full feature phase.
+    pub login: Duration,
+    /// Silence in the full feature phase before the target pings; `None`: never.
+    pub idle: Option<Duration>,
+    /// Time the initiator has to answer a ping.
+    pub ping: Duration,
+    /// The CmdSN window: commands a session may have outstanding.
+    pub max_outstanding: u32,
+}
+
+impl IscsiLimits {
+    pub fn from_config(c: &crate::config::IscsiConfig) -> IscsiLimits {
+        IscsiLimits {
+            connections: Caps {
+                total: c.max_connections,
+                per_peer: c.max_connections_per_peer,
+            },
+            login: Duration::from_secs(c.login_timeout),
+            idle: (c.idle_timeout > 0).then(|| Duration::from_secs(c.idle_timeout)),
+            ping: Duration::from_secs(c.ping_timeout),
+            max_outstanding: c.max_outstanding,
+        }
+    }
+}
+
+impl Default for IscsiLimits {
+    fn default() -> Self {
+        IscsiLimits::from_config(&crate::config::IscsiConfig::default())
+    }
+}
 
 /// What the controller decides for the iSCSI room.
 pub trait TargetSource: Send + Sync {
@@ -30,6 +72,11 @@ pub trait TargetSource: Send + Sync {
 
 #[derive(Default)]
 pub struct IscsiStats {
+    /// Connections open now, and those refused for a cap.
+    pub gate: Arc<Gate>,
+    pub login_timeouts: Counter,
+    pub idle_closed: Counter,
+    pub dropped: Counter,
     pub connections: Counter,
     pub logins: Counter,
     pub refused: Counter,
@@ -45,6 +92,26 @@ impl Report for IscsiStats {
                 "corral_iscsi_connections_total",
                 "iSCSI connections accepted",
                 &self.connections,
+            ),
+            (
+                "corral_iscsi_refused_busy_total",
+                "iSCSI connections closed at once: max_connections or max_connections_per_peer reached",
+                &self.gate.refused_busy,
+            ),
+            (
+                "corral_iscsi_login_timeouts_total",
+                "iSCSI connections closed for not finishing the login within login_timeout",
+                &self.login_timeouts,
+            ),
+            (
+                "corral_iscsi_idle_closed_total",
+                "iSCSI connections closed for leaving a NOP-In ping unanswered within ping_timeout",
+                &self.idle_closed,
+            ),
+            (
+                "corral_iscsi_dropped_total",
+                "iSCSI commands dropped for a CmdSN outside the window (max_outstanding)",
+                &self.dropped,
             ),
             (
                 "corral_iscsi_logins_total",
@@ -74,6 +141,12 @@ impl Report for IscsiStats {
         ] {
             write_counter(out, name, help, v.get());
         }
+        write_gauge(
+            out,
+            "corral_iscsi_connections_open",
+            "iSCSI connections open now (logging in or in the full feature phase)",
+            self.gate.open() as u64,
+        );
     }
 }
 
@@ -99,12 +172,14 @@ pub struct IscsiServer {
     source: Arc<dyn TargetSource>,
     registry: Arc<Registry>,
     stats: Arc<IscsiStats>,
+    limits: IscsiLimits,
 }
 
 impl IscsiServer {
     pub async fn bind(
         addr: SocketAddr,
         source: Arc<dyn TargetSource>,
+        limits: IscsiLimits,
     ) -> anyhow::Result<IscsiServer> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -113,7 +188,11 @@ impl IscsiServer {
             listener,
             source,
             registry: Arc::default(),
-            stats: Arc::default(),
+            stats: Arc::new(IscsiStats {
+                gate: Gate::new(limits.connections),
+                ..IscsiStats::default()
+            }),
+            limits,
         })
     }
 
@@ -142,10 +221,12 @@ impl IscsiServer {
                 }
             }
         };
-        let (source, registry, stats) = (self.source, self.registry, self.stats);
-        crate::conn::accept_on_threads(&self.listener, "iscsi", check, move |stream, peer| {
+        let (source, registry, stats, limits) =
+            (self.source, self.registry, self.stats, self.limits);
+        let gate = stats.gate.clone();
+        crate::conn::accept_on_threads(&self.listener, "iscsi", gate, check, move |stream, peer| {
             stats.connections.inc();
-            let r = connection(stream, peer, &*source, &registry, &stats);
+            let r = connection(stream, peer, &*source, &registry, &stats, &limits);
             crate::conn::log_end("iscsi", peer, r);
         })
         .await
@@ -204,12 +285,15 @@ impl Input {
 
 /// Reads until the buffer holds a whole PDU; `None` at a clean end of stream between PDUs. A PDU that
 /// breaks the framing rules (in the login phase or after it) is answered with a Reject, counted as
-/// malformed, and ends the connection.
+/// malformed, and ends the connection. With a `deadline`, each read is given only the time left before
+/// it (the login phase); without one, the socket's own read timeout applies (what is buffered stays
+/// buffered when it runs out).
 fn next_pdu(
     stream: &mut TcpStream,
     input: &mut Input,
     max_data: u32,
     stats: &IscsiStats,
+    deadline: Option<&Deadline>,
 ) -> std::io::Result<Option<pdu::Pdu>> {
     loop {
         match frame(input.pending(), max_data) {
@@ -218,6 +302,9 @@ fn next_pdu(
                 return Ok(Some(p));
             }
             Ok(Frame::Need(n)) => {
+                if let Some(d) = deadline {
+                    d.arm(stream)?;
+                }
                 let had = input.pending().len();
                 if input.fill(stream, n)? == 0 {
                     return if had == 0 {
@@ -348,45 +435,127 @@ fn connection(
     source: &dyn TargetSource,
     registry: &Registry,
     stats: &IscsiStats,
+    limits: &IscsiLimits,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let limits = Limits::default();
+    crate::conn::keepalive(&stream)?;
+    // The whole login has one deadline: an initiator that stalls, or trickles its PDUs, does not hold
+    // a thread for longer than login_timeout.
+    let deadline = Deadline::after(Instant::now(), limits.login);
     let mut input = Input::new();
-    let mut login = Login::new(limits);
+    match login_phase(
+        &mut stream,
+        &mut input,
+        peer,
+        source,
+        registry,
+        stats,
+        limits,
+        &deadline,
+    ) {
+        Ok(Some(done)) => {
+            stats.logins.inc();
+            full_feature_phase(stream, input, peer, source, registry, stats, limits, done)
+        }
+        Ok(None) => Ok(()),
+        Err(e) if crate::conn::timed_out(&e) => {
+            stats.login_timeouts.inc();
+            tracing::debug!(%peer, "iscsi login not finished in time: closing");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The login phase's outcome: the negotiated session, the CmdSN of its last request and its TSIH.
+struct Admitted {
+    login: Login,
+    done: Box<login::LoggedIn>,
+    first_cmd_sn: u32,
+    tsih: u16,
+}
+
+/// The login: `None` when it was refused or the initiator went away; every read and write by `deadline`.
+#[allow(clippy::too_many_arguments)]
+fn login_phase(
+    stream: &mut TcpStream,
+    input: &mut Input,
+    peer: SocketAddr,
+    source: &dyn TargetSource,
+    registry: &Registry,
+    stats: &IscsiStats,
+    limits: &IscsiLimits,
+    deadline: &Deadline,
+) -> std::io::Result<Option<Admitted>> {
+    let mut login = Login::new(Limits {
+        cmd_window: limits.max_outstanding,
+        ..Limits::default()
+    });
     let lookup = Lookup {
         source,
         registry,
         peer: peer.ip(),
     };
     // Login: requests carry at most 8 KiB of text until MaxRecvDataSegmentLength is agreed.
-    let (done, first_cmd_sn, tsih) = loop {
-        let Some(req) = next_pdu(&mut stream, &mut input, 8192, stats)? else {
-            return Ok(());
+    loop {
+        let Some(req) = next_pdu(stream, input, 8192, stats, Some(deadline))? else {
+            return Ok(None);
         };
         let new_tsih = registry
             .tsih
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1)
             .max(1);
-        match login.on_request(&req, &lookup, new_tsih, &mut random) {
+        let step = login.on_request(&req, &lookup, new_tsih, &mut random);
+        deadline.arm(stream)?;
+        match step {
             Step::Continue(r) => stream.write_all(&r.encode())?,
             Step::Complete(r, done) => {
                 stream.write_all(&r.encode())?;
-                break (done, req.cmd_sn(), r.u16_at(14));
+                return Ok(Some(Admitted {
+                    login,
+                    done,
+                    first_cmd_sn: req.cmd_sn(),
+                    tsih: r.u16_at(14),
+                }));
             }
             Step::Fail(r) => {
                 stats.refused.inc();
                 tracing::info!(%peer, status = ?(r.bhs[36], r.bhs[37]), "iscsi login refused");
                 stream.write_all(&r.encode())?;
-                return Ok(());
+                return Ok(None);
             }
         }
-    };
-    stats.logins.inc();
-    stream.set_read_timeout(None)?;
-    let mut session = Session::new(done.params, login.next_stat_sn(), first_cmd_sn);
+    }
+}
+
+/// The full feature phase of a connection that logged in: the target opened, the connection registered
+/// for revocation and reinstatement, PDUs served until it ends.
+#[allow(clippy::too_many_arguments)]
+fn full_feature_phase(
+    mut stream: TcpStream,
+    mut input: Input,
+    peer: SocketAddr,
+    source: &dyn TargetSource,
+    registry: &Registry,
+    stats: &IscsiStats,
+    limits: &IscsiLimits,
+    admitted: Admitted,
+) -> std::io::Result<()> {
+    let Admitted {
+        login,
+        done,
+        first_cmd_sn,
+        tsih,
+    } = admitted;
+    // Writes: an initiator that stops reading its answers for as long as it may stay silent, and then
+    // the time it has to answer a ping, is as gone as one that does not answer it. Reads: the core's
+    // patience, set in `full_feature`.
+    stream.set_write_timeout(limits.idle.map(|i| i + limits.ping))?;
+    let mut session = Session::new(done.params, login.next_stat_sn(), first_cmd_sn)
+        .with_window(limits.max_outstanding)
+        .with_liveness(limits.idle, limits.ping);
     let (lun, iqn) = match &done.kind {
         SessionKind::Discovery => {
             session.set_targets(source.discover(peer.ip()));
@@ -448,17 +617,49 @@ fn full_feature(
     stats: &IscsiStats,
 ) -> std::io::Result<()> {
     let mut out = Output::new(stream.try_clone()?);
+    // The socket's read timeout is the core's patience, changed only when that changes (after a ping
+    // and after its answer), so a busy connection makes no extra system call.
+    let mut patience = session.patience();
+    stream.set_read_timeout(patience)?;
     loop {
         // Replies go out before waiting for more input; while whole requests are buffered, they gather.
         if !input.holds_pdu() {
             out.flush()?;
         }
-        let Some(p) = next_pdu(stream, input, max_data, stats)? else {
-            return Ok(());
+        let p = match next_pdu(stream, input, max_data, stats, None) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(()),
+            Err(e) if patience.is_some() && crate::conn::timed_out(&e) => {
+                match session.quiet(Instant::now()) {
+                    Quiet::Ping(ping) => {
+                        out.push(ping)?;
+                        out.flush()?;
+                    }
+                    Quiet::Dead => {
+                        stats.idle_closed.inc();
+                        tracing::info!("iscsi initiator did not answer a ping: closing");
+                        return Ok(());
+                    }
+                    Quiet::Wait => {}
+                }
+                if session.patience() != patience {
+                    patience = session.patience();
+                    stream.set_read_timeout(patience)?;
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         let events = session.on_pdu(&p);
+        if session.patience() != patience {
+            patience = session.patience();
+            stream.set_read_timeout(patience)?;
+        }
         let ran = session.run(events, lun, |r| out.push(r))?;
         stats.commands.add(ran.commands);
+        if ran.dropped > 0 {
+            stats.dropped.add(ran.dropped);
+        }
         if !ran.open {
             out.flush()?;
             return Ok(());

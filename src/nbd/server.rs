@@ -6,18 +6,25 @@
 //! connection run in arrival order and each reply is written as soon as its request completes; replies
 //! are coalesced into one `write` while further pipelined requests are already waiting in the read
 //! buffer, and several connections (multi-conn) run in parallel on their own threads.
+//!
+//! What bounds a connection ([`NbdLimits`]): the room's connection caps, checked before a thread is
+//! started ([`crate::conn::Gate`]); one deadline for the whole handshake, from accept to transmission
+//! (the socket's timeouts are set to the time left before each read and write of it); TCP keepalive,
+//! so that a vanished client is found although NBD has no ping; and, only when configured, an idle
+//! timeout in transmission, set once as the socket's read timeout so that it costs nothing per request.
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::handshake::{Exports, Handshake, Next};
 use super::proto::{self, OptionHeader, Request, MAX_OPTION, MAX_PAYLOAD};
 use super::transmit::{self, Command};
-use crate::metrics::{write_counter, Counter, Report};
+use crate::conn::{Caps, Deadline, Gate, Timed};
+use crate::metrics::{write_counter, write_gauge, Counter, Report};
 
 /// Who may open what: made by the controller, asked for every connection and re-asked while it lasts.
 pub trait ExportSource: Send + Sync {
@@ -27,9 +34,42 @@ pub trait ExportSource: Send + Sync {
     fn still_allowed(&self, export: &str, peer: IpAddr) -> bool;
 }
 
+/// What bounds the NBD room's connections (from `[nbd]`).
+#[derive(Debug, Clone, Copy)]
+pub struct NbdLimits {
+    pub connections: Caps,
+    /// From accept until transmission.
+    pub handshake: Duration,
+    /// Without a request in transmission before the connection is closed; `None` never.
+    pub idle: Option<Duration>,
+}
+
+impl NbdLimits {
+    pub fn from_config(c: &crate::config::NbdConfig) -> NbdLimits {
+        NbdLimits {
+            connections: Caps {
+                total: c.max_connections,
+                per_peer: c.max_connections_per_peer,
+            },
+            handshake: Duration::from_secs(c.handshake_timeout),
+            idle: (c.idle_timeout > 0).then(|| Duration::from_secs(c.idle_timeout)),
+        }
+    }
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        NbdLimits::from_config(&crate::config::NbdConfig::default())
+    }
+}
+
 #[derive(Default)]
 pub struct NbdStats {
+    /// Connections open now, and those refused for a cap.
+    pub gate: Arc<Gate>,
     pub connections: Counter,
+    pub handshake_timeouts: Counter,
+    pub idle_closed: Counter,
     pub refused: Counter,
     pub malformed: Counter,
     pub requests: Counter,
@@ -46,6 +86,21 @@ impl Report for NbdStats {
                 "corral_nbd_connections_total",
                 "NBD connections accepted",
                 &self.connections,
+            ),
+            (
+                "corral_nbd_refused_busy_total",
+                "NBD connections closed at once: max_connections or max_connections_per_peer reached",
+                &self.gate.refused_busy,
+            ),
+            (
+                "corral_nbd_handshake_timeouts_total",
+                "NBD connections closed for not finishing the handshake within handshake_timeout",
+                &self.handshake_timeouts,
+            ),
+            (
+                "corral_nbd_idle_closed_total",
+                "NBD connections closed after idle_timeout without a request",
+                &self.idle_closed,
             ),
             (
                 "corral_nbd_refused_total",
@@ -85,6 +140,12 @@ impl Report for NbdStats {
         ] {
             write_counter(out, name, help, v.get());
         }
+        write_gauge(
+            out,
+            "corral_nbd_connections_open",
+            "NBD connections open now (in the handshake or in transmission)",
+            self.gate.open() as u64,
+        );
     }
 }
 
@@ -106,21 +167,28 @@ pub struct NbdServer {
     source: Arc<dyn ExportSource>,
     registry: Arc<Registry>,
     stats: Arc<NbdStats>,
+    limits: NbdLimits,
 }
 
 impl NbdServer {
     pub async fn bind(
         addr: SocketAddr,
         source: Arc<dyn ExportSource>,
+        limits: NbdLimits,
     ) -> anyhow::Result<NbdServer> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("nbd listen {addr}: {e}"))?;
+        let stats = NbdStats {
+            gate: Gate::new(limits.connections),
+            ..NbdStats::default()
+        };
         Ok(NbdServer {
             listener,
             source,
             registry: Arc::default(),
-            stats: Arc::default(),
+            stats: Arc::new(stats),
+            limits,
         })
     }
 
@@ -141,11 +209,13 @@ impl NbdServer {
             self.stats.clone(),
         );
         let check = move || revoke(&registry, &*source, &stats);
-        let (source, registry, stats) = (self.source, self.registry, self.stats);
-        crate::conn::accept_on_threads(&self.listener, "nbd", check, move |stream, peer| {
+        let (source, registry, stats, limits) =
+            (self.source, self.registry, self.stats, self.limits);
+        let gate = stats.gate.clone();
+        crate::conn::accept_on_threads(&self.listener, "nbd", gate, check, move |stream, peer| {
             stats.connections.inc();
             let exports = source.for_peer(peer.ip());
-            let r = connection(stream, peer, &*exports, &registry, &stats);
+            let r = connection(stream, peer, &*exports, &registry, &stats, &limits);
             crate::conn::log_end("nbd", peer, r);
         })
         .await
@@ -179,52 +249,36 @@ fn skip(r: &mut impl Read, n: u64) -> std::io::Result<()> {
 }
 
 fn connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     exports: &dyn Exports,
     registry: &Registry,
     stats: &NbdStats,
+    limits: &NbdLimits,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_nonblocking(false)?;
-    // A client that stalls in the handshake does not hold a thread forever.
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.write_all(&proto::greeting())?;
-    let mut hs = Handshake::new();
-    if let Err(why) = hs.client_flags(read_u32(&mut stream)?) {
-        stats.malformed.inc();
-        tracing::debug!(%peer, "nbd handshake: {why}");
-        return Ok(());
-    }
-    let mut out = Vec::new();
-    let export = loop {
-        let mut head = [0u8; 16];
-        stream.read_exact(&mut head)?;
-        let Ok(h) = OptionHeader::parse(&head) else {
-            stats.malformed.inc();
-            return Ok(());
-        };
-        out.clear();
-        let next = if h.len > MAX_OPTION {
-            skip(&mut stream, h.len as u64)?;
-            hs.oversized(h, &mut out)
-        } else {
-            let mut data = vec![0u8; h.len as usize];
-            stream.read_exact(&mut data)?;
-            hs.option(h, &data, exports, &mut out)
-        };
-        stream.write_all(&out)?;
-        match next {
-            Next::Continue => {}
-            Next::Transmit(e) => break e,
-            Next::Close(why) => {
-                stats.refused.inc();
-                tracing::debug!(%peer, "nbd handshake ended: {why}");
-                return Ok(());
-            }
-        }
+    crate::conn::keepalive(&stream)?;
+    // The whole handshake has one deadline: a client that stalls, or trickles a byte at a time, does
+    // not hold a thread for longer than handshake_timeout.
+    let mut timed = Timed {
+        stream: &stream,
+        deadline: Deadline::after(Instant::now(), limits.handshake),
     };
-    stream.set_read_timeout(None)?;
+    let export = match handshake(&mut timed, peer, exports, stats) {
+        Ok(Some(e)) => e,
+        Ok(None) => return Ok(()),
+        Err(e) if crate::conn::timed_out(&e) => {
+            stats.handshake_timeouts.inc();
+            tracing::debug!(%peer, "nbd handshake not finished in time: closing");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    // Set once for the whole transmission phase (no cost per request): a read that waits longer than
+    // the idle timeout ends the connection; writes wait as long as the client takes.
+    stream.set_read_timeout(limits.idle)?;
+    stream.set_write_timeout(None)?;
     tracing::info!(%peer, export = %export.name, size = export.disk.size(), "nbd export opened");
     let id = registry.next.fetch_add(1, Ordering::Relaxed);
     registry
@@ -239,7 +293,14 @@ fn connection(
                 stream: stream.try_clone()?,
             },
         );
-    let result = transmission(&stream, &export, stats);
+    let result = match transmission(&stream, &export, stats) {
+        Err(e) if limits.idle.is_some() && crate::conn::timed_out(&e) => {
+            stats.idle_closed.inc();
+            tracing::info!(%peer, export = %export.name, "nbd connection idle too long: closing");
+            Ok(())
+        }
+        r => r,
+    };
     registry
         .open
         .lock()
@@ -247,6 +308,50 @@ fn connection(
         .remove(&id);
     tracing::info!(%peer, export = %export.name, "nbd export closed");
     result
+}
+
+/// The handshake up to transmission: the export chosen, or `None` when it ended without one.
+fn handshake(
+    stream: &mut Timed<'_>,
+    peer: SocketAddr,
+    exports: &dyn Exports,
+    stats: &NbdStats,
+) -> std::io::Result<Option<super::handshake::Export>> {
+    stream.write_all(&proto::greeting())?;
+    let mut hs = Handshake::new();
+    if let Err(why) = hs.client_flags(read_u32(stream)?) {
+        stats.malformed.inc();
+        tracing::debug!(%peer, "nbd handshake: {why}");
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    loop {
+        let mut head = [0u8; 16];
+        stream.read_exact(&mut head)?;
+        let Ok(h) = OptionHeader::parse(&head) else {
+            stats.malformed.inc();
+            return Ok(None);
+        };
+        out.clear();
+        let next = if h.len > MAX_OPTION {
+            skip(stream, h.len as u64)?;
+            hs.oversized(h, &mut out)
+        } else {
+            let mut data = vec![0u8; h.len as usize];
+            stream.read_exact(&mut data)?;
+            hs.option(h, &data, exports, &mut out)
+        };
+        stream.write_all(&out)?;
+        match next {
+            Next::Continue => {}
+            Next::Transmit(e) => return Ok(Some(e)),
+            Next::Close(why) => {
+                stats.refused.inc();
+                tracing::debug!(%peer, "nbd handshake ended: {why}");
+                return Ok(None);
+            }
+        }
+    }
 }
 
 fn transmission(

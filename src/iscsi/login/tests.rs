@@ -377,6 +377,52 @@ fn chap_values_in_hex_and_base64() {
     assert_eq!(decode_binary("0bAQID").unwrap(), [1, 2, 3]);
     assert!(decode_binary("0x0").is_none());
     assert!(decode_binary("12").is_none());
+    assert_eq!(decode_binary("0XaB").unwrap(), [0xab]);
+    assert_eq!(decode_binary("0BAQI=").unwrap(), [1, 2]);
+    assert_eq!(decode_binary("0bAQ==").unwrap(), [1]);
+    for bad in [
+        "", "0", "0x", "0b", "0x+f", "0x-1", "0xg0", "0b=", "0bA", "0bAQ===", "0bA=QI", "0b!!!!",
+    ] {
+        assert_eq!(decode_binary(bad), None, "{bad:?}");
+    }
+}
+
+/// Non-ASCII text where the digits should be: refused, and never sliced inside a character (a
+/// two-byte character after "0x" used to put a cut at byte 3, inside it, and panic the thread).
+#[test]
+fn chap_values_with_non_ascii_text_are_refused() {
+    for bad in [
+        "0xé",
+        "0xéa",
+        "0xaé",
+        "0x€0",
+        "0bé",
+        "0bAQé=",
+        "é0x00",
+        "0é",
+        "ü",
+        "0x😀😀",
+        "0b€€€€",
+    ] {
+        assert_eq!(decode_binary(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn chap_values_never_panic() {
+    use proptest::prelude::*;
+    proptest!(|(v in any::<String>(), prefix in prop::sample::select(vec!["", "0x", "0X", "0b", "0B"]))| {
+        let v = format!("{prefix}{v}");
+        if let Some(bytes) = decode_binary(&v) {
+            // Whatever decodes came from digits of its encoding.
+            prop_assert!(v.is_ascii());
+            prop_assert!(!bytes.is_empty());
+        }
+    });
+    // And what corral encodes decodes back.
+    proptest!(|(b in proptest::collection::vec(any::<u8>(), 1..64))| {
+        prop_assert_eq!(decode_binary(&hex(&b)), Some(b));
+    });
     // RFC 1321 test vector through the CHAP formula with an empty id byte stream is not possible;
     // check MD5 itself: MD5("abc").
     let mut h = Md5::new();
@@ -621,4 +667,28 @@ fn a_login_naming_an_unknown_session_is_refused() {
         panic!()
     };
     assert_eq!(r.u16_at(14), 9);
+}
+
+#[test]
+fn login_responses_open_the_configured_window() {
+    let t = T(None);
+    let mut l = Login::new(Limits {
+        cmd_window: 8,
+        ..Limits::default()
+    });
+    let first = req(
+        true,
+        0,
+        1,
+        &[
+            ("InitiatorName", INITIATOR),
+            ("TargetName", IQN),
+            ("SessionType", "Normal"),
+            ("AuthMethod", "None"),
+        ],
+    );
+    let Step::Continue(r) = l.on_request(&first, &t, 9, &mut rnd) else {
+        panic!("security stage")
+    };
+    assert_eq!((r.u32_at(28), r.u32_at(32)), (1, 8), "ExpCmdSN, MaxCmdSN");
 }

@@ -473,7 +473,8 @@ fn run_executes_commands_and_stops_at_close() {
         ran,
         Ran {
             commands: 1,
-            open: true
+            open: true,
+            dropped: 0,
         }
     );
     assert_eq!(out.len(), 1);
@@ -499,7 +500,8 @@ fn run_executes_commands_and_stops_at_close() {
         ran,
         Ran {
             commands: 0,
-            open: false
+            open: false,
+            dropped: 0,
         }
     );
     assert_eq!(
@@ -509,4 +511,307 @@ fn run_executes_commands_and_stops_at_close() {
     // An error from `send` stops the run and comes back.
     let ev = s.on_pdu(&cmd(7, 3, true, false, 512, &[0x28], vec![]));
     assert_eq!(s.run(ev, None, |_| Err("socket gone")), Err("socket gone"));
+}
+
+/// MaxCmdSN of a PDU the target sent.
+fn max_cmd_sn(p: &Pdu) -> u32 {
+    p.u32_at(32)
+}
+
+/// A write of `len` bytes with no immediate data (InitialR2T=Yes: it then waits for its R2Ts' data).
+fn pending_write(itt: u32, sn: u32, len: u32) -> Pdu {
+    cmd(itt, sn, false, true, len, &w10(len), vec![])
+}
+
+fn immediate(mut p: Pdu) -> Pdu {
+    p.bhs[0] |= 0x40;
+    p
+}
+
+#[test]
+fn the_window_closes_while_commands_are_outstanding_and_reopens_as_they_end() {
+    let mut s = Session::new(params(), 1, 1).with_window(4);
+    // Four writes waiting for their data: each takes a place in the window.
+    let mut seen = Vec::new();
+    for i in 0..4 {
+        let ev = s.on_pdu(&pending_write(100 + i, 1 + i, 8192));
+        let r2t = sent(&ev)[0];
+        assert_eq!(r2t.opcode(), op::R2T);
+        seen.push((r2t.u32_at(28), max_cmd_sn(r2t)));
+    }
+    // ExpCmdSN runs on, MaxCmdSN stays at 4 (1 + 4 - 1): after the fourth the window is shut
+    // (MaxCmdSN = ExpCmdSN - 1).
+    assert_eq!(seen, [(2, 4), (3, 4), (4, 4), (5, 4)]);
+    assert_eq!(s.tasks(), 4);
+    // A fifth command is outside the window: dropped, not buffered, and counted.
+    assert!(s.on_pdu(&pending_write(200, 5, 8192)).is_empty());
+    assert!(s
+        .on_pdu(&cmd(201, 5, true, false, 512, &[0x28], vec![]))
+        .is_empty());
+    assert_eq!(s.tasks(), 4);
+    let ran = s.run(Vec::new(), None, |_| Ok::<(), ()>(())).unwrap();
+    assert_eq!(ran.dropped, 2);
+    assert_eq!(
+        s.run(Vec::new(), None, |_| Ok::<(), ()>(()))
+            .unwrap()
+            .dropped,
+        0,
+        "reported once"
+    );
+    // A CmdSN behind ExpCmdSN (a repeat) is outside too.
+    assert!(s.on_pdu(&pending_write(202, 2, 8192)).is_empty());
+    // The first write's data arrives: it runs, and its status opens the window by one.
+    let t = {
+        let c = &s.collecting[&100];
+        *c.outstanding.keys().next().unwrap()
+    };
+    let ev = s.on_pdu(&data_out(100, t, 0, vec![9; 8192], true));
+    let Some(Event::Execute {
+        itt: 100, data_out, ..
+    }) = ev.first()
+    else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(data_out, &vec![9; 8192]);
+    let ev = s.completed(100, scsi::Reply::good());
+    let st = sent(&ev)[0];
+    assert_eq!((st.u32_at(28), max_cmd_sn(st)), (5, 5));
+    // CmdSN 5 now fits; 6 does not.
+    assert_eq!(sent(&s.on_pdu(&pending_write(203, 5, 8192))).len(), 1);
+    assert!(s.on_pdu(&pending_write(204, 6, 8192)).is_empty());
+    assert_eq!(s.tasks(), 4);
+}
+
+#[test]
+fn commands_that_end_at_once_keep_the_window_open() {
+    let mut s = Session::new(params(), 1, 1).with_window(2);
+    let mut out = Vec::new();
+    for sn in 1..=20u32 {
+        let ev = s.on_pdu(&cmd(sn, sn, true, false, 512, &[0x28], vec![]));
+        let ran = s
+            .run(ev, None, |p| {
+                out.push(p);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!((ran.commands, ran.dropped), (1, 0), "CmdSN {sn}");
+    }
+    let last = out.last().unwrap();
+    assert_eq!((last.u32_at(28), max_cmd_sn(last)), (21, 22));
+}
+
+#[test]
+fn max_cmd_sn_never_goes_back_and_out_of_order_commands_are_bounded_too() {
+    let mut s = Session::new(params(), 1, 1).with_window(4);
+    // CmdSNs ahead of ExpCmdSN (an initiator out of order) are taken within the window, but never
+    // more than the window holds, whatever CmdSN they repeat.
+    let mut last_max = 4;
+    for i in 0..10u32 {
+        let ev = s.on_pdu(&pending_write(300 + i, 3, 4096));
+        for p in sent(&ev) {
+            assert!(!serial_after(last_max, max_cmd_sn(p)), "MaxCmdSN went back");
+            last_max = max_cmd_sn(p);
+        }
+    }
+    assert_eq!(s.tasks(), 4);
+    assert_eq!(last_max, 4, "the window, as first told");
+    assert_eq!(
+        s.run(Vec::new(), None, |_| Ok::<(), ()>(()))
+            .unwrap()
+            .dropped,
+        6
+    );
+}
+
+#[test]
+fn one_immediate_command_beside_the_window() {
+    let mut s = Session::new(params(), 1, 1).with_window(1);
+    assert_eq!(sent(&s.on_pdu(&pending_write(1, 1, 4096))).len(), 1);
+    // The window is shut; an immediate command still goes (RFC 7143 3.2.2.1), a second is refused.
+    let ev = s.on_pdu(&immediate(pending_write(2, 2, 4096)));
+    assert_eq!(sent(&ev)[0].opcode(), op::R2T);
+    let ev = s.on_pdu(&immediate(pending_write(3, 2, 4096)));
+    let p = sent(&ev)[0];
+    assert_eq!(
+        (p.opcode(), p.bhs[2]),
+        (op::REJECT, reject::IMMEDIATE_COMMAND_REJECT)
+    );
+    assert_eq!(s.tasks(), 2);
+    // Once it is aborted, another immediate command is taken.
+    let mut tm = Pdu::new(op::TASK_MGMT);
+    tm.bhs[0] |= 0x40;
+    tm.bhs[1] = 0x80 | 1;
+    tm.set_u32(16, 9).set_u32(20, 2).set_u32(24, 2);
+    assert_eq!(sent(&s.on_pdu(&tm))[0].bhs[2], 0);
+    let ev = s.on_pdu(&immediate(cmd(4, 2, true, false, 512, &[0x28], vec![])));
+    assert!(matches!(&ev[..], [Event::Execute { itt: 4, .. }]), "{ev:?}");
+}
+
+#[test]
+fn a_write_holds_only_what_it_was_allowed_to_send() {
+    let mut p = params();
+    p.max_burst = 65_536;
+    p.max_outstanding_r2t = 1;
+    let mut s = Session::new(p, 1, 1);
+    // 32 MiB announced, 512 bytes of immediate data: room for those, then for one R2T's burst.
+    let len = MAX_DATA_OUT;
+    s.on_pdu(&cmd(7, 1, false, true, len, &w10(len), vec![1; 512]));
+    let c = &s.collecting[&7];
+    assert_eq!((c.buf.len(), c.requested), (512, 512 + 65_536));
+    assert!(
+        c.buf.capacity() <= c.requested as usize,
+        "{} reserved",
+        c.buf.capacity()
+    );
+    // Data out of order within the burst lands where it belongs.
+    let t = *c.outstanding.keys().next().unwrap();
+    s.on_pdu(&data_out_sn(7, t, 0, 1024, vec![3; 512], false));
+    s.on_pdu(&data_out_sn(7, t, 1, 512, vec![2; 512], false));
+    let c = &s.collecting[&7];
+    assert_eq!(
+        &c.buf[..1536],
+        &[[1u8; 512], [2; 512], [3; 512]].concat()[..]
+    );
+}
+
+#[test]
+fn writes_wait_for_their_r2ts_while_the_session_holds_enough() {
+    let mut p = params();
+    p.max_burst = 16 << 20;
+    p.max_outstanding_r2t = 2;
+    let mut s = Session::new(p, 1, 1);
+    let big = MAX_DATA_OUT;
+    // Two writes of 32 MiB are asked for all of it...
+    for (itt, sn) in [(1, 1), (2, 2)] {
+        let ev = s.on_pdu(&pending_write(itt, sn, big));
+        assert_eq!(sent(&ev).len(), 2, "two R2Ts of 16 MiB");
+    }
+    assert_eq!(s.solicited, SOLICITED_MAX);
+    // ...a third waits, even a small one.
+    assert!(s.on_pdu(&pending_write(3, 3, 8192)).is_empty());
+    assert_eq!(s.tasks(), 3);
+    // Write 1's data comes: it runs, and write 3 gets its R2T with it.
+    let ttts: Vec<u32> = s.collecting[&1].outstanding.keys().copied().collect();
+    let mut ev = Vec::new();
+    for (i, t) in ttts.iter().enumerate() {
+        ev = s.on_pdu(&data_out(
+            1,
+            *t,
+            i as u32 * (16 << 20),
+            vec![0; 16 << 20],
+            true,
+        ));
+    }
+    assert!(matches!(&ev[0], Event::Execute { itt: 1, .. }), "{ev:?}");
+    let r2ts = sent(&ev);
+    assert_eq!(
+        r2ts.iter()
+            .map(|p| (p.opcode(), p.itt(), p.u32_at(44)))
+            .collect::<Vec<_>>(),
+        [(op::R2T, 3, 8192)]
+    );
+    // A fourth of 32 MiB gets what still fits (one burst of 16 MiB); aborting write 2 frees room
+    // for its second.
+    let ev = s.on_pdu(&pending_write(4, 4, big));
+    assert_eq!(
+        sent(&ev)
+            .iter()
+            .map(|p| (p.itt(), p.u32_at(40)))
+            .collect::<Vec<_>>(),
+        [(4, 0)]
+    );
+    let mut tm = Pdu::new(op::TASK_MGMT);
+    tm.bhs[0] |= 0x40;
+    tm.bhs[1] = 0x80 | 1;
+    tm.set_u32(16, 50).set_u32(20, 2).set_u32(24, 5);
+    let ev = s.on_pdu(&tm);
+    let pdus = sent(&ev);
+    assert_eq!(pdus[0].opcode(), op::TASK_MGMT_RESPONSE);
+    assert_eq!(
+        pdus[1..]
+            .iter()
+            .map(|p| (p.opcode(), p.itt(), p.u32_at(40)))
+            .collect::<Vec<_>>(),
+        [(op::R2T, 4, 16 << 20)]
+    );
+    assert!(s.solicited <= SOLICITED_MAX);
+}
+
+#[test]
+fn a_quiet_initiator_is_pinged_then_given_up() {
+    let idle = Duration::from_secs(60);
+    let answer = Duration::from_secs(15);
+    let mut s = Session::new(params(), 10, 1).with_liveness(Some(idle), answer);
+    assert_eq!(s.patience(), Some(idle));
+    let t0 = Instant::now();
+    let Quiet::Ping(ping) = s.quiet(t0) else {
+        panic!("a ping")
+    };
+    assert_eq!(ping.opcode(), op::NOP_IN);
+    assert_eq!(ping.itt(), NO_TAG, "unsolicited");
+    let ttt = ping.u32_at(20);
+    assert_ne!(ttt, NO_TAG, "the initiator must answer");
+    assert_eq!(ping.u32_at(24), 10, "StatSN, not advanced");
+    assert_eq!(s.patience(), Some(answer));
+    assert_eq!(s.quiet(t0 + Duration::from_secs(5)), Quiet::Wait, "early");
+    assert_eq!(s.quiet(t0 + answer), Quiet::Dead);
+
+    // Answered: patience is back to the idle time, and a later silence pings again.
+    let mut s = Session::new(params(), 10, 1).with_liveness(Some(idle), answer);
+    let Quiet::Ping(ping) = s.quiet(t0) else {
+        panic!("a ping")
+    };
+    let mut nop = Pdu::new(op::NOP_OUT);
+    nop.bhs[0] |= 0x40;
+    nop.set_u32(16, NO_TAG).set_u32(20, ping.u32_at(20));
+    assert!(s.on_pdu(&nop).is_empty(), "nothing to say to the answer");
+    assert_eq!(s.patience(), Some(idle));
+    let Quiet::Ping(again) = s.quiet(t0 + idle) else {
+        panic!("pinged again")
+    };
+    assert_ne!(again.u32_at(20), ping.u32_at(20), "a new tag");
+    // Any PDU shows the initiator is there.
+    s.on_pdu(&cmd(1, 1, true, false, 512, &[0x28], vec![]));
+    assert_eq!(s.patience(), Some(idle));
+
+    // Without liveness: no timer, no ping.
+    let mut s = Session::new(params(), 1, 1);
+    assert_eq!(s.patience(), None);
+    assert_eq!(s.quiet(t0), Quiet::Wait);
+}
+
+#[test]
+fn room_given_back_does_not_ask_for_data_still_owed_unsolicited() {
+    let mut p = params();
+    p.initial_r2t = false;
+    p.first_burst = 4096;
+    p.max_burst = 16 << 20;
+    p.max_outstanding_r2t = 2;
+    let mut s = Session::new(p, 1, 1);
+    let big = MAX_DATA_OUT;
+    let w = |itt, sn, len, imm: usize| cmd(itt, sn, false, true, len, &w10(len), vec![5; imm]);
+    // Two big writes with their first burst as immediate data take all the room with their R2Ts.
+    assert_eq!(sent(&s.on_pdu(&w(1, 1, big, 4096))).len(), 2);
+    assert_eq!(sent(&s.on_pdu(&w(2, 2, big, 4096))).len(), 2);
+    // A small one is owed its first burst unsolicited: it waits for that, not for room.
+    assert!(s.on_pdu(&w(3, 3, 8192, 0)).is_empty());
+    // A big one waits for room.
+    assert!(s.on_pdu(&w(4, 4, big, 4096)).is_empty());
+    // Write 1 aborted: write 4 gets R2Ts, write 3 still none (its unsolicited data is on its way).
+    let mut tm = Pdu::new(op::TASK_MGMT);
+    tm.bhs[0] |= 0x40;
+    tm.bhs[1] = 0x80 | 1;
+    tm.set_u32(16, 50).set_u32(20, 1).set_u32(24, 5);
+    let ev = s.on_pdu(&tm);
+    let r2ts: Vec<u32> = sent(&ev)[1..].iter().map(|p| p.itt()).collect();
+    assert_eq!(r2ts, [4, 4]);
+    // Write 3's unsolicited data comes: then it asks for the rest.
+    let ev = s.on_pdu(&data_out(3, NO_TAG, 0, vec![6; 4096], true));
+    let r2t = sent(&ev);
+    assert_eq!(
+        r2t.iter()
+            .map(|p| (p.opcode(), p.itt(), p.u32_at(40), p.u32_at(44)))
+            .collect::<Vec<_>>(),
+        [(op::R2T, 3, 4096, 4096)]
+    );
 }
