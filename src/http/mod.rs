@@ -12,6 +12,7 @@
 //!   samples (bearer token). `GET /metrics` — Prometheus text. `GET /healthz`.
 
 pub mod files;
+pub mod limits;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -46,6 +47,16 @@ pub struct HttpStats {
     pub not_found: Counter,
     pub bad_requests: Counter,
     pub unauthorized: Counter,
+    /// Connections closed at once: `max_connections` reached.
+    pub refused_full: Counter,
+    /// Connections closed at once: `max_connections_per_peer` reached.
+    pub refused_per_peer: Counter,
+    /// Connections closed for a request head (or first request) that did not arrive in `header_timeout`.
+    pub header_timeouts: Counter,
+    /// Connections closed after `idle_timeout` with nothing happening.
+    pub idle_closed: Counter,
+    /// Connections open now, from both listeners.
+    pub open: std::sync::OnceLock<[Arc<crate::conn::Gate>; 2]>,
 }
 
 impl Report for HttpStats {
@@ -86,6 +97,38 @@ impl Report for HttpStats {
             "API requests refused for a missing or wrong bearer token",
             self.unauthorized.get(),
         );
+        out.push_str(
+            "# HELP corral_http_refused_busy_total HTTP connections closed at once because a cap was reached\n# TYPE corral_http_refused_busy_total counter\n",
+        );
+        for (reason, v) in [
+            ("max_connections", &self.refused_full),
+            ("max_connections_per_peer", &self.refused_per_peer),
+        ] {
+            out.push_str(&format!(
+                "corral_http_refused_busy_total{{reason=\"{reason}\"}} {}\n",
+                v.get()
+            ));
+        }
+        write_counter(
+            out,
+            "corral_http_header_timeouts_total",
+            "HTTP connections closed for a request head not sent within header_timeout",
+            self.header_timeouts.get(),
+        );
+        write_counter(
+            out,
+            "corral_http_idle_closed_total",
+            "HTTP connections closed after idle_timeout with no request or no byte moving",
+            self.idle_closed.get(),
+        );
+        if let Some(gates) = self.open.get() {
+            crate::metrics::write_gauge(
+                out,
+                "corral_http_connections_open",
+                "HTTP connections open now (boot and operator listeners)",
+                gates.iter().map(|g| g.open() as u64).sum(),
+            );
+        }
     }
 }
 
@@ -96,6 +139,9 @@ struct Ctx {
     metrics: std::sync::OnceLock<Registry>,
     /// An operator listener exists: the API, dashboard and metrics are served there only.
     split: bool,
+    /// Connection caps of the boot listeners (shared by all their workers) and of the operator listener.
+    boot_gate: Arc<crate::conn::Gate>,
+    operator_gate: Arc<crate::conn::Gate>,
 }
 
 /// Which listener a request came in on.
@@ -192,12 +238,22 @@ impl HttpServer {
                 Some((l, tls))
             }
         };
+        let caps = crate::conn::Caps {
+            total: cfg.http.max_connections,
+            per_peer: cfg.http.max_connections_per_peer,
+        };
+        let (boot_gate, operator_gate) =
+            (crate::conn::Gate::new(caps), crate::conn::Gate::new(caps));
+        let stats = Arc::new(HttpStats::default());
+        let _ = stats.open.set([boot_gate.clone(), operator_gate.clone()]);
         let ctx = Ctx {
             controller,
             cache: files::FileCache::new(CACHE_BUDGET),
-            stats: Arc::default(),
+            stats,
             metrics: Default::default(),
             split: operator.is_some(),
+            boot_gate,
+            operator_gate,
         };
         Ok(HttpServer {
             listeners,
@@ -283,6 +339,12 @@ async fn serve_worker(
 ) -> std::io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    // Operators have a gate of their own: a flood on the boot network cannot lock them out.
+    let gate = match surface {
+        Surface::Boot => ctx.boot_gate.clone(),
+        Surface::Operator => ctx.operator_gate.clone(),
+    };
+    let timeouts = limits::Timeouts::from_config(&ctx.controller.state().config.http);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -293,46 +355,73 @@ async fn serve_worker(
                 continue;
             }
         };
+        // Bounded before a byte is read: one beyond a cap is closed at once, without a task.
+        let ticket = match gate.enter(peer.ip()) {
+            Ok(t) => t,
+            Err(busy) => {
+                match busy {
+                    crate::conn::Busy::Full => ctx.stats.refused_full.inc(),
+                    crate::conn::Busy::PeerFull => ctx.stats.refused_per_peer.inc(),
+                }
+                tracing::debug!(%peer, ?busy, "http connection refused");
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let tls = tls.clone();
         tokio::task::spawn(async move {
-            let header_timeout =
-                std::time::Duration::from_secs(ctx.controller.state().config.http.header_timeout);
+            let _ticket = ticket;
+            let watch = limits::Watch::new(timeouts, std::time::Instant::now());
             let c = ctx.clone();
+            let w = watch.clone();
             let svc = service_fn(move |req| {
                 let ctx = c.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req, peer, surface).await) }
-            });
-            let served = match tls {
-                None => {
-                    http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await
+                let w = w.clone();
+                w.request();
+                async move {
+                    let resp = handle(&ctx, req, peer, surface).await;
+                    Ok::<_, std::convert::Infallible>(resp.map(|b| limits::Tracked::new(b, w)))
                 }
-                Some(acceptor) => {
-                    // The handshake is bounded like a request's headers.
-                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => {
+            });
+            let io = limits::Watched::new(stream, watch.clone());
+            let serve = async {
+                match tls {
+                    None => {
+                        http1::Builder::new()
+                            .keep_alive(true)
+                            .serve_connection(TokioIo::new(io), svc)
+                            .await
+                    }
+                    Some(acceptor) => match acceptor.accept(io).await {
+                        // The handshake counts as the first request's head: the watch bounds it.
+                        Ok(s) => {
                             http1::Builder::new()
                                 .keep_alive(true)
                                 .serve_connection(TokioIo::new(s), svc)
                                 .await
                         }
-                        Ok(Err(e)) => {
+                        Err(e) => {
                             tracing::debug!(%peer, error = %e, "tls handshake failed");
-                            return;
+                            Ok(())
                         }
-                        Err(_) => {
-                            tracing::debug!(%peer, "tls handshake timed out");
-                            return;
-                        }
-                    }
+                    },
                 }
             };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            tokio::select! {
+                served = serve => {
+                    if let Err(e) = served {
+                        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+                    }
+                }
+                why = watch.expiry() => {
+                    match why {
+                        limits::Expiry::Header => ctx.stats.header_timeouts.inc(),
+                        limits::Expiry::Idle => ctx.stats.idle_closed.inc(),
+                    }
+                    tracing::debug!(%peer, ?why, "http connection closed by its timeout");
+                }
             }
         });
     }
