@@ -193,6 +193,10 @@ pub struct Lab {
     pub credentials: Option<PathBuf>,
     /// Memory of the VMs started from now on, MiB (192 by default: enough for the test OS over HTTP).
     pub vm_memory_mib: u32,
+    /// Appended to the corral config [`Lab::start_corral_with`] writes (more sections, e.g. `[discovery]`).
+    pub extra_config: String,
+    /// The corral process [`Lab::start_corral_with`] started (to watch its threads, descriptors, memory).
+    pub corral_pid: Option<u32>,
     hosts: Vec<String>,
     children: Vec<Child>,
     taps: u32,
@@ -212,6 +216,8 @@ impl Lab {
             disks_dir: None,
             credentials: None,
             vm_memory_mib: 192,
+            extra_config: String::new(),
+            corral_pid: None,
             hosts: Vec::new(),
             children: Vec::new(),
             taps: 0,
@@ -455,20 +461,21 @@ impl Lab {
                 "[server]\ninterface = \"{iface}\"\naddress = \"{s}\"\nstate_dir = \"{state}\"\nimages_dir = \"{images}\"\nscripts_dir = \"{scripts}\"\n{policy_line}\
                  [dhcp]\nmode = \"{mode}\"\nsubnet = \"10.{n}.0.0/24\"\nrange = [\"10.{n}.0.100\", \"10.{n}.0.199\"]\nlease_time = 600\n\
                  [dhcp.router_advertisement]\nenabled = true\nprefix = \"fd00:{n}::/64\"\n\
-                 [tftp]\nlisten = \"0.0.0.0:69\"\nroot = \"/usr/lib/ipxe\"\n[http]\nlisten = \"0.0.0.0:80\"\n{boot}",
+                 [tftp]\nlisten = \"0.0.0.0:69\"\nroot = \"/usr/lib/ipxe\"\n[http]\nlisten = \"0.0.0.0:80\"\n{boot}{extra}",
                 iface = self.server_if,
                 state = self.dir.join("state").display(),
                 images = images.display(),
                 scripts = scripts.display(),
+                extra = self.extra_config,
             ),
         )?;
         let ns = self.server_ns.clone();
-        self.spawn_in(
+        self.corral_pid = Some(self.spawn_in(
             &ns,
             &exe.to_string_lossy(),
             &["serve", "--config", &cfg.to_string_lossy()],
             "corral.log",
-        )?;
+        )?);
         self.wait_http(&format!("http://{s}/healthz"), Duration::from_secs(30))
             .map_err(|e| {
                 anyhow::anyhow!(
