@@ -82,6 +82,7 @@ struct Loot {
     leaks: Vec<String>,
     scripts_refused: u64,
     scripts_served: u64,
+    scripts_unanswered: u64,
     nbd_opened: Vec<String>,
     iscsi_opened: Vec<String>,
     traversal_leaks: Vec<String>,
@@ -467,10 +468,12 @@ fn snoop(
             );
             let (body, code) = out.rsplit_once('\n').unwrap_or((&out, ""));
             let mut l = loot.lock().unwrap();
-            if code == "403" {
-                l.scripts_refused += 1;
-            } else {
-                l.scripts_served += 1;
+            // 403: refused as a stranger; no answer at all: its connections were over HTTP's per-address
+            // cap (the idle-connection attack holds them).
+            match code {
+                "403" => l.scripts_refused += 1,
+                "000" => l.scripts_unanswered += 1,
+                _ => l.scripts_served += 1,
             }
             for line in secret_lines(body) {
                 l.leaks.push(format!("{mac}: {line}"));
@@ -755,8 +758,8 @@ fn a_hostile_boot_network_gets_nothing_and_the_rack_boots() {
     let nodes = common::lab_api(&lab, "/api/v1/nodes");
     let events = common::lab_events(&lab);
     eprintln!(
-        "ATTACK dhcp packets {dhcp_sent}, invented nodes accepted {invented}, idle (port, opened, still open) {idle:?}, scripts refused {} served {}",
-        loot.scripts_refused, loot.scripts_served
+        "ATTACK dhcp packets {dhcp_sent}, invented nodes accepted {invented}, idle (port, opened, still open) {idle:?}, scripts refused {} served {} unanswered {}",
+        loot.scripts_refused, loot.scripts_served, loot.scripts_unanswered
     );
     eprintln!(
         "FOOTPRINT corral peak: {} threads, {} fds, {} MiB resident (bounds {MAX_THREADS}, {MAX_FDS}, {} MiB); {:.0} s",
