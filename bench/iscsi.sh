@@ -45,7 +45,8 @@ for p in $HTTP $CORRAL_PORT $TGT_PORT $TGT_CTL; do
 done
 
 cargo build --release --quiet --bin corral
-CORRAL="${CARGO_TARGET_DIR:-target}/release/corral"
+# CORRAL_BIN=path runs another build (e.g. an older commit's, for a before/after comparison).
+CORRAL="${CORRAL_BIN:-${CARGO_TARGET_DIR:-target}/release/corral}"
 W=$(mktemp -d /tmp/corral-iscsi-bench.XXXX)
 PIDS=()
 TGTD=

@@ -43,7 +43,8 @@ if [ "${QUICK:-0}" = 1 ]; then SIZE_MIB=128; RUNTIME=2; REPS=1; else SIZE_MIB=10
 bash tests/deps.sh bench   # the anchors too, from tests/deps.txt, in one apt transaction
 
 cargo build --release --quiet
-CORRAL="${CARGO_TARGET_DIR:-target}/release/corral"
+# CORRAL_BIN=path runs another build (e.g. an older commit's, for a before/after comparison).
+CORRAL="${CORRAL_BIN:-${CARGO_TARGET_DIR:-target}/release/corral}"
 W=$(mktemp -d /tmp/corral-nbd-bench.XXXX)
 PIDS=()
 cleanup() {

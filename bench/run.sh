@@ -24,7 +24,8 @@ what=${1:-all}
 bash tests/deps.sh bench   # the anchors too, from tests/deps.txt, in one apt transaction
 
 cargo build --release --quiet
-CORRAL="${CARGO_TARGET_DIR:-target}/release/corral"
+# CORRAL_BIN=path runs another build (e.g. an older commit's, for a before/after comparison).
+CORRAL="${CORRAL_BIN:-${CARGO_TARGET_DIR:-target}/release/corral}"
 W=$(mktemp -d /tmp/corral-bench.XXXX)
 chmod 755 "$W"   # nginx and tftpd workers run as other users and must reach the files
 PIDS=()
