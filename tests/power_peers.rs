@@ -172,8 +172,20 @@ fn redfish(url: &str, system: Option<&str>, insecure_tls: bool) -> PowerSpec {
     PowerSpec::Redfish {
         url: url.to_string(),
         system: system.map(str::to_string),
-        credentials: "bmc".to_string(),
+        credentials: Some("bmc".to_string()),
         insecure_tls,
+        ca_file: None,
+    }
+}
+
+/// A BMC whose certificate a private CA signed (redfish.sh --tls-ca): trusted through `ca_file`.
+fn redfish_ca(url: &str, system: Option<&str>, ca: &Path) -> PowerSpec {
+    PowerSpec::Redfish {
+        url: url.to_string(),
+        system: system.map(str::to_string),
+        credentials: Some("bmc".to_string()),
+        insecure_tls: false,
+        ca_file: Some(ca.to_path_buf()),
     }
 }
 
@@ -244,15 +256,17 @@ fn redfish_against_sushy_emulator() {
         "redfish.sh",
         tmp.path(),
         free_tcp_port,
-        &[],
+        // HTTPS under a test CA: the driver sends Basic auth over https:// only.
+        &["--tls-ca"],
         &[("REDFISH_POWER_DELAY", "1")],
     );
     let url = peer.out.clone();
-    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let ca = tmp.path().join("redfish-ca.crt");
     let creds = credentials("bmc", "admin", "secret");
 
     // Two systems and no `system`: the driver must not guess.
-    let any = build(&redfish(&url, None, false), &creds, None);
+    let any = build(&redfish_ca(&url, None, &ca), &creds, None);
     let e = err_text(any.status());
     assert!(e.contains("2 systems") && e.contains("set `system`"), "{e}");
     let e = err_text(any.on());
@@ -263,8 +277,8 @@ fn redfish_against_sushy_emulator() {
         "on() without system acted"
     );
 
-    let a = build(&redfish(&url, Some(NODE_A), false), &creds, None);
-    let b = build(&redfish(&url, Some(NODE_B), false), &creds, None);
+    let a = build(&redfish_ca(&url, Some(NODE_A), &ca), &creds, None);
+    let b = build(&redfish_ca(&url, Some(NODE_B), &ca), &creds, None);
     assert_eq!(a.kind(), "redfish");
     assert_eq!(a.status().unwrap(), PowerState::Off);
     assert_eq!(b.status().unwrap(), PowerState::On);
@@ -304,7 +318,7 @@ fn redfish_against_sushy_emulator() {
 
     // A system addressed by name: the emulator redirects (307) to its UUID. The driver follows no
     // redirect (a redirected POST would be lost or turned into a GET): a clear error, nothing done.
-    let by_name = build(&redfish(&url, Some("node-a"), false), &creds, None);
+    let by_name = build(&redfish_ca(&url, Some("node-a"), &ca), &creds, None);
     for e in [
         err_text(by_name.status()),
         err_text(by_name.off(true)),
@@ -320,14 +334,14 @@ fn redfish_against_sushy_emulator() {
     );
 
     // A system the BMC does not have.
-    let ghost = build(&redfish(&url, Some("no-such-system"), false), &creds, None);
+    let ghost = build(&redfish_ca(&url, Some("no-such-system"), &ca), &creds, None);
     let e = err_text(ghost.status());
     assert!(e.contains("404"), "{e}");
 
     // A wrong password: a clear error that quotes neither the password nor the header made from it.
     let wrong = "wr0ng-Pa55-x7";
     let bad = build(
-        &redfish(&url, Some(NODE_A), false),
+        &redfish_ca(&url, Some(NODE_A), &ca),
         &credentials("bmc", "admin", wrong),
         None,
     );
@@ -364,8 +378,9 @@ fn redfish_against_sushy_emulator() {
     let spec = PowerSpec::Redfish {
         url: url.clone(),
         system: Some(NODE_A.to_string()),
-        credentials: "nobody".to_string(),
+        credentials: Some("nobody".to_string()),
         insecure_tls: false,
+        ca_file: Some(ca.clone()),
     };
     let e = power::driver(&spec, &ctx)
         .err()
@@ -430,6 +445,150 @@ fn redfish_https_self_signed() {
         redfish_requests(tmp.path()),
         [reset(NODE_B, "ForceRestart"), pxe_once(NODE_A)]
     );
+}
+
+/// A BMC with a certificate from a private CA: trusted with that CA as `ca_file`, refused with a
+/// certificate error naming the fix without it (the system's roots) or with another CA, and no request
+/// gets through a refused handshake.
+#[test]
+fn redfish_private_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = Peer::start(
+        "redfish.sh",
+        tmp.path(),
+        free_tcp_port,
+        &["--tls-ca"],
+        &[("REDFISH_POWER_DELAY", "3600")],
+    );
+    let url = peer.out.clone();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let ca = tmp.path().join("redfish-ca.crt");
+    let creds = credentials("bmc", "admin", "secret");
+
+    let trusted = build(&redfish_ca(&url, Some(NODE_A), &ca), &creds, None);
+    assert_eq!(trusted.status().unwrap(), PowerState::Off);
+
+    // The system's roots do not know the test CA.
+    let system = build(&redfish(&url, Some(NODE_A), false), &creds, None);
+    for e in [err_text(system.status()), err_text(system.on())] {
+        assert!(e.contains("invalid peer certificate"), "{e}");
+        assert!(e.contains("set `ca_file`"), "{e}");
+    }
+    // Another CA in ca_file: refused as well, and the message names the file.
+    let other = tmp.path().join("other-ca.crt");
+    let st = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=another CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ])
+        .arg("-keyout")
+        .arg(tmp.path().join("other-ca.key"))
+        .arg("-out")
+        .arg(&other)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success());
+    let wrong = build(&redfish_ca(&url, Some(NODE_A), &other), &creds, None);
+    let e = err_text(wrong.on());
+    assert!(e.contains("invalid peer certificate"), "{e}");
+    assert!(
+        e.contains("not signed by the CA in ca_file") && e.contains("other-ca.crt"),
+        "{e}"
+    );
+    assert_eq!(
+        redfish_requests(tmp.path()),
+        [],
+        "a request went through an unverified handshake"
+    );
+
+    // A ca_file that holds no certificate is refused when the driver is built.
+    let junk = tmp.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let ctx = Context {
+        mac: mac("52:54:00:00:00:01"),
+        name: Some("node-a"),
+        credentials: &creds,
+        interface: None,
+    };
+    let e = power::driver(&redfish_ca(&url, Some(NODE_A), &junk), &ctx)
+        .err()
+        .expect("a ca_file without a certificate was accepted");
+    assert!(e.contains("ca_file") && e.contains("junk.pem"), "{e}");
+
+    trusted.on().unwrap();
+    assert_eq!(redfish_requests(tmp.path()), [reset(NODE_A, "On")]);
+}
+
+/// Basic auth over plain http:// is refused when the driver is built, so not a packet leaves (a listener
+/// on that port sees no connection); http:// without credentials is allowed and sends no Authorization.
+#[test]
+fn redfish_basic_auth_never_over_plain_http() {
+    use std::io::Read;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let creds = credentials("bmc", "admin", "secret");
+    let ctx = Context {
+        mac: mac("52:54:00:00:00:01"),
+        name: Some("rack1-u7"),
+        credentials: &creds,
+        interface: None,
+    };
+    let e = power::driver(&redfish(&url, Some(NODE_A), false), &ctx)
+        .err()
+        .expect("Basic auth over http:// was accepted");
+    assert!(e.contains("node rack1-u7") && e.contains(&url), "{e}");
+    assert!(e.contains("plain http://") && e.contains("https://"), "{e}");
+    assert!(!e.contains("secret"), "{e}");
+    assert_eq!(
+        listener.accept().err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::WouldBlock),
+        "a connection reached the port"
+    );
+
+    // Without credentials: allowed, and the request carries no Authorization header.
+    let spec = PowerSpec::Redfish {
+        url: url.clone(),
+        system: Some(NODE_A.to_string()),
+        credentials: None,
+        insecure_tls: false,
+        ca_file: None,
+    };
+    let open = power::driver(&spec, &ctx).expect("http:// without credentials");
+    listener.set_nonblocking(false).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ended early");
+            req.extend_from_slice(&buf[..n]);
+        }
+        use std::io::Write;
+        let body = r#"{"PowerState": "On"}"#;
+        write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        String::from_utf8_lossy(&req).to_string()
+    });
+    assert_eq!(open.status().unwrap(), PowerState::On);
+    let req = server.join().unwrap();
+    assert!(
+        req.starts_with(&format!("GET /redfish/v1/Systems/{NODE_A} ")),
+        "{req}"
+    );
+    assert!(!req.to_ascii_lowercase().contains("authorization"), "{req}");
 }
 
 // ---------------------------------------------------------------------------------------------------

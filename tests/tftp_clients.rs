@@ -61,7 +61,7 @@ fn start() -> Server {
     std::fs::write(
         dir.join("corral.toml"),
         format!(
-            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nscripts_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[tftp]\nlisten = \"0.0.0.0:{port}\"\nroot = \"root\"\n",
+            "[server]\naddress = \"127.0.0.1\"\nstate_dir = \"state\"\nscripts_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[tftp]\nlisten = \"0.0.0.0:{port}\"\nroot = \"root\"\n# a hundred at once from one address (the default allows 8 per address)\nmax_sessions_per_peer = 100\n",
             Path::new(env!("CARGO_MANIFEST_DIR")).join("boot-scripts").display()
         ),
     )

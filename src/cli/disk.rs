@@ -163,7 +163,9 @@ fn go(config: &Path, action: Action, json: bool) -> Result<(), String> {
             }
             let base = base_of(&h)?;
             let tmp = target.with_extension("img.partial");
-            overlay::materialize(&stem, base, &tmp, &mut progress(json))
+            // A base is read by the server (which may run as another user), so not 0600; the bases
+            // directory is what keeps it from others.
+            overlay::materialize(&stem, base, &tmp, 0o644, &mut progress(json))
                 .map_err(|e| format!("{s}: {e}"))?;
             std::fs::rename(&tmp, &target).map_err(|e| e.to_string())?;
             report(
@@ -174,19 +176,30 @@ fn go(config: &Path, action: Action, json: bool) -> Result<(), String> {
         Action::Export(s, out) => {
             let (stem, h) = slot_of(&s)?;
             let base = base_of(&h)?;
+            // The export is the node's whole disk: both files are created new, owner-only, and never
+            // through a symlink planted at their paths. qemu-img then writes into the file made here
+            // (it opens without O_EXCL and keeps the mode of a file that exists).
             let raw = out.with_extension("raw.partial");
-            overlay::materialize(&stem, base, &raw, &mut progress(json))
+            overlay::materialize(&stem, base, &raw, 0o600, &mut progress(json))
                 .map_err(|e| format!("{s}: {e}"))?;
+            if let Err(e) = overlay::create_new(&out, 0o600) {
+                let _ = std::fs::remove_file(&raw);
+                return Err(format!("{s}: {e}"));
+            }
             let status = std::process::Command::new("qemu-img")
                 .args(["convert", "-f", "raw", "-O", "qcow2"])
                 .arg(&raw)
                 .arg(&out)
                 .status();
             let _ = std::fs::remove_file(&raw);
-            match status {
-                Ok(st) if st.success() => {}
-                Ok(st) => return Err(format!("qemu-img convert failed: {st}")),
-                Err(e) => return Err(format!("qemu-img (qemu-utils) is needed: {e}")),
+            let failed = match status {
+                Ok(st) if st.success() => None,
+                Ok(st) => Some(format!("qemu-img convert failed: {st}")),
+                Err(e) => Some(format!("qemu-img (qemu-utils) is needed: {e}")),
+            };
+            if let Some(e) = failed {
+                let _ = std::fs::remove_file(&out);
+                return Err(e);
             }
             report(json, &format!("{s} exported to {}", out.display()));
         }

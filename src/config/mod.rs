@@ -213,7 +213,7 @@ pub struct TftpConfig {
     pub max_sessions: usize,
     pub max_sessions_per_peer: usize,
     /// Upper bound for the timeout a client may ask for (RFC 2349 allows 255 s): a transfer's state is
-    /// never held longer than `max_timeout` × `retries` for a silent client.
+    /// never held longer than `max_timeout` × (`retries` + 1) for a silent client.
     pub max_timeout: u8,
 }
 
@@ -808,18 +808,104 @@ impl Config {
 
 /// Reads a secret from a file only its owner can read (mode 600 or 400): the whole file, trimmed.
 pub fn read_secret_file(path: &Path) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{}: others than its owner may read it (mode {:o}); chmod 600 it",
-            path.display(),
-            mode & 0o777
-        ));
-    }
+    check_private(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(text.trim().to_string())
+}
+
+/// Refuses a secret file that anyone but its owner, or this process's user, may read: the group or others
+/// in its mode bits, or a POSIX ACL entry for another user or any group. systemd's credentials
+/// (`$CREDENTIALS_DIRECTORY`) pass as systemd makes them: mode 0400 owned by the service's user, or (the
+/// usual case with `DynamicUser=`) 0400 owned by root plus an ACL entry granting the service's user read,
+/// which `ls -l` shows as 0440 because the group bits then stand for the ACL mask.
+pub fn check_private(path: &Path) -> Result<(), String> {
+    check_private_as(path, nix::unistd::geteuid().as_raw())
+}
+
+/// [`check_private`] for a process running as `reader`.
+pub fn check_private_as(path: &Path, reader: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    let acl = posix_acl(path).map_err(|e| format!("{}: reading its ACL: {e}", path.display()))?;
+    match who_else_reads(mode, acl.as_deref(), reader) {
+        None => Ok(()),
+        Some(who) => Err(format!(
+            "{}: readable by {who} (mode {mode:o}); a secret file must be readable by its owner only: chmod 600 it",
+            path.display()
+        )),
+    }
+}
+
+/// The file's access ACL (`system.posix_acl_access`), `None` when it has none or the file system keeps none.
+fn posix_acl(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let name = c"system.posix_acl_access";
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: both names are NUL-terminated and `buf` is writable for its length.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::ENOTSUP) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    buf.truncate(n as usize);
+    Ok(Some(buf))
+}
+
+/// Who, besides the owner and `reader` (this process's user), may read a file with these mode bits and
+/// access ACL (the kernel's xattr form: a version-2 header, then 8-byte entries of tag, permissions, id).
+/// `None`: nobody.
+fn who_else_reads(mode: u32, acl: Option<&[u8]>, reader: u32) -> Option<String> {
+    const READ: u16 = 4;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    if mode & 0o004 != 0 {
+        return Some("others".into());
+    }
+    let entries: Vec<(u16, u16, u32)> = match acl {
+        Some(a) if a.len() >= 4 && u32::from_le_bytes([a[0], a[1], a[2], a[3]]) == 2 => a[4..]
+            .chunks_exact(8)
+            .map(|e| {
+                (
+                    u16::from_le_bytes([e[0], e[1]]),
+                    u16::from_le_bytes([e[2], e[3]]),
+                    u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+                )
+            })
+            .collect(),
+        // An ACL we cannot read is not trusted to narrow the mode: the group bits decide.
+        _ => Vec::new(),
+    };
+    let Some(mask) = entries.iter().find(|e| e.0 == MASK).map(|e| e.1) else {
+        // No ACL (or a minimal one, which is the mode): the group bits are the owning group's.
+        return (mode & 0o040 != 0).then(|| "its group".into());
+    };
+    for (tag, perm, id) in &entries {
+        if perm & mask & READ == 0 {
+            continue;
+        }
+        match *tag {
+            GROUP_OBJ => return Some("its group".into()),
+            GROUP => return Some(format!("group {id} (ACL)")),
+            USER if *id != reader => return Some(format!("user {id} (ACL)")),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// An API token must be there and hard to guess.
@@ -1121,5 +1207,75 @@ mod tests {
         let c =
             parse("[server]\naddress = \"10.1.2.3\"\n[http]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
         assert_eq!(c.public_url(), "http://10.1.2.3:8080");
+    }
+}
+
+#[cfg(test)]
+mod private_file_tests {
+    use super::who_else_reads;
+
+    fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut x = 2u32.to_le_bytes().to_vec();
+        for (t, p, i) in entries {
+            x.extend_from_slice(&t.to_le_bytes());
+            x.extend_from_slice(&p.to_le_bytes());
+            x.extend_from_slice(&i.to_le_bytes());
+        }
+        x
+    }
+
+    #[test]
+    fn mode_bits_without_acl() {
+        assert_eq!(who_else_reads(0o600, None, 0), None);
+        assert_eq!(who_else_reads(0o400, None, 0), None);
+        assert_eq!(who_else_reads(0o640, None, 0).as_deref(), Some("its group"));
+        assert_eq!(who_else_reads(0o604, None, 0).as_deref(), Some("others"));
+        // Write or execute for others is not reading, but a minimal ACL (no mask) is only the mode.
+        assert_eq!(
+            who_else_reads(0o620, Some(&acl(&[(1, 6, u32::MAX)])), 0),
+            None
+        );
+    }
+
+    #[test]
+    fn acl_entries_count_through_the_mask() {
+        let me = 61_234;
+        let systemd = acl(&[
+            (1, 4, !0),
+            (2, 4, me),
+            (4, 0, !0),
+            (0x10, 4, !0),
+            (0x20, 0, !0),
+        ]);
+        assert_eq!(who_else_reads(0o440, Some(&systemd), me), None);
+        assert_eq!(
+            who_else_reads(0o440, Some(&systemd), 1000).as_deref(),
+            Some("user 61234 (ACL)")
+        );
+        let group = acl(&[
+            (1, 6, !0),
+            (4, 0, !0),
+            (8, 4, 50),
+            (0x10, 4, !0),
+            (0x20, 0, !0),
+        ]);
+        assert_eq!(
+            who_else_reads(0o640, Some(&group), 0).as_deref(),
+            Some("group 50 (ACL)")
+        );
+        // A mask without read disables every group-class entry.
+        let masked = acl(&[
+            (1, 6, !0),
+            (2, 4, 7),
+            (4, 4, !0),
+            (0x10, 0, !0),
+            (0x20, 0, !0),
+        ]);
+        assert_eq!(who_else_reads(0o600, Some(&masked), 0), None);
+        // Garbage where the ACL should be does not narrow the mode.
+        assert_eq!(
+            who_else_reads(0o640, Some(b"junk"), 0).as_deref(),
+            Some("its group")
+        );
     }
 }

@@ -298,7 +298,10 @@ fn check_power(
     let mut errs = Vec::new();
     for (i, n) in file.nodes.iter().enumerate() {
         let key = match &n.power {
-            Some(PowerSpec::Redfish { credentials, .. })
+            Some(PowerSpec::Redfish {
+                credentials: Some(credentials),
+                ..
+            })
             | Some(PowerSpec::Ipmi { credentials, .. }) => credentials,
             _ => continue,
         };

@@ -527,14 +527,11 @@ pub fn materialize(
     stem: &Path,
     base: Arc<Base>,
     out: &Path,
+    mode: u32,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<()> {
     let overlay = Overlay::open(stem, base).map_err(|e| io::Error::other(e.to_string()))?;
-    let f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(out)?;
+    let f = create_new(out, mode)?;
     let size = overlay.size();
     f.set_len(size)?;
     let chunk = 4 << 20;
@@ -553,6 +550,33 @@ pub fn materialize(
     }
     f.sync_all()?;
     Ok(())
+}
+
+/// Creates `path` for writing, only if nothing is there: `O_CREAT|O_EXCL|O_NOFOLLOW` with `mode` (before the
+/// umask), so a symlink planted at the path (dangling or not) is refused instead of followed, and a disk's
+/// bytes never land in a file someone else made or can read. A leftover from an interrupted run is refused
+/// too, with a message saying so; the operator removes it.
+pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} already exists (a leftover of an interrupted run, or a symlink); not writing through it, remove it first",
+                        path.display()
+                    ),
+                )
+            } else {
+                io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+            }
+        })
 }
 
 #[cfg(test)]

@@ -60,11 +60,17 @@ pub enum PowerSpec {
         url: String,
         /// The ComputerSystem id under /redfish/v1/Systems/ (default: the only one).
         system: Option<String>,
-        /// A key in the credentials file.
-        credentials: String,
+        /// A key in the credentials file (HTTP Basic auth, over https:// only). None: no authentication
+        /// (emulators).
+        #[serde(default)]
+        credentials: Option<String>,
         /// Accept a self-signed certificate for this BMC (and only this one).
         #[serde(default)]
         insecure_tls: bool,
+        /// A PEM file of the private CA that signed this BMC's certificate: trusted for this BMC only,
+        /// instead of the system's roots.
+        #[serde(default)]
+        ca_file: Option<std::path::PathBuf>,
     },
     Ipmi {
         host: String,
@@ -124,13 +130,23 @@ pub fn driver(spec: &PowerSpec, ctx: &Context<'_>) -> Result<Box<dyn PowerDriver
             system,
             credentials,
             insecure_tls,
-        } => Box::new(redfish::Redfish::new(
-            url,
-            system.clone(),
-            secret(credentials)?,
-            *insecure_tls,
-            Duration::from_secs(10),
-        )?),
+            ca_file,
+        } => {
+            let trust = match (insecure_tls, ca_file) {
+                (true, Some(_)) => {
+                    return Err("redfish: `insecure_tls` and `ca_file` together: choose one".into())
+                }
+                (true, None) => redfish::Trust::Any,
+                (false, Some(p)) => redfish::Trust::CaFile(p.clone()),
+                (false, None) => redfish::Trust::System,
+            };
+            let secret = credentials.as_deref().map(secret).transpose()?;
+            let who = ctx.name.map_or_else(|| ctx.mac.to_string(), str::to_string);
+            Box::new(
+                redfish::Redfish::new(url, system.clone(), secret, trust, Duration::from_secs(10))
+                    .map_err(|e| format!("node {who}: {e}"))?,
+            )
+        }
         PowerSpec::Ipmi {
             host,
             port,

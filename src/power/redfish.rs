@@ -1,9 +1,14 @@
 //! Redfish (DMTF DSP0266): `ComputerSystem.Reset` for power, `PowerState` for status, a one-time boot
-//! source override to PXE for the next boot. HTTP basic authentication; HTTPS verified against the
-//! system's roots unless this node's BMC is configured with `insecure_tls` (self-signed certificates,
-//! common on BMCs), which applies to that BMC only.
+//! source override to PXE for the next boot. HTTP basic authentication, over HTTPS only: a BMC with
+//! credentials at an http:// URL is refused when the driver is built, before any packet, since Basic
+//! auth would send the password in the clear (http:// is for emulators without credentials). HTTPS is
+//! verified against the system's roots (rustls-native-certs; webpki-roots when the system has none), or
+//! against the BMC's own `ca_file` (a private CA, PEM: then only that CA), unless this node's BMC is
+//! configured with `insecure_tls` (self-signed certificates, common on BMCs), which applies to that BMC
+//! only.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::{failed, PowerDriver, PowerResult, PowerState, Secret};
@@ -11,8 +16,54 @@ use super::{failed, PowerDriver, PowerResult, PowerState, Secret};
 pub struct Redfish {
     base: String,
     system: Option<String>,
-    secret: Secret,
+    secret: Option<Secret>,
     agent: ureq::Agent,
+    trust: Trust,
+}
+
+/// How a BMC's HTTPS certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The system's roots.
+    System,
+    /// Only the CA certificates in this PEM file.
+    CaFile(PathBuf),
+    /// Any certificate (`insecure_tls`).
+    Any,
+}
+
+/// The system's trust roots, read once: rustls-native-certs (the distribution's bundle, `SSL_CERT_FILE`
+/// and `SSL_CERT_DIR` honoured), or the Mozilla roots compiled in when none could be read.
+fn system_roots() -> Arc<rustls::RootCertStore> {
+    static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                tracing::warn!(errors = ?found.errors, "no system trust roots found: using the built-in Mozilla roots");
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            }
+            Arc::new(roots)
+        })
+        .clone()
+}
+
+/// The CA certificates of a PEM file (a private CA for one BMC).
+fn file_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let err = |e: &dyn std::fmt::Display| format!("ca_file {}: {e}", path.display());
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(&e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(err(&"no usable CA certificate (PEM) in it"));
+    }
+    Ok(roots)
 }
 
 /// Accepts any certificate: used only for BMCs configured with `insecure_tls`.
@@ -65,37 +116,58 @@ impl Redfish {
     pub fn new(
         url: &str,
         system: Option<String>,
-        secret: Secret,
-        insecure_tls: bool,
+        secret: Option<Secret>,
+        trust: Trust,
         timeout: Duration,
     ) -> Result<Redfish, String> {
+        let lower = url.to_ascii_lowercase();
+        if lower.starts_with("http://") {
+            if secret.is_some() {
+                return Err(format!(
+                    "redfish BMC {url}: refusing Basic authentication over plain http:// (the password would cross the network in the clear); use https:// (with `ca_file` for a private CA), or no `credentials` for an emulator that needs none"
+                ));
+            }
+            if trust != Trust::System {
+                return Err(format!(
+                    "redfish BMC {url}: `ca_file` and `insecure_tls` are for https:// URLs"
+                ));
+            }
+        } else if !lower.starts_with("https://") {
+            return Err(format!(
+                "redfish BMC {url}: the URL must start with https://"
+            ));
+        }
         // No redirects: ureq would turn a redirected POST/PATCH into a GET (301-303) or hand back the 3xx
         // as a success (307/308), and it drops the Authorization header on the way. A BMC that redirects
         // gets an error naming the new address instead (see `call`).
-        let mut b = ureq::AgentBuilder::new().timeout(timeout).redirects(0);
-        if insecure_tls {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
+        let b = ureq::AgentBuilder::new().timeout(timeout).redirects(0);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let cfg = match &trust {
+            Trust::Any => cfg
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-                .with_no_client_auth();
-            b = b.tls_config(Arc::new(cfg));
+                .with_custom_certificate_verifier(Arc::new(AnyCert(provider))),
+            Trust::System => cfg.with_root_certificates(system_roots()),
+            Trust::CaFile(p) => cfg.with_root_certificates(file_roots(p)?),
         }
+        .with_no_client_auth();
         Ok(Redfish {
             base: url.trim_end_matches('/').to_string(),
             system,
             secret,
-            agent: b.build(),
+            agent: b.tls_config(Arc::new(cfg)).build(),
+            trust,
         })
     }
 
-    fn auth(&self) -> String {
+    fn auth(&self) -> Option<String> {
         use std::io::Write;
+        let secret = self.secret.as_ref()?;
         let mut raw = Vec::new();
-        let _ = write!(raw, "{}:{}", self.secret.user, self.secret.password);
-        format!("Basic {}", base64(&raw))
+        let _ = write!(raw, "{}:{}", secret.user, secret.password);
+        Some(format!("Basic {}", base64(&raw)))
     }
 
     fn call(
@@ -104,11 +176,13 @@ impl Redfish {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> PowerResult<serde_json::Value> {
-        let req = self
+        let mut req = self
             .agent
             .request(method, &format!("{}{path}", self.base))
-            .set("Authorization", &self.auth())
             .set("Accept", "application/json");
+        if let Some(a) = self.auth() {
+            req = req.set("Authorization", &a);
+        }
         let res = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
@@ -133,7 +207,22 @@ impl Redfish {
                     "redfish {method} {path}: HTTP {code} {msg}"
                 )))
             }
-            Err(e) => Err(failed(format!("redfish {method} {path}: {e}"))),
+            Err(e) => {
+                let text = e.to_string();
+                // rustls says "invalid peer certificate: UnknownIssuer"; say what to do about it.
+                let hint = if text.contains("invalid peer certificate") {
+                    match &self.trust {
+                        Trust::CaFile(p) => format!(
+                            " (the BMC's certificate is not signed by the CA in ca_file {})",
+                            p.display()
+                        ),
+                        _ => " (the BMC's certificate is not signed by a CA the system trusts: set `ca_file` to the CA that signed it, or `insecure_tls` for a self-signed one)".to_string(),
+                    }
+                } else {
+                    String::new()
+                };
+                Err(failed(format!("redfish {method} {path}: {text}{hint}")))
+            }
         }
     }
 
@@ -223,6 +312,33 @@ impl PowerDriver for Redfish {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn secret() -> Option<Secret> {
+        Some(Secret {
+            user: "admin".into(),
+            password: "pw-never-shown".into(),
+        })
+    }
+
+    #[test]
+    fn basic_auth_only_over_https() {
+        let t = Duration::from_secs(1);
+        let e = Redfish::new("HTTP://10.0.9.1", None, secret(), Trust::System, t)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("plain http://") && !e.contains("pw-never-shown"),
+            "{e}"
+        );
+        assert!(Redfish::new("http://10.0.9.1", None, None, Trust::System, t).is_ok());
+        assert!(Redfish::new("http://10.0.9.1", None, None, Trust::Any, t).is_err());
+        assert!(Redfish::new("ftp://10.0.9.1", None, None, Trust::System, t).is_err());
+        assert!(Redfish::new("https://10.0.9.1", None, secret(), Trust::System, t).is_ok());
+        // The system's roots were found (Debian's ca-certificates), or the built-in ones stand in.
+        assert!(!system_roots().is_empty());
+    }
+
     #[test]
     fn base64_matches_rfc4648() {
         for (i, o) in [

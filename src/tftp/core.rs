@@ -1,6 +1,10 @@
 //! TFTP protocol core, sans IO: packet parsing and encoding (RFC 1350), option negotiation (RFC 2347
 //! blksize/tsize/timeout RFC 2348/2349, windowsize RFC 7440) and the read-transfer state machine. Bytes and
 //! `now` go in, packets to send and the next deadline come out; the tokio shell owns sockets and clocks.
+//!
+//! Bounds on what one client may hold: the session table's caps (the shell's [`crate::conn::Gate`],
+//! refused with [`busy`]), the `timeout` option capped by [`Limits::max_timeout`], and a silent client's
+//! session abandoned after [`Transfer::silence_limit`].
 
 use std::time::{Duration, Instant};
 
@@ -180,7 +184,17 @@ pub struct Limits {
     pub max_windowsize: u16,
     /// Retransmission timeout when the client asks for none, seconds.
     pub timeout: u8,
+    /// Retransmissions before a transfer is abandoned.
     pub retries: u8,
+    /// The longest `timeout` a client may ask for, seconds (RFC 2349 allows 255).
+    pub max_timeout: u8,
+}
+
+impl Limits {
+    /// The server's own timeout when the client asks for none, never above `max_timeout`.
+    fn default_timeout(&self) -> u8 {
+        self.timeout.min(self.max_timeout).max(1)
+    }
 }
 
 /// What was agreed for one transfer.
@@ -191,6 +205,9 @@ pub struct Negotiated {
     pub timeout: Duration,
     /// Options to acknowledge with an OACK (empty: start with DATA 1).
     pub oack: Vec<(String, String)>,
+    /// The client asked for a `timeout` above `max_timeout`: the option is left out of the OACK and the
+    /// transfer runs with `max_timeout`.
+    pub timeout_clamped: bool,
 }
 
 /// Negotiates the client's options (unknown or malformed ones are ignored, as RFC 2347 allows).
@@ -198,8 +215,9 @@ pub fn negotiate(options: &[(String, String)], file_len: u64, lim: &Limits) -> N
     let mut n = Negotiated {
         blksize: 512,
         windowsize: 1,
-        timeout: Duration::from_secs(lim.timeout.max(1) as u64),
+        timeout: Duration::from_secs(lim.default_timeout() as u64),
         oack: Vec::new(),
+        timeout_clamped: false,
     };
     for (k, v) in options {
         match k.as_str() {
@@ -213,9 +231,16 @@ pub fn negotiate(options: &[(String, String)], file_len: u64, lim: &Limits) -> N
                 }
             }
             "tsize" => n.oack.push(("tsize".into(), file_len.to_string())),
+            // RFC 2349: the OACK's timeout "must match the value specified by the client", so a value
+            // above our bound cannot be answered lower; it is left out of the OACK (the client then keeps
+            // its own timer, as for a server without the option) and our side uses `max_timeout`. That
+            // bounds how long a silent client holds a session whatever it asked for.
             "timeout" => {
                 if let Ok(t) = v.parse::<u8>() {
-                    if t >= 1 {
+                    if t > lim.max_timeout.max(1) {
+                        n.timeout = Duration::from_secs(lim.max_timeout.max(1) as u64);
+                        n.timeout_clamped = true;
+                    } else if t >= 1 {
                         n.timeout = Duration::from_secs(t as u64);
                         n.oack.push(("timeout".into(), t.to_string()));
                     }
@@ -234,6 +259,18 @@ pub fn negotiate(options: &[(String, String)], file_len: u64, lim: &Limits) -> N
         }
     }
     n
+}
+
+/// The ERROR packet for a request the session table has no room for: code 0 (RFC 1350 has no "busy"
+/// code) and a message saying which bound, so a client's log tells the operator what to raise.
+pub fn busy(why: crate::conn::Busy) -> Vec<u8> {
+    match why {
+        crate::conn::Busy::Full => error(code::NOT_DEFINED, "server busy: too many transfers"),
+        crate::conn::Busy::PeerFull => error(
+            code::NOT_DEFINED,
+            "server busy: too many transfers from this address",
+        ),
+    }
 }
 
 /// What the shell should do next.
@@ -362,6 +399,13 @@ impl Transfer {
         }
         self.retries_left -= 1;
         self.start(now)
+    }
+
+    /// The longest a transfer waits for a client that stopped answering before it is abandoned: the
+    /// last send and `retries` retransmissions, each given the timeout to be answered. With the timeout
+    /// capped by `max_timeout`, at most `max_timeout` × (`retries` + 1).
+    pub fn silence_limit(&self) -> Duration {
+        self.timeout * (u32::from(self.max_retries) + 1)
     }
 
     /// Size of the file being sent.

@@ -1,6 +1,10 @@
 //! The TFTP shell: one listening socket, one socket per transfer (its own TID) bound to the address the
 //! client contacted (learnt with IP_PKTINFO when listening on 0.0.0.0), files from the shared in-memory
 //! cache, and the `core` state machine driving each transfer.
+//!
+//! Every transfer holds a task and a socket until it ends, so the session table ([`Gate`]) bounds them in
+//! all and per client address before any file is opened: a request beyond a bound gets an ERROR from the
+//! listening socket and nothing is kept for it.
 
 use bytes::Bytes;
 use std::io::IoSliceMut;
@@ -14,12 +18,20 @@ use tokio::net::UdpSocket;
 
 use super::core::{self, code, Limits, Packet, Step, Transfer};
 use crate::config::TftpConfig;
+use crate::conn::{Busy, Caps, Gate};
 use crate::http::files::{confine, FileCache};
-use crate::metrics::{write_counter, Counter, Report};
+use crate::metrics::{write_counter, write_gauge, Counter, Report};
 
 /// Transfer counters.
 #[derive(Default)]
 pub struct TftpStats {
+    /// The session table: transfers open now, in all and per address.
+    pub gate: Arc<Gate>,
+    /// Requests refused because the table held `max_sessions`, or `max_sessions_per_peer` for the address.
+    pub refused_total: Counter,
+    pub refused_per_peer: Counter,
+    /// Requests whose `timeout` option was above `max_timeout` (left out of the OACK, run with max_timeout).
+    pub timeout_clamped: Counter,
     pub requests: Counter,
     pub completed: Counter,
     pub failed: Counter,
@@ -66,6 +78,26 @@ impl Report for TftpStats {
             "Requests refused (missing file, path outside the root, write)",
             self.refused.get(),
         );
+        write_gauge(
+            out,
+            "corral_tftp_sessions",
+            "Transfers open now",
+            self.gate.open() as u64,
+        );
+        use std::fmt::Write;
+        let name = "corral_tftp_refused_busy_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests refused with an error: max_sessions (reason=total) or max_sessions_per_peer (reason=per_peer) reached\n# TYPE {name} counter\n{name}{{reason=\"total\"}} {}\n{name}{{reason=\"per_peer\"}} {}",
+            self.refused_total.get(),
+            self.refused_per_peer.get()
+        );
+        write_counter(
+            out,
+            "corral_tftp_timeout_clamped_total",
+            "Requests asking for a timeout above max_timeout (option not acknowledged, max_timeout used)",
+            self.timeout_clamped.get(),
+        );
     }
 }
 
@@ -103,9 +135,16 @@ impl TftpServer {
                 max_windowsize: cfg.max_windowsize,
                 timeout: cfg.timeout,
                 retries: cfg.retries,
+                max_timeout: cfg.max_timeout,
             },
             cache: Arc::new(FileCache::new(CACHE_BUDGET)),
-            stats: Arc::default(),
+            stats: Arc::new(TftpStats {
+                gate: Gate::new(Caps {
+                    total: cfg.max_sessions,
+                    per_peer: cfg.max_sessions_per_peer,
+                }),
+                ..TftpStats::default()
+            }),
         })
     }
 
@@ -172,6 +211,20 @@ impl TftpServer {
         if mode != "octet" && mode != "netascii" {
             return refuse(code::ILLEGAL_OPERATION, "only octet and netascii modes").await;
         }
+        // A seat in the session table before anything is opened; the ticket goes with the transfer's
+        // task and frees the seat however the task ends.
+        let ticket = match self.stats.gate.enter(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                match why {
+                    Busy::Full => self.stats.refused_total.inc(),
+                    Busy::PeerFull => self.stats.refused_per_peer.inc(),
+                }
+                tracing::debug!(%peer, %filename, ?why, "tftp request refused: too many transfers");
+                let _ = self.socket.send_to(&core::busy(why), peer).await;
+                return;
+            }
+        };
         // Windows-style separators, and a leading slash meaning the root (as tftpd-hpa -s does).
         let name = filename.replace('\\', "/");
         let rel = name.strip_prefix('/').unwrap_or(&name);
@@ -189,6 +242,9 @@ impl TftpServer {
             None => return refuse(code::FILE_NOT_FOUND, "file not found").await,
         };
         let n = core::negotiate(&options, data.len() as u64, &self.limits);
+        if n.timeout_clamped {
+            self.stats.timeout_clamped.inc();
+        }
         let sock = match UdpSocket::bind(SocketAddr::new(IpAddr::V4(local), 0)).await {
             Ok(s) => s,
             Err(e) => {
@@ -199,6 +255,7 @@ impl TftpServer {
         tracing::debug!(%peer, file = %path.display(), blksize = n.blksize, window = n.windowsize, "tftp transfer");
         let (limits, stats) = (self.limits, self.stats.clone());
         tokio::spawn(async move {
+            let _ticket = ticket;
             let len = data.len() as u64;
             let mut t = Transfer::new(data, &n, &limits);
             match drive(&sock, peer, &mut t).await {

@@ -2,7 +2,10 @@
 # Redfish peer for corral's power-driver tests: sushy-tools' sushy-emulator with its fake driver
 # (no libvirt), on 127.0.0.1 only. See tests/peers/README.md for how it behaves.
 #   redfish.sh install               idempotent; venv in $CORRAL_PEERS_VENV (default /opt/corral-peers/venv)
-#   redfish.sh start PORT DIR [--tls] prints the base URL; PID in DIR/redfish.pid, log in DIR/redfish.log
+#   redfish.sh start PORT DIR [--tls|--tls-ca]  prints the base URL; PID in DIR/redfish.pid, log in
+#                                    DIR/redfish.log. --tls: a self-signed certificate; --tls-ca: a
+#                                    certificate for 127.0.0.1 signed by a test CA made here, whose
+#                                    certificate (for the driver's ca_file) is DIR/redfish-ca.crt
 #   redfish.sh stop DIR
 # Credentials admin/secret. Systems (fresh state on every start):
 #   c0ffee00-0000-4000-8000-000000000001 "node-a"  starts Off
@@ -42,7 +45,7 @@ install_locked() {
 }
 
 start() {
-  local port=${1:?usage: start PORT DIR [--tls]} dir=${2:?usage: start PORT DIR [--tls]} tls=${3:-}
+  local port=${1:?usage: start PORT DIR [--tls|--tls-ca]} dir=${2:?usage: start PORT DIR [--tls|--tls-ca]} tls=${3:-}
   install
   mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
   [ -f "$dir/redfish.pid" ] && kill -0 "$(cat "$dir/redfish.pid")" 2>/dev/null && die "already running in $dir"
@@ -65,7 +68,20 @@ SUSHY_EMULATOR_FAKE_SYSTEMS = [
      'nics': [{'mac': '52:54:00:00:00:02', 'ip': '127.0.0.1'}]},
 ]
 CONF
-  if [ "$tls" = --tls ]; then
+  if [ "$tls" = --tls-ca ] && [ ! -f "$dir/redfish.crt" ]; then
+    # A CA of our own, and the emulator's certificate signed by it (not self-signed: rustls wants an
+    # end-entity certificate under a CA, as a private BMC CA makes them).
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=corral test BMC CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout "$dir/redfish-ca.key" -out "$dir/redfish-ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 \
+      -keyout "$dir/redfish.key" -out "$dir/redfish.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
+      > "$dir/redfish.ext"
+    openssl x509 -req -in "$dir/redfish.csr" -CA "$dir/redfish-ca.crt" -CAkey "$dir/redfish-ca.key" \
+      -CAcreateserial -days 3650 -extfile "$dir/redfish.ext" -out "$dir/redfish.crt" 2>/dev/null
+  fi
+  if [ "$tls" = --tls ] || [ "$tls" = --tls-ca ]; then
     scheme=https
     [ -f "$dir/redfish.crt" ] || openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=127.0.0.1 \
       -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
@@ -126,5 +142,5 @@ case "$cmd" in
   install) install ;;
   start) start "$@" ;;
   stop) stop "$@" ;;
-  *) die "usage: $0 install | start PORT DIR [--tls] | stop DIR" ;;
+  *) die "usage: $0 install | start PORT DIR [--tls|--tls-ca] | stop DIR" ;;
 esac

@@ -156,3 +156,36 @@ fn an_overlay_for_another_base_is_refused() {
     let e = Overlay::open(&stem, c).err().unwrap();
     assert!(e.to_string().contains("made for base `b`"), "{e}");
 }
+
+/// `corral disk export` writes through [`create_new`]: a symlink planted at the output path is refused
+/// (its target untouched, dangling or not), and the file made is owner-only whatever the umask allows.
+#[test]
+fn export_files_are_new_private_and_never_through_a_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, base, stem) = setup();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let planted = dir.path().join("out.raw.partial");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let e = materialize(&stem, base.clone(), &planted, 0o600, &mut |_, _| {}).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+    assert!(e.to_string().contains("symlink"), "{e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    // A dangling one: following it would create the file it names.
+    let dangling = dir.path().join("dangling.raw.partial");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    assert!(materialize(&stem, base.clone(), &dangling, 0o600, &mut |_, _| {}).is_err());
+    assert!(!dir.path().join("nowhere").exists());
+    // A leftover regular file is not overwritten either.
+    let left = dir.path().join("left.raw.partial");
+    std::fs::write(&left, b"old").unwrap();
+    assert!(materialize(&stem, base.clone(), &left, 0o600, &mut |_, _| {}).is_err());
+    assert_eq!(std::fs::read(&left).unwrap(), b"old");
+
+    let out = dir.path().join("fresh.raw.partial");
+    materialize(&stem, base, &out, 0o600, &mut |_, _| {}).unwrap();
+    let meta = std::fs::symlink_metadata(&out).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read(&out).unwrap(), base_bytes());
+}

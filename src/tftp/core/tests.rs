@@ -8,6 +8,7 @@ const LIM: Limits = Limits {
     max_windowsize: 64,
     timeout: 1,
     retries: 3,
+    max_timeout: 5,
 };
 
 fn opts(v: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -299,5 +300,98 @@ proptest! {
         let data = file(len);
         let (got, _) = run(data.clone(), &[("blksize", &b.to_string()), ("windowsize", &w.to_string())], None);
         prop_assert_eq!(got, data.to_vec());
+    }
+}
+
+#[test]
+fn timeout_above_the_bound_is_left_out_of_the_oack() {
+    // Within the bound: echoed as asked (RFC 2349 wants the very value back).
+    let n = negotiate(&opts(&[("timeout", "5"), ("tsize", "0")]), 9, &LIM);
+    assert_eq!(n.timeout, Duration::from_secs(5));
+    assert!(!n.timeout_clamped);
+    assert_eq!(n.oack, opts(&[("timeout", "5"), ("tsize", "9")]));
+    // Above it: not acknowledged (a lower value is not allowed), our side runs with max_timeout.
+    for asked in ["6", "255"] {
+        let n = negotiate(&opts(&[("timeout", asked), ("tsize", "0")]), 9, &LIM);
+        assert_eq!(n.timeout, Duration::from_secs(5), "asked {asked}");
+        assert!(n.timeout_clamped);
+        assert_eq!(n.oack, opts(&[("tsize", "9")]));
+    }
+    // The only option left out: no OACK at all, the transfer starts with DATA 1.
+    let n = negotiate(&opts(&[("timeout", "255")]), 9, &LIM);
+    assert!(n.oack.is_empty() && n.timeout_clamped);
+    let mut t = Transfer::new(file(9), &n, &LIM);
+    let Step::Send(p, d) = t.start(Instant::now()) else {
+        panic!()
+    };
+    assert!(matches!(
+        Packet::parse(&p[0]).unwrap(),
+        Packet::Data { block: 1, .. }
+    ));
+    assert!(d <= Instant::now() + Duration::from_secs(5));
+    // Values that are no number of seconds are ignored and not counted as clamped.
+    let n = negotiate(&opts(&[("timeout", "256"), ("timeout", "x")]), 9, &LIM);
+    assert!(!n.timeout_clamped && n.oack.is_empty());
+    // A server default above the bound (the config refuses it, the core does not trust it) is capped.
+    let n = negotiate(
+        &[],
+        9,
+        &Limits {
+            timeout: 9,
+            max_timeout: 2,
+            ..LIM
+        },
+    );
+    assert_eq!(n.timeout, Duration::from_secs(2));
+}
+
+/// A client that asks for the longest timeout and then never answers holds its session no longer than
+/// max_timeout × (retries + 1): every deadline the transfer sets is within max_timeout of the last, and it
+/// gives up at the silence limit, not before.
+#[test]
+fn a_silent_client_is_abandoned_within_the_bound() {
+    for options in [
+        opts(&[("timeout", "255"), ("blksize", "1024")]),
+        opts(&[("timeout", "255")]),
+        Vec::new(),
+    ] {
+        let n = negotiate(&options, 100_000, &LIM);
+        let mut t = Transfer::new(file(100_000), &n, &LIM);
+        let start = Instant::now();
+        let bound = Duration::from_secs(u64::from(LIM.max_timeout)) * (u32::from(LIM.retries) + 1);
+        assert!(t.silence_limit() <= bound, "{options:?}");
+        let mut step = t.start(start);
+        let mut sends = 0;
+        let end = loop {
+            match step {
+                Step::Send(_, d) => {
+                    sends += 1;
+                    step = t.on_timeout(d);
+                    if let Step::Failed(_) = step {
+                        break d;
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(sends, 1 + LIM.retries as usize, "{options:?}");
+        assert_eq!(end - start, t.silence_limit(), "{options:?}");
+    }
+}
+
+#[test]
+fn busy_errors_name_the_bound() {
+    use crate::conn::Busy;
+    for (why, text) in [
+        (Busy::Full, "too many transfers"),
+        (Busy::PeerFull, "from this address"),
+    ] {
+        match Packet::parse(&busy(why)).unwrap() {
+            Packet::Error { code: c, message } => {
+                assert_eq!(c, code::NOT_DEFINED);
+                assert!(message.contains(text), "{message}");
+            }
+            p => panic!("{p:?}"),
+        }
     }
 }
