@@ -1,0 +1,287 @@
+//! NBD over TLS with per-slot pre-shared keys, against clients nobody here wrote: libnbd's nbdinfo and
+//! nbdcopy (`nbds://` URIs with `tls-psk-file=`), qemu-img and qemu-io (`tls-creds-psk` objects, which read
+//! `keys.psk` in a directory). Data read over TLS equals the disk and writes land in it; a wrong key fails
+//! the TLS handshake; slot A's key cannot open slot B even from a host that may open both in plain text;
+//! `tls = "required"` refuses plain clients with NBD_REP_ERR_TLS_REQD while "optional" still serves them.
+//!
+//! The keys come from corral's store (where they are generated when the policy loads), as the node's
+//! script renderer would read them.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+const SIZE: usize = 8 << 20;
+
+/// corral on loopback with `tls`, the slots db/0 and db/1 over an 8 MiB base, 127.0.0.1 an admin host
+/// (plain text, it may open every export: so whatever a TLS key is refused is the key's doing).
+fn setup(dir: &Path, http: u16, nbd: u16, tls: &str) {
+    image(dir, "testos");
+    std::fs::create_dir_all(dir.join("disks")).unwrap();
+    if !dir.join("disks/base.img").exists() {
+        let pattern: Vec<u8> = (0..SIZE as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        std::fs::write(dir.join("disks/base.img"), pattern).unwrap();
+    }
+    loopback_config(
+        dir,
+        http,
+        "",
+        &format!(
+            "[nbd]\nlisten = \"127.0.0.1:{nbd}\"\nadmin_hosts = [\"127.0.0.1\"]\ntls = \"{tls}\"\n"
+        ),
+    );
+    // The disks directory goes into loopback_config's [server].
+    let cfg = std::fs::read_to_string(dir.join("corral.toml")).unwrap();
+    let cfg = cfg.replacen(
+        "[server]\n",
+        &format!("[server]\ndisks_dir = \"{}/disks\"\n", dir.display()),
+        1,
+    );
+    std::fs::write(dir.join("corral.toml"), cfg).unwrap();
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[settings]\ncooldown = 0\n\n[[cluster]]\nname = \"db\"\nmin = 0\nmax = 2\ndefault = 0\nimages = [\"testos\"]\ndisk = \"base\"\n",
+    )
+    .unwrap();
+}
+
+/// The `identity:hexkey` line of a slot's key, from corral's store.
+fn psk_line(dir: &Path, slot: &str) -> String {
+    let store = corral::store::Store::open(&dir.join("state")).unwrap();
+    let psks = store.slot_psks().unwrap();
+    let (_, p) = psks
+        .iter()
+        .find(|(s, _)| s == slot)
+        .unwrap_or_else(|| panic!("no key for {slot}: {psks:?}"));
+    p.psk_line()
+}
+
+/// A directory with `keys.psk` (what qemu's tls-creds-psk reads) holding `line`; returns the file.
+fn key_dir(dir: &Path, name: &str, line: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let f = d.join("keys.psk");
+    std::fs::write(&f, format!("{line}\n")).unwrap();
+    f
+}
+
+fn nbds(nbd: u16, export: &str, identity: &str, keys: &Path) -> String {
+    format!(
+        "nbds://127.0.0.1:{nbd}/{export}?tls-username={identity}&tls-psk-file={}",
+        keys.display()
+    )
+}
+
+fn ok(program: &str, args: &[&str]) -> String {
+    let (code, out, err) = run(program, args);
+    assert_eq!(code, 0, "{program} {args:?}: {out}{err}");
+    out
+}
+
+fn fails(program: &str, args: &[&str]) -> String {
+    let (code, out, err) = run(program, args);
+    assert_ne!(code, 0, "{program} {args:?} should fail: {out}{err}");
+    format!("{out}{err}")
+}
+
+fn log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default()
+}
+
+#[test]
+fn nbd_tls_psk_with_real_clients() {
+    if !need_tools(&["nbdinfo", "nbdcopy", "qemu-img", "qemu-io"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (http, nbd) = (free_port(), free_port());
+    setup(dir, http, nbd, "optional");
+    let _server = start(dir, http);
+    wait_for("the NBD listener", 30, || {
+        std::net::TcpStream::connect(("127.0.0.1", nbd)).is_ok()
+    });
+
+    let line0 = psk_line(dir, "db.0");
+    let line1 = psk_line(dir, "db.1");
+    let (id0, hex0) = line0.split_once(':').unwrap();
+    assert_eq!(id0, "db-0");
+    assert_eq!(hex0.len(), 64, "32 bytes as hex");
+    assert!(hex0.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_ne!(line0, line1, "every slot has its own key");
+    let keys0 = key_dir(dir, "k0", &line0);
+    let keys1 = key_dir(dir, "k1", &line1);
+    // The right identity with another key.
+    let wrong = key_dir(dir, "kw", &format!("db-0:{}", "5a".repeat(32)));
+
+    // nbdinfo over TLS: the export, with TLS negotiated.
+    let url0 = nbds(nbd, "db/0", "db-0", &keys0);
+    let info = ok("nbdinfo", &[&url0]);
+    assert!(info.contains(&format!("export-size: {SIZE}")), "{info}");
+    assert!(log(dir).contains("tls=true"), "{}", log(dir));
+    // LIST over TLS shows only the key's export (plain text, this admin host sees all).
+    let list = ok("nbdinfo", &["--list", &nbds(nbd, "", "db-0", &keys0)]);
+    assert!(list.contains("db/0") && !list.contains("db/1"), "{list}");
+    assert!(!list.contains("base/base"), "{list}");
+    let plain = ok("nbdinfo", &["--list", &format!("nbd://127.0.0.1:{nbd}")]);
+    assert!(plain.contains("db/0") && plain.contains("db/1"), "{plain}");
+
+    // Data read over TLS equals the disk.
+    let copy = dir.join("copy.img");
+    ok("nbdcopy", &[&url0, copy.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(dir.join("disks/base.img")).unwrap(),
+        "read over TLS differs from the base"
+    );
+    // Writes over TLS land: nbdcopy writes the whole disk, a plain-text reader sees it.
+    let fresh = dir.join("fresh.img");
+    let data: Vec<u8> = (0..SIZE as u32)
+        .map(|i| (i.wrapping_mul(40503) >> 13) as u8)
+        .collect();
+    std::fs::write(&fresh, &data).unwrap();
+    ok("nbdcopy", &[fresh.to_str().unwrap(), &url0]);
+    let back = dir.join("back.img");
+    ok(
+        "nbdcopy",
+        &[
+            &format!("nbd://127.0.0.1:{nbd}/db/0"),
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "writes over TLS did not land"
+    );
+
+    // qemu: tls-creds-psk reads keys.psk in its directory; writes and reads at odd offsets, then a
+    // convert of the whole disk compared with what nbdcopy wrote.
+    let object = format!(
+        "tls-creds-psk,id=tls0,endpoint=client,dir={},username=db-0",
+        keys0.parent().unwrap().display()
+    );
+    let opts = format!("driver=nbd,host=127.0.0.1,port={nbd},export=db/0,tls-creds=tls0");
+    let qi = ok(
+        "qemu-img",
+        &["info", "--object", &object, "--image-opts", &opts],
+    );
+    assert!(qi.contains("8 MiB"), "{qi}");
+    let out = ok(
+        "qemu-io",
+        &[
+            "--object",
+            &object,
+            "--image-opts",
+            &opts,
+            "-c",
+            "write -P 0xab 1M 64k",
+            "-c",
+            "write -P 0x11 12345 777",
+            "-c",
+            "read -P 0xab 1M 64k",
+            "-c",
+            "read -P 0x11 12345 777",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let conv = dir.join("conv.img");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            &object,
+            "--image-opts",
+            &opts,
+            "-O",
+            "raw",
+            conv.to_str().unwrap(),
+        ],
+    );
+    let got = std::fs::read(&conv).unwrap();
+    assert_eq!(got.len(), SIZE);
+    assert!(got[1 << 20..(1 << 20) + (64 << 10)]
+        .iter()
+        .all(|&b| b == 0xab));
+    assert!(got[12345..12345 + 777].iter().all(|&b| b == 0x11));
+    assert_eq!(&got[..12345], &data[..12345]);
+    assert_eq!(&got[2 << 20..], &data[2 << 20..]);
+
+    // A wrong key fails the TLS handshake, for libnbd and qemu alike.
+    let before = log(dir).matches("nbd tls handshake failed").count();
+    fails("nbdinfo", &[&nbds(nbd, "db/0", "db-0", &wrong)]);
+    let wrong_object = format!(
+        "tls-creds-psk,id=tls0,endpoint=client,dir={},username=db-0",
+        wrong.parent().unwrap().display()
+    );
+    fails(
+        "qemu-img",
+        &["info", "--object", &wrong_object, "--image-opts", &opts],
+    );
+    assert_eq!(
+        log(dir).matches("nbd tls handshake failed").count(),
+        before + 2,
+        "{}",
+        log(dir)
+    );
+    // An identity corral does not know fails too.
+    let stranger = key_dir(dir, "ks", &format!("db-7:{hex0}"));
+    fails("nbdinfo", &[&nbds(nbd, "db/0", "db-7", &stranger)]);
+    assert!(log(dir).contains("unknown PSK identity"), "{}", log(dir));
+
+    // Slot A's key cannot open slot B (though this host may open B in plain text), nor a base; slot B's
+    // key opens B.
+    let msg = fails("nbdinfo", &[&nbds(nbd, "db/1", "db-0", &keys0)]);
+    assert!(msg.contains("this TLS key opens only db/0"), "{msg}");
+    fails("nbdinfo", &[&nbds(nbd, "base/base", "db-0", &keys0)]);
+    fails("nbdinfo", &[&nbds(nbd, "db/0", "db-1", &keys1)]);
+    ok("nbdinfo", &[&nbds(nbd, "db/1", "db-1", &keys1)]);
+    ok("nbdinfo", &[&format!("nbd://127.0.0.1:{nbd}/db/1")]);
+
+    // "optional" still serves plain clients (the kernel's in an initramfs), tested above; the base too.
+    ok("nbdinfo", &[&format!("nbd://127.0.0.1:{nbd}/base/base")]);
+}
+
+#[test]
+fn nbd_tls_required_refuses_plain_and_off_offers_none() {
+    if !need_tools(&["nbdinfo", "nbdcopy"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (http, nbd) = (free_port(), free_port());
+    setup(dir, http, nbd, "required");
+    let server = start(dir, http);
+    wait_for("the NBD listener", 30, || {
+        std::net::TcpStream::connect(("127.0.0.1", nbd)).is_ok()
+    });
+    let keys0 = key_dir(dir, "k0", &psk_line(dir, "db.0"));
+    // Plain text: every option but STARTTLS gets NBD_REP_ERR_TLS_REQD, which libnbd reports.
+    let msg = fails("nbdinfo", &[&format!("nbd://127.0.0.1:{nbd}/db/0")]);
+    assert!(
+        msg.to_lowercase().contains("tls"),
+        "no word of TLS in the refusal: {msg}"
+    );
+    let msg = fails("nbdinfo", &["--list", &format!("nbd://127.0.0.1:{nbd}")]);
+    assert!(msg.to_lowercase().contains("tls"), "{msg}");
+    // Over TLS the slot opens and its data is the disk's.
+    let url0 = nbds(nbd, "db/0", "db-0", &keys0);
+    let info = ok("nbdinfo", &[&url0]);
+    assert!(info.contains(&format!("export-size: {SIZE}")), "{info}");
+    let copy = dir.join("copy.img");
+    ok("nbdcopy", &[&url0, copy.to_str().unwrap()]);
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(dir.join("disks/base.img")).unwrap());
+    drop(server);
+
+    // "off": STARTTLS is unsupported, a client that insists on TLS gives up, plain text works; the keys
+    // made earlier stay in the store for when TLS is turned back on.
+    setup(dir, http, nbd, "off");
+    let _server = start(dir, http);
+    wait_for("the NBD listener", 30, || {
+        std::net::TcpStream::connect(("127.0.0.1", nbd)).is_ok()
+    });
+    fails("nbdinfo", &[&url0]);
+    ok("nbdinfo", &[&format!("nbd://127.0.0.1:{nbd}/db/0")]);
+}
