@@ -547,7 +547,14 @@ fn handshake(
                 match tls.accept(sock) {
                     Ok((t, proven)) => {
                         stats.tls_sessions.inc();
-                        tracing::debug!(%peer, identity = %proven.identity, export = %proven.export, "nbd tls started");
+                        tracing::info!(
+                            %peer,
+                            identity = %proven.identity,
+                            export = %proven.export,
+                            version = t.ssl().version_str(),
+                            cipher = t.ssl().current_cipher().map_or("?", |c| c.name()),
+                            "nbd tls started"
+                        );
                         hs.tls_started(proven.export);
                         link = Link::Tls(Box::new(t));
                     }
