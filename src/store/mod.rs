@@ -664,7 +664,7 @@ impl SlotPsk {
     /// The key's bytes (None if the stored hex is damaged).
     pub fn key_bytes(&self) -> Option<Vec<u8>> {
         let h = self.key.as_bytes();
-        if h.len() % 2 != 0 {
+        if h.len() % 2 != 0 || !h.iter().all(u8::is_ascii_hexdigit) {
             return None;
         }
         h.chunks(2)
@@ -808,6 +808,33 @@ mod tests {
         );
         s.delete_lease("10.0.0.6".parse().unwrap()).unwrap();
         assert_eq!(s.leases().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn slot_psks_persist_and_never_show_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = SlotPsk {
+            identity: "db-0".into(),
+            key: "00ff10".repeat(10) + "abcd",
+        };
+        Store::open(dir.path())
+            .unwrap()
+            .put_slot_psk("db.0", &p)
+            .unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.slot_psks().unwrap(), vec![("db.0".to_string(), p.clone())]);
+        assert_eq!(p.psk_line(), format!("db-0:{}", p.key));
+        let bytes = p.key_bytes().unwrap();
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(&bytes[..3], &[0x00, 0xff, 0x10]);
+        assert!(!format!("{p:?}").contains(&p.key));
+        for bad in ["abc", "zz", "0g", "+f"] {
+            let q = SlotPsk {
+                key: bad.into(),
+                ..p.clone()
+            };
+            assert!(q.key_bytes().is_none(), "{bad}");
+        }
     }
 
     #[test]
