@@ -3,6 +3,8 @@
 //! `keys.psk` in a directory). Data read over TLS equals the disk and writes land in it; a wrong key fails
 //! the TLS handshake; slot A's key cannot open slot B even from a host that may open both in plain text;
 //! `tls = "required"` refuses plain clients with NBD_REP_ERR_TLS_REQD while "optional" still serves them.
+//! On a raw socket: the exact reply types of FORCEDTLS, a stalled TLS handshake closed at the handshake
+//! deadline and a ClientHello of garbage dropped, both counted.
 //!
 //! The keys come from corral's store (where they are generated when the policy loads), as the node's
 //! script renderer would read them.
@@ -17,6 +19,11 @@ const SIZE: usize = 8 << 20;
 /// corral on loopback with `tls`, the slots db/0 and db/1 over an 8 MiB base, 127.0.0.1 an admin host
 /// (plain text, it may open every export: so whatever a TLS key is refused is the key's doing).
 fn setup(dir: &Path, http: u16, nbd: u16, tls: &str) {
+    setup_with(dir, http, nbd, tls, "")
+}
+
+/// [`setup`] with more `[nbd]` keys.
+fn setup_with(dir: &Path, http: u16, nbd: u16, tls: &str, nbd_keys: &str) {
     image(dir, "testos");
     std::fs::create_dir_all(dir.join("disks")).unwrap();
     if !dir.join("disks/base.img").exists() {
@@ -30,7 +37,7 @@ fn setup(dir: &Path, http: u16, nbd: u16, tls: &str) {
         http,
         "",
         &format!(
-            "[nbd]\nlisten = \"127.0.0.1:{nbd}\"\nadmin_hosts = [\"127.0.0.1\"]\ntls = \"{tls}\"\n[iscsi]\nenabled = false\n"
+            "[nbd]\nlisten = \"127.0.0.1:{nbd}\"\nadmin_hosts = [\"127.0.0.1\"]\ntls = \"{tls}\"\n{nbd_keys}[iscsi]\nenabled = false\n"
         ),
     );
     // The disks directory goes into loopback_config's [server].
@@ -322,4 +329,106 @@ fn nbd_tls_required_refuses_plain_and_off_offers_none() {
     });
     assert_eq!(psk_line(dir, "db.0"), line0);
     ok("nbdinfo", &[&url0]);
+}
+
+/// Sends one option (fixed newstyle header) on a raw socket.
+fn send_option(s: &mut std::net::TcpStream, option: u32, data: &[u8]) {
+    use std::io::Write;
+    let mut o = b"IHAVEOPT".to_vec();
+    o.extend_from_slice(&option.to_be_bytes());
+    o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    o.extend_from_slice(data);
+    s.write_all(&o).unwrap();
+}
+
+/// Reads one option reply: (option, reply type, data).
+fn read_reply(s: &mut std::net::TcpStream) -> (u32, u32, Vec<u8>) {
+    use std::io::Read;
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).unwrap();
+    let be = |i: usize| u32::from_be_bytes(h[i..i + 4].try_into().unwrap());
+    let mut d = vec![0u8; be(16) as usize];
+    s.read_exact(&mut d).unwrap();
+    (be(8), be(12), d)
+}
+
+/// A raw socket past the greeting (client flags: fixed newstyle, no zeroes).
+fn greeted(nbd: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", nbd)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s
+}
+
+/// Whether the server closed `s` (EOF or reset) rather than leaving it open.
+fn closed(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+fn metric(http: u16, name: &str) -> u64 {
+    let metrics = get(&format!("http://127.0.0.1:{http}/metrics"));
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
+}
+
+#[test]
+fn nbd_tls_on_the_wire_and_bad_tls_is_dropped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (http, nbd) = (free_port(), free_port());
+    setup_with(dir, http, nbd, "required", "handshake_timeout = 2\n");
+    let _server = start(dir, http);
+    wait_for("the NBD listener", 30, || {
+        std::net::TcpStream::connect(("127.0.0.1", nbd)).is_ok()
+    });
+    // FORCEDTLS: GO before STARTTLS gets exactly NBD_REP_ERR_TLS_REQD; STARTTLS with data is invalid
+    // (and starts nothing); then STARTTLS gets ACK.
+    let mut s = greeted(nbd);
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"db/0");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut s, 7, &go);
+    assert_eq!(read_reply(&mut s).1, 0x8000_0005, "NBD_REP_ERR_TLS_REQD");
+    send_option(&mut s, 5, b"x");
+    assert_eq!(read_reply(&mut s).1, 0x8000_0003, "NBD_REP_ERR_INVALID");
+    send_option(&mut s, 5, &[]);
+    assert_eq!(read_reply(&mut s), (5, 1, vec![]), "ACK");
+    // Then silence where the ClientHello should be: closed at the handshake deadline, counted.
+    let timeouts = metric(http, "corral_nbd_handshake_timeouts_total");
+    assert!(closed(&mut s), "a stalled TLS handshake must be closed");
+    wait_for("the timeout counted", 10, || {
+        metric(http, "corral_nbd_handshake_timeouts_total") > timeouts
+    });
+    // Garbage instead of a ClientHello: the TLS handshake fails, the connection is closed, counted.
+    let failed = metric(http, "corral_nbd_tls_failed_total");
+    let mut s = greeted(nbd);
+    send_option(&mut s, 5, &[]);
+    assert_eq!(read_reply(&mut s).1, 1);
+    std::io::Write::write_all(&mut s, &[0x16, 3, 1, 0, 4, 0xde, 0xad, 0xbe, 0xef]).unwrap();
+    assert!(closed(&mut s));
+    wait_for("the failure counted", 10, || {
+        metric(http, "corral_nbd_tls_failed_total") > failed
+    });
+    // The server is still there for a good client.
+    if need_tools(&["nbdinfo"]) {
+        let keys0 = key_dir(dir, "k0", &psk_line(dir, "db.0"));
+        ok("nbdinfo", &[&nbds(nbd, "db/0", "db-0", &keys0)]);
+        assert!(metric(http, "corral_nbd_tls_sessions_total") >= 1);
+    }
 }

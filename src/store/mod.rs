@@ -822,7 +822,10 @@ mod tests {
             .put_slot_psk("db.0", &p)
             .unwrap();
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.slot_psks().unwrap(), vec![("db.0".to_string(), p.clone())]);
+        assert_eq!(
+            s.slot_psks().unwrap(),
+            vec![("db.0".to_string(), p.clone())]
+        );
         assert_eq!(p.psk_line(), format!("db-0:{}", p.key));
         let bytes = p.key_bytes().unwrap();
         assert_eq!(bytes.len(), 32);
