@@ -559,7 +559,10 @@ fn handshake(
                         link = Link::Tls(Box::new(t));
                     }
                     Err(TlsError::Io(e)) => {
-                        stats.tls_failed.inc();
+                        // A stall is counted as a handshake timeout by the caller, not here.
+                        if !crate::conn::timed_out(&e) {
+                            stats.tls_failed.inc();
+                        }
                         return Err(e);
                     }
                     Err(TlsError::Handshake(why)) => {
