@@ -184,7 +184,7 @@ PY
 PSK_ID=$(cut -d: -f1 "$W/keys.psk")
 bg nbdkit -f --exit-with-parent -i 127.0.0.1 -p 18306 --tls=require --tls-psk="$W/keys.psk" -r file "$BASE" 2>"$W/nbdkit-tls.log"
 bg qemu-nbd "${QEMU_OPTS[@]}" -p 18307 -r -f raw --object "tls-creds-psk,id=tls0,endpoint=server,dir=$W" --tls-creds tls0 "$BASE" 2>"$W/qemu-tls.log"
-tls() { echo "nbds://127.0.0.1:$1/$2?tls-username=$PSK_ID&tls-psk-file=$W/keys.psk"; }
+tls() { echo "nbds://$PSK_ID@127.0.0.1:$1/$2?tls-psk-file=$W/keys.psk"; }
 wait_nbd "$(tls 18306 '')"; wait_nbd "$(tls 18307 '')"
 copies "TLS seq read, 1 conn (MiB/s)" 1 "$(tls 18301 db/3)" "$(tls 18306 '')" "$(tls 18307 '')"
 ct=(); cp=()
