@@ -24,6 +24,12 @@
 # 4K rand write, N conn (IOPS)      the same with random writes to a copy-on-write export that starts
 #                                   empty: a slot corral never wrote (db/1 for 1 conn, db/2 for 4), and
 #                                   nbdkit's cow filter and qemu-nbd's qcow2 overlay started afresh.
+# TLS seq read, 1 conn (MiB/s)      nbdcopy -C 1 over TLS 1.3 with a pre-shared key (nbds://, tls-psk-file):
+#                                   corral's slot db/3 (never written: reads go through its overlay to the
+#                                   base) with its own key from corral's store; nbdkit --tls=require
+#                                   --tls-psk and qemu-nbd with a tls-creds-psk object, both over the
+#                                   read-only base with the same key. A last line gives corral's TLS and
+#                                   plain reads of db/3 (taking turns, median) and TLS / plain.
 #
 # Servers: corral serve (admin_hosts = 127.0.0.1, so loopback may open every export); nbdkit -f, default
 # threads (16), file plugin with default cache; qemu-nbd -t --shared=8 --cache=writeback --aio=threads
@@ -34,7 +40,7 @@
 #
 # The machine has 2 cores: client and server share them, so absolute figures are low and noisy; the ratios
 # are what to read. Everything listens on 127.0.0.1 (ports 18300-18305); all it starts is stopped by PID
-# when it ends, and its temporary directory is removed.
+# when it ends, and its temporary directory is removed. TLS servers listen on 18306-18307.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -168,10 +174,28 @@ for n in 1 4; do
   line "4K rand write, $n conn (IOPS)" "$(randio "$C/db/$slot" $n randwrite)" "$(randio "$K_COW" $n randwrite)" "$(randio "$Q_COW" $n randwrite)"
   slot=$((slot + 1))
 done
+
+# TLS: db/3's key from corral's store, in the psk file format all three read (identity:hexkey).
+python3 - "$D/state/corral.db" > "$W/keys.psk" <<'PY'
+import json, sqlite3, sys
+doc = sqlite3.connect(sys.argv[1]).execute("SELECT doc FROM slot_psk WHERE slot = 'db.3'").fetchone()[0]
+p = json.loads(doc)
+print(f"{p['identity']}:{p['key']}")
+PY
+PSK_ID=$(cut -d: -f1 "$W/keys.psk")
+bg nbdkit -f --exit-with-parent -i 127.0.0.1 -p 18306 --tls=require --tls-psk="$W/keys.psk" -r file "$BASE" 2>"$W/nbdkit-tls.log"
+bg qemu-nbd "${QEMU_OPTS[@]}" -p 18307 -r -f raw --object "tls-creds-psk,id=tls0,endpoint=server,dir=$W" --tls-creds tls0 "$BASE" 2>"$W/qemu-tls.log"
+tls() { echo "nbds://$PSK_ID@127.0.0.1:$1/$2?tls-psk-file=$W/keys.psk"; }
+wait_nbd "$(tls 18306 '')"; wait_nbd "$(tls 18307 '')"
+copies "TLS seq read, 1 conn (MiB/s)" 1 "$(tls 18301 db/3)" "$(tls 18306 '')" "$(tls 18307 '')"
+ct=(); cp=()
+for i in $(seq "$REPS"); do ct+=("$(copy "$(tls 18301 db/3)" 1)"); cp+=("$(copy "$C/db/3" 1)"); done
+t=$(printf '%s\n' "${ct[@]}" | median); p=$(printf '%s\n' "${cp[@]}" | median)
 echo "(goal: ratio >= 1.0 on every line; random write starts from an empty overlay on every server)"
+echo "corral db/3 seq read, 1 conn: TLS $t MiB/s, plain $p MiB/s, TLS / plain $(ratio "$t" "$p") (the cost of TLS)"
 
 # anything the servers complained about: corral's log, nbdkit's and qemu-nbd's stderr
-for l in corral nbdkit-ro qemu-ro nbdkit-cow qemu-cow; do
+for l in corral nbdkit-ro qemu-ro nbdkit-cow qemu-cow nbdkit-tls qemu-tls; do
   n=$(grep -ciE 'error|warn|panic' "$W/$l.log" || true)
   [ "$n" = 0 ] || { echo "$l: $n error/warning lines, first ones:"; grep -iE 'error|warn|panic' "$W/$l.log" | head -3 | sed 's/^/  /'; }
 done

@@ -29,11 +29,13 @@ enum Target {
 }
 
 impl Controller {
-    /// Creates missing overlays for every slot of every cluster with a disk; problems become events.
+    /// Creates missing overlays for every slot of every cluster with a disk, and the slots' NBD TLS keys;
+    /// problems become events.
     pub(crate) fn prepare_disks(&self, now: u64) {
         let Some(policy) = self.state().policy.clone() else {
             return;
         };
+        self.prepare_slot_psks(now);
         let (created, problems) = self.disks.prepare(&policy);
         if created > 0 {
             tracing::info!(created, "slot overlays created");
@@ -216,6 +218,14 @@ impl ExportSource for NodeDisks {
         self.0
             .target(export)
             .is_some_and(|t| self.0.may_open(&t, peer))
+    }
+
+    fn psk(&self, identity: &str) -> Option<crate::nbd::server::Psk> {
+        let (cluster, slot, p) = self.0.psk_by_identity(identity)?;
+        Some(crate::nbd::server::Psk {
+            export: format!("{cluster}/{slot}"),
+            key: p.key_bytes()?,
+        })
     }
 }
 

@@ -3,10 +3,18 @@
 //!
 //! Which exports exist and who may open them is not decided here: the shell passes an [`Exports`] made
 //! for the connecting peer.
+//!
+//! TLS (NBD_OPT_STARTTLS) is decided here too, not done: with `tls` "optional" the server is in the spec's
+//! SELECTIVETLS mode with no TLS-only export (plain clients such as the kernel's in an initramfs are still
+//! served), with "required" in FORCEDTLS mode (every option but STARTTLS and ABORT is answered
+//! NBD_REP_ERR_TLS_REQD, EXPORT_NAME closes). On STARTTLS the machine answers ACK and returns
+//! [`Next::StartTls`]; the shell runs the TLS handshake and reports the export the client's pre-shared key
+//! names with [`Handshake::tls_started`]: from then on only that export may be listed, queried or opened.
 
 use std::sync::Arc;
 
 use super::proto::*;
+use crate::config::NbdTls;
 use crate::disk::Disk;
 
 /// Why an export cannot be opened.
@@ -31,6 +39,9 @@ pub trait Exports {
 pub enum Next {
     /// Read the next option.
     Continue,
+    /// The ACK of STARTTLS is in the output: write it, run the TLS handshake on the socket, call
+    /// [`Handshake::tls_started`], and read the next option over TLS.
+    StartTls,
     /// The handshake is over: serve this export.
     Transmit(Export),
     /// Close the connection (the client aborted, or broke the protocol).
@@ -53,6 +64,10 @@ pub struct Handshake {
     structured: bool,
     /// The export `base:allocation` was selected for, by SET_META_CONTEXT.
     meta_for: Option<String>,
+    /// Whether STARTTLS is offered or demanded.
+    mode: NbdTls,
+    /// Once TLS is up: the one export the client's key opens.
+    tls: Option<String>,
 }
 
 /// Transmission flags for a disk.
@@ -106,8 +121,39 @@ fn parse_meta(data: &[u8]) -> Option<(String, Vec<String>)> {
 }
 
 impl Handshake {
+    /// A handshake without TLS (STARTTLS is answered NBD_REP_ERR_UNSUP).
     pub fn new() -> Handshake {
-        Handshake::default()
+        Handshake::with_tls(NbdTls::Off)
+    }
+
+    pub fn with_tls(mode: NbdTls) -> Handshake {
+        Handshake {
+            mode,
+            ..Handshake::default()
+        }
+    }
+
+    /// TLS is up and the client's key names `export`. Per the spec nothing negotiated before STARTTLS
+    /// survives it (structured replies, meta contexts); the client flags do, they are not an option.
+    pub fn tls_started(&mut self, export: String) {
+        self.structured = false;
+        self.meta_for = None;
+        self.tls = Some(export);
+    }
+
+    /// Whether TLS is up.
+    pub fn secure(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// `exports.open`, narrowed to the key's export once TLS is up.
+    fn open(&self, exports: &dyn Exports, name: &str) -> Result<Arc<dyn Disk>, Refusal> {
+        match &self.tls {
+            Some(only) if only != name => {
+                Err(Refusal::Policy(format!("this TLS key opens only {only}")))
+            }
+            _ => exports.open(name),
+        }
     }
 
     /// The client's 32-bit flags, right after the greeting.
@@ -140,13 +186,29 @@ impl Handshake {
         out: &mut Vec<u8>,
     ) -> Next {
         let opt = h.option;
+        if self.mode == NbdTls::Required && self.tls.is_none() {
+            match opt {
+                OPT_STARTTLS | OPT_ABORT => {}
+                // No error reply exists for EXPORT_NAME: the session ends.
+                OPT_EXPORT_NAME => return Next::Close("export name before TLS, which is required"),
+                _ => {
+                    option_reply(
+                        out,
+                        opt,
+                        REP_ERR_TLS_REQD,
+                        b"TLS is required: send STARTTLS",
+                    );
+                    return Next::Continue;
+                }
+            }
+        }
         match opt {
             OPT_EXPORT_NAME => {
                 let Ok(name) = std::str::from_utf8(data) else {
                     return Next::Close("export name is not UTF-8");
                 };
                 // This option has no error reply: a refused client is disconnected.
-                let Ok(disk) = exports.open(name) else {
+                let Ok(disk) = self.open(exports, name) else {
                     return Next::Close("export refused");
                 };
                 let flags = transmission_flags(&*disk, self.structured);
@@ -166,7 +228,8 @@ impl Handshake {
                     option_reply(out, opt, REP_ERR_INVALID, b"LIST takes no data");
                     return Next::Continue;
                 }
-                for (name, description) in exports.list() {
+                let visible = |n: &String| self.tls.as_ref().is_none_or(|only| only == n);
+                for (name, description) in exports.list().into_iter().filter(|(n, _)| visible(n)) {
                     let mut d = Vec::new();
                     d.extend_from_slice(&(name.len() as u32).to_be_bytes());
                     d.extend_from_slice(name.as_bytes());
@@ -177,7 +240,16 @@ impl Handshake {
                 Next::Continue
             }
             OPT_STARTTLS => {
-                option_reply(out, opt, REP_ERR_UNSUP, b"TLS is not offered");
+                if self.mode == NbdTls::Off {
+                    option_reply(out, opt, REP_ERR_UNSUP, b"TLS is not offered");
+                } else if !data.is_empty() {
+                    option_reply(out, opt, REP_ERR_INVALID, b"STARTTLS takes no data");
+                } else if self.tls.is_some() {
+                    option_reply(out, opt, REP_ERR_INVALID, b"TLS is already started");
+                } else {
+                    option_reply(out, opt, REP_ACK, &[]);
+                    return Next::StartTls;
+                }
                 Next::Continue
             }
             OPT_INFO | OPT_GO => {
@@ -185,7 +257,7 @@ impl Handshake {
                     option_reply(out, opt, REP_ERR_INVALID, b"malformed INFO/GO payload");
                     return Next::Continue;
                 };
-                let disk = match exports.open(&name) {
+                let disk = match self.open(exports, &name) {
                     Ok(d) => d,
                     Err(r) => {
                         let (code, msg) = match r {
@@ -242,7 +314,7 @@ impl Handshake {
                     option_reply(out, opt, REP_ERR_INVALID, b"structured replies first");
                     return Next::Continue;
                 }
-                if let Err(r) = exports.open(&name) {
+                if let Err(r) = self.open(exports, &name) {
                     let code = match r {
                         Refusal::Policy(_) => REP_ERR_POLICY,
                         _ => REP_ERR_UNKNOWN,

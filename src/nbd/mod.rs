@@ -2,7 +2,9 @@
 //!
 //! - [`proto`]: wire format.
 //! - [`handshake`]: fixed-newstyle option haggling as a state machine (GO, INFO, EXPORT_NAME, LIST, ABORT,
-//!   STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`; anything else is NBD_REP_ERR_UNSUP).
+//!   STARTTLS, STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`; anything else is
+//!   NBD_REP_ERR_UNSUP).
+//! - [`tls`]: NBD over TLS with a pre-shared key per slot (OpenSSL; qemu and libnbd speak it).
 //! - [`transmit`]: request checking and replies (READ, WRITE with FUA, FLUSH, TRIM, WRITE_ZEROES,
 //!   BLOCK_STATUS, CACHE, DISC).
 //! - [`server`]: the thin shell (accept loop, a thread per connection, revocation when a node leaves its
@@ -14,6 +16,7 @@
 pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod transmit;
 
 pub use server::{ExportSource, NbdServer, NbdStats};

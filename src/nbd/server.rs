@@ -12,18 +12,27 @@
 //! (the socket's timeouts are set to the time left before each read and write of it); TCP keepalive,
 //! so that a vanished client is found although NBD has no ping; and, only when configured, an idle
 //! timeout in transmission, set once as the socket's read timeout so that it costs nothing per request.
+//!
+//! TLS ([`super::tls`]): when the handshake machine says STARTTLS, the socket is wrapped in an OpenSSL
+//! session (blocking, like the rest of the thread) and the negotiation goes on inside it; the handshake
+//! deadline covers the TLS handshake too. In transmission over TLS there is no `sendfile` (the bytes must
+//! be encrypted): reads are copied through the reply buffer.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::handshake::{Exports, Handshake, Next};
 use super::proto::{self, OptionHeader, Request, MAX_OPTION, MAX_PAYLOAD};
+use super::tls::{TlsError, TlsServer};
 use super::transmit::{self, Command};
-use crate::conn::{Caps, Deadline, Gate, Timed};
+use crate::config::NbdTls;
+use crate::conn::{Caps, Deadline, Gate};
 use crate::metrics::{write_counter, write_gauge, Counter, Report};
 
 /// Who may open what: made by the controller, asked for every connection and re-asked while it lasts.
@@ -32,6 +41,23 @@ pub trait ExportSource: Send + Sync {
     fn for_peer(&self, peer: IpAddr) -> Box<dyn Exports + Send>;
     /// Whether `peer` may still use `export` (false once its node is released from the slot).
     fn still_allowed(&self, export: &str, peer: IpAddr) -> bool;
+    /// The TLS pre-shared key a client presenting `identity` must know, and the one export it opens.
+    fn psk(&self, _identity: &str) -> Option<Psk> {
+        None
+    }
+}
+
+/// A slot's TLS pre-shared key and its export.
+#[derive(Clone)]
+pub struct Psk {
+    pub export: String,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Psk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Psk {{ export: {:?}, .. }}", self.export)
+    }
 }
 
 /// What bounds the NBD room's connections (from `[nbd]`).
@@ -42,6 +68,8 @@ pub struct NbdLimits {
     pub handshake: Duration,
     /// Without a request in transmission before the connection is closed; `None` never.
     pub idle: Option<Duration>,
+    /// Whether STARTTLS is offered or demanded (not a bound, but set from `[nbd]` with them).
+    pub tls: NbdTls,
 }
 
 impl NbdLimits {
@@ -53,6 +81,7 @@ impl NbdLimits {
             },
             handshake: Duration::from_secs(c.handshake_timeout),
             idle: (c.idle_timeout > 0).then(|| Duration::from_secs(c.idle_timeout)),
+            tls: c.tls,
         }
     }
 }
@@ -75,6 +104,8 @@ pub struct NbdStats {
     pub requests: Counter,
     pub errors: Counter,
     pub revoked: Counter,
+    pub tls_sessions: Counter,
+    pub tls_failed: Counter,
     pub bytes_read: Counter,
     pub bytes_written: Counter,
 }
@@ -128,6 +159,16 @@ impl Report for NbdStats {
                 &self.revoked,
             ),
             (
+                "corral_nbd_tls_sessions_total",
+                "NBD connections upgraded to TLS with a slot's pre-shared key",
+                &self.tls_sessions,
+            ),
+            (
+                "corral_nbd_tls_failed_total",
+                "NBD TLS handshakes that failed (no or unknown PSK identity, wrong key, no common suite)",
+                &self.tls_failed,
+            ),
+            (
                 "corral_nbd_read_bytes_total",
                 "Bytes read by NBD clients",
                 &self.bytes_read,
@@ -168,6 +209,7 @@ pub struct NbdServer {
     registry: Arc<Registry>,
     stats: Arc<NbdStats>,
     limits: NbdLimits,
+    tls: Option<Arc<TlsServer>>,
 }
 
 impl NbdServer {
@@ -183,12 +225,21 @@ impl NbdServer {
             gate: Gate::new(limits.connections),
             ..NbdStats::default()
         };
+        let tls = match limits.tls {
+            NbdTls::Off => None,
+            _ => Some(Arc::new(TlsServer::new(source.clone()).map_err(|e| {
+                anyhow::anyhow!(
+                    "nbd: cannot set up TLS (set [nbd] tls = \"off\" to run without): {e}"
+                )
+            })?)),
+        };
         Ok(NbdServer {
             listener,
             source,
             registry: Arc::default(),
             stats: Arc::new(stats),
             limits,
+            tls,
         })
     }
 
@@ -209,13 +260,26 @@ impl NbdServer {
             self.stats.clone(),
         );
         let check = move || revoke(&registry, &*source, &stats);
-        let (source, registry, stats, limits) =
-            (self.source, self.registry, self.stats, self.limits);
+        let (source, registry, stats, limits, tls) = (
+            self.source,
+            self.registry,
+            self.stats,
+            self.limits,
+            self.tls,
+        );
         let gate = stats.gate.clone();
         crate::conn::accept_on_threads(&self.listener, "nbd", gate, check, move |stream, peer| {
             stats.connections.inc();
             let exports = source.for_peer(peer.ip());
-            let r = connection(stream, peer, &*exports, &registry, &stats, &limits);
+            let r = connection(
+                stream,
+                peer,
+                &*exports,
+                &registry,
+                &stats,
+                &limits,
+                tls.as_deref(),
+            );
             crate::conn::log_end("nbd", peer, r);
         })
         .await
@@ -248,6 +312,89 @@ fn skip(r: &mut impl Read, n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The socket during the handshake: every read and write ends by the handshake's deadline. Owned (a
+/// clone of the accepted socket), so that a TLS session can own it; the deadline is lifted for
+/// transmission.
+struct HsSocket {
+    stream: TcpStream,
+    deadline: Option<Deadline>,
+}
+
+impl Read for HsSocket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(d) = &self.deadline {
+            d.arm(&self.stream)?;
+        }
+        self.stream.read(buf)
+    }
+}
+
+impl Write for HsSocket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(d) = &self.deadline {
+            d.arm(&self.stream)?;
+        }
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+type Tls = openssl::ssl::SslStream<HsSocket>;
+
+/// The connection as the handshake left it: plain, or inside TLS.
+enum Link {
+    Plain(HsSocket),
+    Tls(Box<Tls>),
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write(buf),
+            Link::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Link::Plain(s) => s.flush(),
+            Link::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// One side (reads or writes) of a TLS session, so that transmission can buffer both like a socket's
+/// clones: both halves run on the connection's one thread, one call at a time.
+struct TlsHalf(Rc<RefCell<Tls>>);
+
+impl Read for TlsHalf {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl Write for TlsHalf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.borrow_mut().flush()
+    }
+}
+
 fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -255,17 +402,23 @@ fn connection(
     registry: &Registry,
     stats: &NbdStats,
     limits: &NbdLimits,
+    tls: Option<&TlsServer>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_nonblocking(false)?;
     crate::conn::keepalive(&stream)?;
-    // The whole handshake has one deadline: a client that stalls, or trickles a byte at a time, does
-    // not hold a thread for longer than handshake_timeout.
-    let mut timed = Timed {
-        stream: &stream,
-        deadline: Deadline::after(Instant::now(), limits.handshake),
+    // The whole handshake (TLS included) has one deadline: a client that stalls, or trickles a byte at
+    // a time, does not hold a thread for longer than handshake_timeout.
+    let sock = HsSocket {
+        stream: stream.try_clone()?,
+        deadline: Some(Deadline::after(Instant::now(), limits.handshake)),
     };
-    let export = match handshake(&mut timed, peer, exports, stats) {
+    let mode = if tls.is_some() {
+        limits.tls
+    } else {
+        NbdTls::Off
+    };
+    let (export, link) = match handshake(Link::Plain(sock), peer, exports, stats, mode, tls) {
         Ok(Some(e)) => e,
         Ok(None) => return Ok(()),
         Err(e) if crate::conn::timed_out(&e) => {
@@ -277,9 +430,20 @@ fn connection(
     };
     // Set once for the whole transmission phase (no cost per request): a read that waits longer than
     // the idle timeout ends the connection; writes wait as long as the client takes.
+    let secure = matches!(link, Link::Tls(_));
+    let link = match link {
+        Link::Plain(s) => Link::Plain(HsSocket {
+            deadline: None,
+            ..s
+        }),
+        Link::Tls(mut t) => {
+            t.get_mut().deadline = None;
+            Link::Tls(t)
+        }
+    };
     stream.set_read_timeout(limits.idle)?;
     stream.set_write_timeout(None)?;
-    tracing::info!(%peer, export = %export.name, size = export.disk.size(), "nbd export opened");
+    tracing::info!(%peer, export = %export.name, size = export.disk.size(), tls = secure, "nbd export opened");
     let id = registry.next.fetch_add(1, Ordering::Relaxed);
     registry
         .open
@@ -293,7 +457,28 @@ fn connection(
                 stream: stream.try_clone()?,
             },
         );
-    let result = match transmission(&stream, &export, stats) {
+    let result = match link {
+        Link::Plain(s) => {
+            let rd = BufReader::with_capacity(256 << 10, s.stream.try_clone()?);
+            let wr = BufWriter::with_capacity(256 << 10, s.stream);
+            transmission(rd, wr, Some(&stream), &export, stats)
+        }
+        Link::Tls(t) => {
+            let t = Rc::new(RefCell::new(*t));
+            let rd = BufReader::with_capacity(256 << 10, TlsHalf(t.clone()));
+            let wr = BufWriter::with_capacity(256 << 10, TlsHalf(t.clone()));
+            let r = transmission(rd, wr, None, &export, stats);
+            // close_notify, so that the client sees a clean end; bounded, the client may be gone.
+            if stream
+                .set_write_timeout(Some(Duration::from_secs(2)))
+                .is_ok()
+            {
+                let _ = t.borrow_mut().shutdown();
+            }
+            r
+        }
+    };
+    let result = match result {
         Err(e) if limits.idle.is_some() && crate::conn::timed_out(&e) => {
             stats.idle_closed.inc();
             tracing::info!(%peer, export = %export.name, "nbd connection idle too long: closing");
@@ -310,16 +495,19 @@ fn connection(
     result
 }
 
-/// The handshake up to transmission: the export chosen, or `None` when it ended without one.
+/// The handshake up to transmission: the export chosen and the connection it goes on (plain or TLS), or
+/// `None` when it ended without one.
 fn handshake(
-    stream: &mut Timed<'_>,
+    mut link: Link,
     peer: SocketAddr,
     exports: &dyn Exports,
     stats: &NbdStats,
-) -> std::io::Result<Option<super::handshake::Export>> {
-    stream.write_all(&proto::greeting())?;
-    let mut hs = Handshake::new();
-    if let Err(why) = hs.client_flags(read_u32(stream)?) {
+    mode: NbdTls,
+    tls: Option<&TlsServer>,
+) -> std::io::Result<Option<(super::handshake::Export, Link)>> {
+    link.write_all(&proto::greeting())?;
+    let mut hs = Handshake::with_tls(mode);
+    if let Err(why) = hs.client_flags(read_u32(&mut link)?) {
         stats.malformed.inc();
         tracing::debug!(%peer, "nbd handshake: {why}");
         return Ok(None);
@@ -327,40 +515,76 @@ fn handshake(
     let mut out = Vec::new();
     loop {
         let mut head = [0u8; 16];
-        stream.read_exact(&mut head)?;
+        link.read_exact(&mut head)?;
         let Ok(h) = OptionHeader::parse(&head) else {
             stats.malformed.inc();
             return Ok(None);
         };
         out.clear();
         let next = if h.len > MAX_OPTION {
-            skip(stream, h.len as u64)?;
+            skip(&mut link, h.len as u64)?;
             hs.oversized(h, &mut out)
         } else {
             let mut data = vec![0u8; h.len as usize];
-            stream.read_exact(&mut data)?;
+            link.read_exact(&mut data)?;
             hs.option(h, &data, exports, &mut out)
         };
-        stream.write_all(&out)?;
+        link.write_all(&out)?;
         match next {
             Next::Continue => {}
-            Next::Transmit(e) => return Ok(Some(e)),
+            Next::Transmit(e) => return Ok(Some((e, link))),
             Next::Close(why) => {
                 stats.refused.inc();
                 tracing::debug!(%peer, "nbd handshake ended: {why}");
                 return Ok(None);
             }
+            Next::StartTls => {
+                // The machine answers STARTTLS with ACK only when TLS is offered and not yet up.
+                let (Link::Plain(sock), Some(tls)) = (link, tls) else {
+                    stats.malformed.inc();
+                    return Ok(None);
+                };
+                match tls.accept(sock) {
+                    Ok((t, proven)) => {
+                        stats.tls_sessions.inc();
+                        tracing::info!(
+                            %peer,
+                            identity = %proven.identity,
+                            export = %proven.export,
+                            version = t.ssl().version_str(),
+                            cipher = t.ssl().current_cipher().map_or("?", |c| c.name()),
+                            "nbd tls started"
+                        );
+                        hs.tls_started(proven.export);
+                        link = Link::Tls(Box::new(t));
+                    }
+                    Err(TlsError::Io(e)) => {
+                        // A stall is counted as a handshake timeout by the caller, not here.
+                        if !crate::conn::timed_out(&e) {
+                            stats.tls_failed.inc();
+                        }
+                        return Err(e);
+                    }
+                    Err(TlsError::Handshake(why)) => {
+                        stats.tls_failed.inc();
+                        tracing::info!(%peer, %why, "nbd tls handshake failed");
+                        return Ok(None);
+                    }
+                }
+            }
         }
     }
 }
 
-fn transmission(
-    stream: &TcpStream,
+/// Requests and replies until the client disconnects. `zero_copy` is the plain socket, for `sendfile` of
+/// long reads; `None` over TLS.
+fn transmission<R: Read, W: Write>(
+    mut rd: BufReader<R>,
+    mut wr: BufWriter<W>,
+    zero_copy: Option<&TcpStream>,
     export: &super::handshake::Export,
     stats: &NbdStats,
 ) -> std::io::Result<()> {
-    let mut rd = BufReader::with_capacity(256 << 10, stream.try_clone()?);
-    let mut wr = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
     let mut payload = Vec::new();
     let mut out = Vec::with_capacity(64 << 10);
     loop {
@@ -392,8 +616,9 @@ fn transmission(
             }
             Ok(Command::Read { offset, len }) if len >= ZERO_COPY_MIN => {
                 stats.bytes_read.add(len as u64);
-                match export.disk.pieces(offset, len as u64) {
-                    Some(pieces) => {
+                let zc = zero_copy.and_then(|s| Some((s, export.disk.pieces(offset, len as u64)?)));
+                match zc {
+                    Some((stream, pieces)) => {
                         // Zero copy: the head through the buffer, then the data from the page cache
                         // straight into the socket.
                         transmit::read_reply_head(&mut out, export, req.cookie, offset, len);

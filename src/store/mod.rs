@@ -120,6 +120,10 @@ CREATE TABLE IF NOT EXISTS slot_secret (
     slot TEXT PRIMARY KEY,
     doc  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS slot_psk (
+    slot TEXT PRIMARY KEY,
+    doc  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS node_flag (
     mac    TEXT PRIMARY KEY,
     state  TEXT NOT NULL,
@@ -579,6 +583,32 @@ impl Store {
         })
     }
 
+    /// NBD TLS pre-shared keys corral generated per slot (`cluster.slot` → key).
+    pub fn slot_psks(&self) -> Result<Vec<(String, SlotPsk)>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached("SELECT slot, doc FROM slot_psk")?;
+            let rows =
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (slot, doc) = row?;
+                if let Ok(s) = serde_json::from_str(&doc) {
+                    out.push((slot, s));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn put_slot_psk(&self, slot: &str, s: &SlotPsk) -> Result<()> {
+        let doc = serde_json::to_string(s).unwrap_or_default();
+        self.with(|c| {
+            c.prepare_cached("INSERT OR REPLACE INTO slot_psk (slot, doc) VALUES (?1, ?2)")?
+                .execute(params![slot, doc])?;
+            Ok(())
+        })
+    }
+
     /// Deletes events older than `before` (unix seconds); returns how many.
     pub fn prune_events(&self, before: u64) -> Result<usize> {
         self.with(|c| {
@@ -614,6 +644,38 @@ pub struct SlotSecret {
 impl std::fmt::Debug for SlotSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SlotSecret {{ user: {:?}, .. }}", self.user)
+    }
+}
+
+/// The NBD TLS pre-shared key of one slot: the identity the client presents (it names the slot) and 32
+/// random bytes as 64 hex digits (how GnuTLS and qemu psk files write keys).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlotPsk {
+    pub identity: String,
+    pub key: String,
+}
+
+impl SlotPsk {
+    /// The `identity:hexkey` line of a psk file (qemu's `keys.psk`, libnbd's `tls-psk-file`).
+    pub fn psk_line(&self) -> String {
+        format!("{}:{}", self.identity, self.key)
+    }
+
+    /// The key's bytes (None if the stored hex is damaged).
+    pub fn key_bytes(&self) -> Option<Vec<u8>> {
+        let h = self.key.as_bytes();
+        if h.len() % 2 != 0 || !h.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        h.chunks(2)
+            .map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for SlotPsk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotPsk {{ identity: {:?}, .. }}", self.identity)
     }
 }
 
@@ -746,6 +808,36 @@ mod tests {
         );
         s.delete_lease("10.0.0.6".parse().unwrap()).unwrap();
         assert_eq!(s.leases().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn slot_psks_persist_and_never_show_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = SlotPsk {
+            identity: "db-0".into(),
+            key: "00ff10".repeat(10) + "abcd",
+        };
+        Store::open(dir.path())
+            .unwrap()
+            .put_slot_psk("db.0", &p)
+            .unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.slot_psks().unwrap(),
+            vec![("db.0".to_string(), p.clone())]
+        );
+        assert_eq!(p.psk_line(), format!("db-0:{}", p.key));
+        let bytes = p.key_bytes().unwrap();
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(&bytes[..3], &[0x00, 0xff, 0x10]);
+        assert!(!format!("{p:?}").contains(&p.key));
+        for bad in ["abc", "zz", "0g", "+f"] {
+            let q = SlotPsk {
+                key: bad.into(),
+                ..p.clone()
+            };
+            assert!(q.key_bytes().is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -241,3 +241,169 @@ proptest::proptest! {
         let _ = hs.option(h(option, data.len()), &data, &Table, &mut out);
     }
 }
+
+/// One option through `hs`: its replies and what the shell does next.
+fn opt(hs: &mut Handshake, option: u32, data: &[u8]) -> (Vec<(u32, u32, Vec<u8>)>, Next) {
+    let mut out = Vec::new();
+    let next = hs.option(h(option, data.len()), data, &Table, &mut out);
+    (replies(&out), next)
+}
+
+fn code(r: &[(u32, u32, Vec<u8>)]) -> u32 {
+    r.last().expect("a reply").1
+}
+
+#[test]
+fn starttls_when_off_is_unsupported() {
+    let mut hs = Handshake::new();
+    let (r, next) = opt(&mut hs, OPT_STARTTLS, &[]);
+    assert_eq!(code(&r), REP_ERR_UNSUP);
+    assert!(matches!(next, Next::Continue));
+    assert!(!hs.secure());
+}
+
+#[test]
+fn starttls_acks_once_then_is_invalid() {
+    for mode in [NbdTls::Optional, NbdTls::Required] {
+        let mut hs = Handshake::with_tls(mode);
+        // Data with STARTTLS is invalid and starts nothing.
+        let (r, next) = opt(&mut hs, OPT_STARTTLS, b"x");
+        assert_eq!(code(&r), REP_ERR_INVALID);
+        assert!(matches!(next, Next::Continue));
+        let (r, next) = opt(&mut hs, OPT_STARTTLS, &[]);
+        assert_eq!(r, vec![(OPT_STARTTLS, REP_ACK, vec![])]);
+        assert!(matches!(next, Next::StartTls));
+        hs.tls_started("db/0".into());
+        assert!(hs.secure());
+        // A second STARTTLS (TLS is up) is invalid, never TLS_REQD.
+        let (r, next) = opt(&mut hs, OPT_STARTTLS, &[]);
+        assert_eq!(code(&r), REP_ERR_INVALID);
+        assert!(matches!(next, Next::Continue));
+    }
+}
+
+#[test]
+fn required_mode_errors_everything_but_starttls_and_abort() {
+    let mut hs = Handshake::with_tls(NbdTls::Required);
+    for (o, d) in [
+        (OPT_GO, info_payload("db/0", &[])),
+        (OPT_INFO, info_payload("db/0", &[])),
+        (OPT_LIST, vec![]),
+        (OPT_STRUCTURED_REPLY, vec![]),
+        (OPT_LIST_META_CONTEXT, meta_payload("db/0", &[])),
+        (99, vec![]),
+    ] {
+        let (r, next) = opt(&mut hs, o, &d);
+        assert_eq!(
+            r,
+            vec![(
+                o,
+                REP_ERR_TLS_REQD,
+                b"TLS is required: send STARTTLS".to_vec()
+            )],
+            "option {o}"
+        );
+        assert!(matches!(next, Next::Continue));
+    }
+    // EXPORT_NAME cannot be answered with an error: the session ends, no reply.
+    let (r, next) = opt(&mut hs, OPT_EXPORT_NAME, b"db/0");
+    assert!(r.is_empty());
+    assert!(matches!(next, Next::Close(_)));
+    let mut hs = Handshake::with_tls(NbdTls::Required);
+    let (r, next) = opt(&mut hs, OPT_ABORT, &[]);
+    assert_eq!(code(&r), REP_ACK);
+    assert!(matches!(next, Next::Close(_)));
+    // After TLS: no TLS_REQD, the key's export opens.
+    let mut hs = Handshake::with_tls(NbdTls::Required);
+    assert!(matches!(opt(&mut hs, OPT_STARTTLS, &[]).1, Next::StartTls));
+    hs.tls_started("db/0".into());
+    let (r, next) = opt(&mut hs, OPT_GO, &info_payload("db/0", &[]));
+    assert_eq!(code(&r), REP_ACK);
+    assert!(matches!(next, Next::Transmit(e) if e.name == "db/0"));
+}
+
+#[test]
+fn optional_mode_serves_plain_clients() {
+    let mut hs = Handshake::with_tls(NbdTls::Optional);
+    let (r, next) = opt(&mut hs, OPT_GO, &info_payload("base/b", &[]));
+    assert_eq!(code(&r), REP_ACK);
+    assert!(matches!(next, Next::Transmit(e) if e.name == "base/b"));
+    // EXPORT_NAME too (its answer is size, flags and zeroes, not an option reply).
+    let mut hs = Handshake::with_tls(NbdTls::Optional);
+    let mut out = Vec::new();
+    let next = hs.option(h(OPT_EXPORT_NAME, 4), b"db/0", &Table, &mut out);
+    assert!(matches!(next, Next::Transmit(e) if e.name == "db/0"));
+    assert_eq!(out.len(), 8 + 2 + 124);
+}
+
+#[test]
+fn after_tls_only_the_keys_export() {
+    let mut hs = Handshake::with_tls(NbdTls::Optional);
+    assert!(matches!(opt(&mut hs, OPT_STARTTLS, &[]).1, Next::StartTls));
+    hs.tls_started("db/0".into());
+    // LIST shows the key's export only.
+    let (r, _) = opt(&mut hs, OPT_LIST, &[]);
+    let names: Vec<_> = r.iter().filter(|x| x.1 == REP_SERVER).collect();
+    assert_eq!(names.len(), 1);
+    assert_eq!(&names[0].2[4..8], b"db/0");
+    // Another export, though this peer could open it in plain text: refused by policy, for INFO, GO and
+    // meta contexts alike; EXPORT_NAME closes.
+    for o in [OPT_INFO, OPT_GO] {
+        let (r, next) = opt(&mut hs, o, &info_payload("base/b", &[]));
+        assert_eq!(
+            r,
+            vec![(o, REP_ERR_POLICY, b"this TLS key opens only db/0".to_vec())]
+        );
+        assert!(matches!(next, Next::Continue));
+    }
+    let (r, _) = opt(&mut hs, OPT_LIST_META_CONTEXT, &meta_payload("base/b", &[]));
+    assert_eq!(code(&r), REP_ERR_POLICY);
+    let (_, next) = opt(&mut hs, OPT_EXPORT_NAME, b"base/b");
+    assert!(matches!(next, Next::Close(_)));
+    // The key's own export still needs the address rule: db/1 is not this peer's.
+    let mut hs = Handshake::with_tls(NbdTls::Optional);
+    let _ = opt(&mut hs, OPT_STARTTLS, &[]);
+    hs.tls_started("db/1".into());
+    let (r, _) = opt(&mut hs, OPT_GO, &info_payload("db/1", &[]));
+    assert_eq!(r, vec![(OPT_GO, REP_ERR_POLICY, b"not yours".to_vec())]);
+}
+
+#[test]
+fn starttls_forgets_structured_replies_and_meta_contexts() {
+    let mut hs = Handshake::with_tls(NbdTls::Optional);
+    assert_eq!(code(&opt(&mut hs, OPT_STRUCTURED_REPLY, &[]).0), REP_ACK);
+    let set = meta_payload("db/0", &[BASE_ALLOCATION]);
+    assert_eq!(code(&opt(&mut hs, OPT_SET_META_CONTEXT, &set).0), REP_ACK);
+    // An INFO and a refused GO before STARTTLS do not end the haggling.
+    assert_eq!(
+        code(&opt(&mut hs, OPT_INFO, &info_payload("db/0", &[])).0),
+        REP_ACK
+    );
+    assert_eq!(
+        code(&opt(&mut hs, OPT_GO, &info_payload("nope", &[])).0),
+        REP_ERR_UNKNOWN
+    );
+    assert!(matches!(opt(&mut hs, OPT_STARTTLS, &[]).1, Next::StartTls));
+    hs.tls_started("db/0".into());
+    // SET_META_CONTEXT needs structured replies again.
+    assert_eq!(
+        code(&opt(&mut hs, OPT_SET_META_CONTEXT, &set).0),
+        REP_ERR_INVALID
+    );
+    let (_, next) = opt(&mut hs, OPT_GO, &info_payload("db/0", &[]));
+    let Next::Transmit(e) = next else {
+        panic!("no transmission")
+    };
+    assert!(!e.structured && !e.base_allocation);
+    assert_eq!(e.flags & TF_SEND_DF, 0);
+    // Renegotiated after TLS, they hold.
+    let mut hs = Handshake::with_tls(NbdTls::Optional);
+    let _ = opt(&mut hs, OPT_STARTTLS, &[]);
+    hs.tls_started("db/0".into());
+    assert_eq!(code(&opt(&mut hs, OPT_STRUCTURED_REPLY, &[]).0), REP_ACK);
+    assert_eq!(code(&opt(&mut hs, OPT_SET_META_CONTEXT, &set).0), REP_ACK);
+    let Next::Transmit(e) = opt(&mut hs, OPT_GO, &info_payload("db/0", &[])).1 else {
+        panic!("no transmission")
+    };
+    assert!(e.structured && e.base_allocation);
+}
