@@ -432,3 +432,69 @@ fn nbd_tls_on_the_wire_and_bad_tls_is_dropped_and_counted() {
         assert!(metric(http, "corral_nbd_tls_sessions_total") >= 1);
     }
 }
+
+/// How a node gets its key: `{{nbd_psk}}` in its image's command line, rendered only into the script its
+/// own address fetches; with that line alone, libnbd opens the node's slot over TLS. A request for the same
+/// node from another address gets 403 and no key.
+#[test]
+fn a_node_gets_its_key_in_its_own_script_only() {
+    if !need_tools(&["nbdinfo", "curl"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (http, nbd) = (free_port(), free_port());
+    setup_with(dir, http, nbd, "optional", "");
+    const MAC: &str = "52:54:00:00:00:31";
+    std::fs::write(
+        dir.join("images/testos/image.toml"),
+        "kernel = \"vmlinuz\"\ninitrds = [\"initrd.img\"]\ncmdline = \"slot={{cluster}}/{{slot}} {{nbd_psk}}\"\n",
+    )
+    .unwrap();
+    // The node at 127.0.0.1, which is no admin host here: what it opens, it opens as the slot's node.
+    let mut cfg = std::fs::read_to_string(dir.join("corral.toml"))
+        .unwrap()
+        .replace("admin_hosts = [\"127.0.0.1\"]\n", "");
+    cfg.push_str(&reservation(MAC, "127.0.0.1"));
+    std::fs::write(dir.join("corral.toml"), cfg).unwrap();
+    std::fs::write(
+        dir.join("policy.toml"),
+        format!("[settings]\ncooldown = 0\n\n[[cluster]]\nname = \"db\"\nmin = 0\nmax = 2\ndefault = 1\nimages = [\"testos\"]\ndisk = \"base\"\n\n[[node]]\nmac = \"{MAC}\"\n"),
+    )
+    .unwrap();
+    let _server = start(dir, http);
+    let url = format!("http://127.0.0.1:{http}/boot/{MAC}");
+    let fetch = |from: &str| {
+        run(
+            "curl",
+            &["-s", "--interface", from, "-w", "\n%{http_code}", &url],
+        )
+        .1
+    };
+    // The node's first request makes it known and assigns it; the script it gets then carries its key.
+    let mut script = String::new();
+    wait_for("the node's slot script", 30, || {
+        script = fetch("127.0.0.1");
+        script.contains("slot=db/")
+    });
+    let line = script
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("corral.nbd_psk="))
+        .unwrap_or_else(|| panic!("no key in the node's own script:\n{script}"))
+        .to_string();
+    let slot = script
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("slot="))
+        .unwrap()
+        .to_string();
+    assert_eq!(line, psk_line(dir, &slot.replace('/', ".")));
+    // A stranger asking for the same node: refused, no key.
+    let foreign = fetch("127.0.0.9");
+    assert!(foreign.ends_with("403"), "{foreign}");
+    assert!(!foreign.contains("nbd_psk"), "{foreign}");
+    // The key from the script opens the node's slot over TLS (the node's own address, not an admin host).
+    let (identity, _) = line.split_once(':').unwrap();
+    let keys = key_dir(dir, "node", &line);
+    let size = ok("nbdinfo", &["--size", &nbds(nbd, &slot, identity, &keys)]);
+    assert_eq!(size.trim(), SIZE.to_string(), "{}", log(dir));
+}

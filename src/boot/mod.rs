@@ -105,6 +105,7 @@ const CMDLINE_VARS: &[&str] = &[
     "disk",
     "disk_export",
     "agent",
+    "nbd_psk",
 ];
 
 impl Catalog {
@@ -431,6 +432,9 @@ pub struct NodeVars<'a> {
     pub disk_export: &'a str,
     /// `corral.api=... corral.token=...` for the agent (empty without a policy).
     pub agent: &'a str,
+    /// `corral.nbd_psk=<identity>:<hex key>`, the slot's key for NBD over TLS (empty when the slot has no
+    /// disk or `[nbd] tls = "off"`). A secret: rendered only for the node's own address.
+    pub nbd_psk: &'a str,
 }
 
 /// What a `sanboot` script needs: the slot's iSCSI disk and how to log in to it.
@@ -481,6 +485,7 @@ pub fn node_script(t: &Templates, image: &Image, v: &NodeVars<'_>) -> String {
         ("disk", v.disk),
         ("disk_export", v.disk_export),
         ("agent", v.agent),
+        ("nbd_psk", v.nbd_psk),
     ];
     let mut cmdline = image.cmdline.render(&cmd_vars);
     // iPXE on EFI hands initrds to the kernel's EFI stub only when the command line names them.
@@ -562,6 +567,7 @@ mod tests {
         )
         .unwrap();
         let v = NodeVars {
+            nbd_psk: "",
             base_url: "http://10.0.0.1",
             server: "10.0.0.1",
             mac: "52:54:00:00:00:01",
@@ -627,6 +633,7 @@ mod tests {
         .unwrap();
         assert!(image.missing_files().is_empty());
         let v = NodeVars {
+            nbd_psk: "",
             base_url: "http://10.0.0.1",
             server: "10.0.0.1",
             mac: "52:54:00:00:00:01",

@@ -960,8 +960,20 @@ fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<H
             } else {
                 String::new()
             };
+            // The slot's NBD key, for clients that speak TLS-PSK (qemu, libnbd); the kernel's nbd-client
+            // cannot, which is why `optional` still serves plain connections.
+            let nbd_psk = if !disk.is_empty() && state.config.nbd.tls != crate::config::NbdTls::Off
+            {
+                ctx.controller
+                    .slot_psk(&cluster, &slot)
+                    .map(|p| format!("corral.nbd_psk={}", p.psk_line()))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
             let v = NodeVars {
                 agent: &agent,
+                nbd_psk: &nbd_psk,
                 base_url: &base_url,
                 server: &server,
                 mac: &mac_s,
