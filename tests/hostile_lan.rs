@@ -691,6 +691,15 @@ fn a_hostile_boot_network_gets_nothing_and_the_rack_boots() {
             let tftp = in_netns(&ns, move || tftp_attack(server, 10_000));
             let invented = in_netns(&ns, move || invent_nodes(server, 1_000));
             let traversal = in_netns(&ns, move || http_traversal(server));
+            let garbage: Vec<_> = [80u16, 10809, 3260]
+                .into_iter()
+                .map(|port| in_netns(&ns, move || tcp_garbage(server, port, 200, port as u64)))
+                .collect();
+            // Garbage first: while the idle connections below hold the attacker's per-address places,
+            // its garbage would be refused at accept, never read.
+            for g in garbage {
+                g.join().unwrap();
+            }
             let idle: Vec<_> = [80u16, 10809, 3260]
                 .into_iter()
                 .map(|port| {
@@ -702,19 +711,12 @@ fn a_hostile_boot_network_gets_nothing_and_the_rack_boots() {
                     })
                 })
                 .collect();
-            let garbage: Vec<_> = [80u16, 10809, 3260]
-                .into_iter()
-                .map(|port| in_netns(&ns, move || tcp_garbage(server, port, 200, port as u64)))
-                .collect();
             let dhcp_sent = dhcp.join().unwrap();
             let tftp_served = tftp.join().unwrap();
             let invented = invented.join().unwrap();
             let traversal = traversal.join().unwrap();
             let idle: Vec<(u16, (usize, usize))> =
                 idle.into_iter().map(|h| h.join().unwrap()).collect();
-            for g in garbage {
-                g.join().unwrap();
-            }
             (dhcp_sent, tftp_served, invented, traversal, idle)
         })
     };
