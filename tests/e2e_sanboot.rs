@@ -79,17 +79,7 @@ fn sanboot_whole_disk_images_over_iscsi() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let disks = tmp.path().join("disks");
-    std::fs::create_dir_all(&disks).unwrap();
-    let (code, out, err) = common::run(
-        "bash",
-        &[
-            &root.join("tests/testos/mkboot.sh").to_string_lossy(),
-            &testos.to_string_lossy(),
-            &disks.join("bootdisk.img").to_string_lossy(),
-            "64",
-        ],
-    );
-    assert_eq!(code, 0, "mkboot.sh: {out}{err}");
+    common::boot_disk(&testos, &disks, "bootdisk", 64);
     let base_before = std::fs::read(disks.join("bootdisk.img")).unwrap();
 
     // A sanboot image has no files: its disk is the cluster's.

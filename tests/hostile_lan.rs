@@ -40,16 +40,15 @@ const MAX_THREADS: u64 = 200;
 const MAX_FDS: u64 = 1024;
 const MAX_RSS_KIB: u64 = 512 * 1024;
 
-/// A small xorshift: random MACs and garbage, reproducible from a seed.
-struct Rng(u64);
+use common::Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
+/// Random MACs and garbage from [`Rng`], reproducible from a seed.
+trait Attack {
+    fn mac(&mut self) -> [u8; 6];
+    fn bytes(&mut self, max: usize) -> Vec<u8>;
+}
+
+impl Attack for Rng {
     fn mac(&mut self) -> [u8; 6] {
         let v = self.next().to_le_bytes();
         // Locally administered, unicast: never one of the VMs' (52:54:00:...).
@@ -582,7 +581,6 @@ fn metric(metrics: &str, name: &str) -> f64 {
 }
 
 fn base_images(tmp: &Path, testos: &Path) -> (PathBuf, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let images = common::testos_catalog(
         tmp,
         &["app"],
@@ -595,16 +593,7 @@ fn base_images(tmp: &Path, testos: &Path) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     let disks = common::base_disk(tmp);
-    let (code, out, err) = common::run(
-        "bash",
-        &[
-            &root.join("tests/testos/mkboot.sh").to_string_lossy(),
-            &testos.to_string_lossy(),
-            &disks.join("bootdisk.img").to_string_lossy(),
-            "64",
-        ],
-    );
-    assert_eq!(code, 0, "mkboot.sh: {out}{err}");
+    common::boot_disk(testos, &disks, "bootdisk", 64);
     (images, disks)
 }
 

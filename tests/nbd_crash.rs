@@ -55,17 +55,7 @@ fn setup(dir: &Path, http: u16, nbd: u16) {
     .unwrap();
 }
 
-/// A small deterministic generator (xorshift), so a failing round can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use common::Rng;
 
 #[test]
 fn acknowledged_flushed_writes_survive_sigkill_20_times() {

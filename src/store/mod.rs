@@ -559,34 +559,30 @@ impl Store {
 
     /// CHAP secrets corral generated for slots the operator gave none (`cluster.slot` → secrets).
     pub fn slot_secrets(&self) -> Result<Vec<(String, SlotSecret)>> {
-        self.with(|c| {
-            let mut st = c.prepare_cached("SELECT slot, doc FROM slot_secret")?;
-            let rows =
-                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (slot, doc) = row?;
-                if let Ok(s) = serde_json::from_str(&doc) {
-                    out.push((slot, s));
-                }
-            }
-            Ok(out)
-        })
+        self.slot_docs("slot_secret")
     }
 
     pub fn put_slot_secret(&self, slot: &str, s: &SlotSecret) -> Result<()> {
-        let doc = serde_json::to_string(s).unwrap_or_default();
-        self.with(|c| {
-            c.prepare_cached("INSERT OR REPLACE INTO slot_secret (slot, doc) VALUES (?1, ?2)")?
-                .execute(params![slot, doc])?;
-            Ok(())
-        })
+        self.put_slot_doc("slot_secret", slot, s)
     }
 
     /// NBD TLS pre-shared keys corral generated per slot (`cluster.slot` → key).
     pub fn slot_psks(&self) -> Result<Vec<(String, SlotPsk)>> {
+        self.slot_docs("slot_psk")
+    }
+
+    pub fn put_slot_psk(&self, slot: &str, s: &SlotPsk) -> Result<()> {
+        self.put_slot_doc("slot_psk", slot, s)
+    }
+
+    /// Every row of a per-slot table of JSON documents (`table` is one of ours, never input); a row that
+    /// no longer parses is skipped.
+    fn slot_docs<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &'static str,
+    ) -> Result<Vec<(String, T)>> {
         self.with(|c| {
-            let mut st = c.prepare_cached("SELECT slot, doc FROM slot_psk")?;
+            let mut st = c.prepare_cached(&format!("SELECT slot, doc FROM {table}"))?;
             let rows =
                 st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
             let mut out = Vec::new();
@@ -600,11 +596,18 @@ impl Store {
         })
     }
 
-    pub fn put_slot_psk(&self, slot: &str, s: &SlotPsk) -> Result<()> {
-        let doc = serde_json::to_string(s).unwrap_or_default();
+    fn put_slot_doc<T: serde::Serialize>(
+        &self,
+        table: &'static str,
+        slot: &str,
+        v: &T,
+    ) -> Result<()> {
+        let doc = serde_json::to_string(v).unwrap_or_default();
         self.with(|c| {
-            c.prepare_cached("INSERT OR REPLACE INTO slot_psk (slot, doc) VALUES (?1, ?2)")?
-                .execute(params![slot, doc])?;
+            c.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO {table} (slot, doc) VALUES (?1, ?2)"
+            ))?
+            .execute(params![slot, doc])?;
             Ok(())
         })
     }

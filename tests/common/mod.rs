@@ -377,3 +377,35 @@ pub fn loopback_config(dir: &Path, http: u16, http_extra: &str, extra: &str) {
     )
     .unwrap();
 }
+
+/// A small deterministic generator (xorshift), so a failing round can be replayed from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A whole-disk base with its own boot loaders (tests/testos/mkboot.sh: syslinux for BIOS, a unified
+/// kernel image for UEFI) at `<disks>/<name>.img`, `mib` MiB, for sanboot clusters.
+pub fn boot_disk(testos: &Path, disks: &Path, name: &str, mib: u32) -> std::path::PathBuf {
+    let img = disks.join(format!("{name}.img"));
+    std::fs::create_dir_all(disks).unwrap();
+    let (code, out, err) = run(
+        "bash",
+        &[
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/testos/mkboot.sh")
+                .to_string_lossy(),
+            &testos.to_string_lossy(),
+            &img.to_string_lossy(),
+            &mib.to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "mkboot.sh: {out}{err}");
+    img
+}
