@@ -142,6 +142,10 @@ enabled = false
 listen = "127.0.0.1:$nbd"
 [iscsi]
 listen = "127.0.0.1:$iscsi"
+# The node 52:54:00:00:00:01 is at 127.0.0.1 (as corral's DHCP would know it): its requests are its own.
+[[dhcp.reservation]]
+mac = "52:54:00:00:00:01"
+address = "127.0.0.1"
 EOF
 cat >"$c/policy.toml" <<EOF
 [settings]

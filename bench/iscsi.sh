@@ -96,13 +96,18 @@ enabled = false
 enabled = false
 [iscsi]
 listen = "127.0.0.1:$CORRAL_PORT"
+# The node 52:54:00:00:00:01 is at 127.0.0.1 (as corral's DHCP would know it): its requests are its own.
+[[dhcp.reservation]]
+mac = "52:54:00:00:00:01"
+address = "127.0.0.1"
 EOF
 cat "$BASE" > /dev/null   # warm the page cache for both
 
 bg "$CORRAL" serve --config "$D/corral.toml" 2>"$W/corral.log"
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$HTTP/boot.ipxe" >/dev/null && break; sleep 0.1; done
 # The node at 127.0.0.1 asks for its script: it fills db/0 and may log in to that target.
-curl -sf "http://127.0.0.1:$HTTP/boot/52-54-00-00-00-01?buildarch=x86_64" >/dev/null
+curl -sf "http://127.0.0.1:$HTTP/boot/52-54-00-00-00-01?buildarch=x86_64" >/dev/null \
+  || { echo "corral refused the node its script: $(tail -3 "$W/corral.log")" >&2; exit 1; }
 C_LUN="iscsi://127.0.0.1:$CORRAL_PORT/iqn.2026-11.io.corral:db.0/0"
 
 bg tgtd -f -C "$TGT_CTL" --iscsi "portal=127.0.0.1:$TGT_PORT" >"$W/tgtd.log" 2>&1

@@ -75,6 +75,10 @@ max_connections_per_peer = 256
 enabled = false
 [boot]
 default_image = "testos"
+# The node 52:54:00:00:00:01 is at 127.0.0.1 (as corral's DHCP would know it): its requests are its own.
+[[dhcp.reservation]]
+mac = "52:54:00:00:00:01"
+address = "127.0.0.1"
 EOF
   bg nginx -c "$W/http/nginx/nginx.conf"
   bg "$CORRAL" serve --config "$W/http/corral.toml" 2>"$W/http/corral.log"
