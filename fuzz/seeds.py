@@ -296,8 +296,8 @@ def dicts():
     tokens of TOML itself, so mutations produce files the parser gets past."""
     d = os.path.join(ROOT, "fuzz", "dict")
     os.makedirs(d, exist_ok=True)
-    base = ['"="', '"["', '"]"', '"[["', '"]]"', '"{"', '"}"', '","', '"\\""', '"\\n"', '"true"',
-            '"false"', '"#"', '"\\"\\"\\""', '"1d"', '"5m"', '"30s"', '"-"', '"."', '"10.77.0.1"',
+    base = ['"="', '"["', '"]"', '"[["', '"]]"', '"{"', '"}"', '","', '"\\x22"', '"\\x0A"', '"true"',
+            '"false"', '"#"', '"\\x22\\x22\\x22"', '"1d"', '"5m"', '"30s"', '"-"', '"."', '"10.77.0.1"',
             '"/24"', '"52:54:00:00:00:01"', '"1979-05-27T07:32:00Z"', '"inf"', '"nan"', '"0x"']
     for target, example in [("policy_toml", "policy.example.toml"), ("config_toml", "corral.example.toml")]:
         text = open(os.path.join(ROOT, "docs", example)).read().replace("# ", "")

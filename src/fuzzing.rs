@@ -327,7 +327,7 @@ struct Tree {
 fn tree() -> &'static Tree {
     static TREE: OnceLock<Tree> = OnceLock::new();
     TREE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("corral-fuzz-http-{}", std::process::id()));
+        let dir = std::env::temp_dir().join("corral-fuzz-http");
         let root = dir.join("root");
         let mk = |p: &Path| std::fs::create_dir_all(p).expect("fuzz tree");
         mk(&root.join("sub/deeper"));

@@ -339,6 +339,13 @@ impl Responder {
         }
         let (reply_type, dest) = match (kind, port) {
             (MessageType::Discover, Port::Dhcp) => (MessageType::Offer, Dest::Broadcast),
+            // A request from 0.0.0.0 (a client without an address yet) cannot be answered by unicast:
+            // sent to 0.0.0.0 the reply would go to this host itself.
+            (MessageType::Request, Port::Pxe) | (MessageType::Inform, Port::Pxe)
+                if src.ip().is_unspecified() =>
+            {
+                (MessageType::Ack, Dest::Broadcast)
+            }
             (MessageType::Request, Port::Pxe) | (MessageType::Inform, Port::Pxe) => {
                 (MessageType::Ack, Dest::Unicast(src))
             }

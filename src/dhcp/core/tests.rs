@@ -524,6 +524,16 @@ fn sightings_say_when_a_boot_starts_and_which_address_a_node_has() {
 }
 
 #[test]
+fn a_pxe_request_from_no_address_is_answered_by_broadcast() {
+    // Found by the dhcp fuzz target (fuzz/regressions/dhcp/): the ACK went unicast to 0.0.0.0:68.
+    let mut p = responder(DhcpMode::Proxy);
+    let pxe = request(Kind::EfiPxe, MessageType::Request, 3);
+    let from = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
+    let out = p.handle(&pxe, Port::Pxe, from, 6, None);
+    assert_eq!(out.reply.map(|r| r.dest), Some(Dest::Broadcast));
+}
+
+#[test]
 fn declines_from_others_are_ignored_and_counted() {
     let mut r = responder(DhcpMode::Full);
     let d = r.handle(
