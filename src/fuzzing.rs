@@ -19,8 +19,11 @@ use crate::dhcp::leases::Pool;
 use crate::mac::Mac;
 use crate::tftp::core::{self as tftp, Limits, Packet, Step, Transfer};
 
+/// A target's entry: bytes in, a panic on anything that must not happen.
+pub type Entry = fn(&[u8]);
+
 /// Every target, by the name of its fuzz/ binary and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Entry)] = &[
     ("dhcp", dhcp),
     ("tftp_packet", tftp_packet),
     ("tftp_transfer", tftp_transfer),
