@@ -242,10 +242,16 @@ pub fn tftp_transfer(data: &[u8]) {
     } else {
         SMALL_LIMITS
     };
-    let file: bytes::Bytes = (0..len)
-        .map(|i| (i * 7 % 251) as u8)
-        .collect::<Vec<u8>>()
-        .into();
+    // One file, made once: building it per input cost more than the transfer.
+    static FILE: OnceLock<bytes::Bytes> = OnceLock::new();
+    let file = FILE
+        .get_or_init(|| {
+            (0..65535)
+                .map(|i| (i * 7 % 251) as u8)
+                .collect::<Vec<u8>>()
+                .into()
+        })
+        .slice(..len);
     let mut fr = frames(&data[3..], 64).into_iter();
     let Some((_, rrq)) = fr.next() else { return };
     let Ok(Packet::Rrq { options, .. }) = Packet::parse(rrq) else {
