@@ -524,6 +524,26 @@ fn sightings_say_when_a_boot_starts_and_which_address_a_node_has() {
 }
 
 #[test]
+fn rapid_commit_with_data_is_refused_before_dhcproto_sees_it() {
+    // Found by replaying the dhcp fuzz corpus with debug assertions (fuzz/regressions/dhcp/): dhcproto
+    // debug-asserts that option 80 is empty.
+    use dhcproto::Encodable;
+    let mut m = request(Kind::BiosPxe, MessageType::Discover, 1);
+    let good = m.to_vec().unwrap();
+    assert!(decode(&good).is_some());
+    m.opts_mut().insert(DhcpOption::RapidCommit);
+    let mut wire = m.to_vec().unwrap();
+    assert!(decode(&wire).is_some(), "an empty rapid commit is fine");
+    let at = (240..wire.len())
+        .find(|&i| wire[i] == 80 && wire[i + 1] == 0)
+        .unwrap();
+    wire.splice(at + 1..at + 2, [2, 1, 1]);
+    // Refused by the walk itself, not by catching dhcproto's panic.
+    assert!(!options_sane(&wire));
+    assert!(decode(&wire).is_none());
+}
+
+#[test]
 fn a_pxe_request_from_no_address_is_answered_by_broadcast() {
     // Found by the dhcp fuzz target (fuzz/regressions/dhcp/): the ACK went unicast to 0.0.0.0:68.
     let mut p = responder(DhcpMode::Proxy);
