@@ -220,6 +220,8 @@ fn options_sane(b: &[u8]) -> bool {
                     // Rapid commit carries no data; with some, dhcproto debug-asserts, and in release
                     // builds reads the data as further options (found by the dhcp fuzz target).
                     80 => len == 0,
+                    // Client FQDN: flags and two rcodes before the name (dhcproto subtracts 3).
+                    81 => len >= 3,
                     94 => len == 3,
                     151 => len >= 1,
                     152..=155 => len == 4,

@@ -524,7 +524,7 @@ fn sightings_say_when_a_boot_starts_and_which_address_a_node_has() {
 }
 
 #[test]
-fn rapid_commit_with_data_is_refused_before_dhcproto_sees_it() {
+fn options_dhcproto_asserts_on_are_refused_before_it_sees_them() {
     // Found by replaying the dhcp fuzz corpus with debug assertions (fuzz/regressions/dhcp/): dhcproto
     // debug-asserts that option 80 is empty.
     use dhcproto::Encodable;
@@ -541,6 +541,14 @@ fn rapid_commit_with_data_is_refused_before_dhcproto_sees_it() {
     // Refused by the walk itself, not by catching dhcproto's panic.
     assert!(!options_sane(&wire));
     assert!(decode(&wire).is_none());
+    // Likewise a client FQDN (81) shorter than its flags and rcodes.
+    let mut wire = good.clone();
+    let end = wire.iter().rposition(|b| *b == 255).unwrap();
+    wire.splice(end..end, [81, 2, 0, 0]);
+    assert!(!options_sane(&wire));
+    wire[end + 1] = 3;
+    wire.splice(end + 4..end + 4, [0]);
+    assert!(options_sane(&wire));
 }
 
 #[test]
