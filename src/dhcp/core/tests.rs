@@ -549,6 +549,14 @@ fn options_dhcproto_asserts_on_are_refused_before_it_sees_them() {
     wire[end + 1] = 3;
     wire.splice(end + 4..end + 4, [0]);
     assert!(options_sane(&wire));
+    // dhcproto joins repeated options (RFC 3396): three 4-byte option 153s are one of 12 bytes, which
+    // it asserts on (found by the dhcp fuzz target with debug assertions).
+    let mut wire = good.clone();
+    let end = wire.iter().rposition(|b| *b == 255).unwrap();
+    wire.splice(end..end, [153, 4, 0, 0, 0, 1, 153, 4, 0, 0, 0, 2]);
+    assert!(!options_sane(&wire));
+    wire.insert(end + 6, 0); // a pad between them: two options, each fine
+    assert!(options_sane(&wire));
 }
 
 #[test]
