@@ -196,42 +196,58 @@ pub fn decode(bytes: &[u8]) -> Option<Message> {
 }
 
 /// Walks the options area: every option fits in the packet, and the ones dhcproto would assert on have
-/// the lengths it expects. Options we never use are otherwise left to the decoder.
+/// the lengths it expects. Options we never use are otherwise left to the decoder. dhcproto joins
+/// consecutive instances of one option into one (RFC 3396 long options), so lengths are checked per run.
 fn options_sane(b: &[u8]) -> bool {
     const COOKIE: [u8; 4] = [99, 130, 83, 99];
     if b.len() < 240 || b[236..240] != COOKIE {
         return false;
     }
+    let length_ok = |code: u8, len: usize| match code {
+        // Rapid commit carries no data; with some, dhcproto debug-asserts, and in release builds reads
+        // the data as further options (found by the dhcp fuzz target).
+        80 => len == 0,
+        // Client FQDN: flags and two rcodes before the name (dhcproto subtracts 3).
+        81 => len >= 3,
+        94 => len == 3,
+        151 => len >= 1,
+        152..=155 => len == 4,
+        // Classless static routes: we never use them, and a bad prefix length panics.
+        121 => false,
+        _ => true,
+    };
+    // The run of one option code being walked: (code, total length).
+    let mut run: Option<(u8, usize)> = None;
     let mut i = 240;
     while i < b.len() {
         let code = b[i];
-        match code {
-            0 => i += 1,
-            255 => return true,
-            _ => {
-                let Some(&len) = b.get(i + 1) else {
-                    return false;
-                };
-                let len = len as usize;
-                if i + 2 + len > b.len() {
+        if code == 0 || code == 255 {
+            if let Some((c, total)) = run.take() {
+                if !length_ok(c, total) {
                     return false;
                 }
-                let ok = match code {
-                    94 => len == 3,
-                    151 => len >= 1,
-                    152..=155 => len == 4,
-                    // Classless static routes: we never use them, and a bad prefix length panics.
-                    121 => false,
-                    _ => true,
-                };
-                if !ok {
-                    return false;
-                }
-                i += 2 + len;
             }
+            if code == 255 {
+                return true;
+            }
+            i += 1;
+            continue;
         }
+        let Some(&len) = b.get(i + 1) else {
+            return false;
+        };
+        let len = len as usize;
+        if i + 2 + len > b.len() {
+            return false;
+        }
+        run = match run {
+            Some((c, total)) if c == code => Some((c, total + len)),
+            Some((c, total)) if !length_ok(c, total) => return false,
+            _ => Some((code, len)),
+        };
+        i += 2 + len;
     }
-    true
+    run.is_none_or(|(c, total)| length_ok(c, total))
 }
 
 /// Encodes a reply, padded to the BOOTP minimum of 300 bytes that some PXE ROMs insist on.
@@ -339,6 +355,13 @@ impl Responder {
         }
         let (reply_type, dest) = match (kind, port) {
             (MessageType::Discover, Port::Dhcp) => (MessageType::Offer, Dest::Broadcast),
+            // A request from 0.0.0.0 (a client without an address yet) cannot be answered by unicast:
+            // sent to 0.0.0.0 the reply would go to this host itself.
+            (MessageType::Request, Port::Pxe) | (MessageType::Inform, Port::Pxe)
+                if src.ip().is_unspecified() =>
+            {
+                (MessageType::Ack, Dest::Broadcast)
+            }
             (MessageType::Request, Port::Pxe) | (MessageType::Inform, Port::Pxe) => {
                 (MessageType::Ack, Dest::Unicast(src))
             }

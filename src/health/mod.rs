@@ -258,8 +258,9 @@ impl NodeWatch {
                 now,
             );
         }
-        let swap = hb.swap_in + hb.swap_out;
-        let io = hb.io_read_sectors + hb.io_write_sectors;
+        // Saturating: the agent's figures are untrusted input, and a sum past u64 must not panic.
+        let swap = hb.swap_in.saturating_add(hb.swap_out);
+        let io = hb.io_read_sectors.saturating_add(hb.io_write_sectors);
         if let Some((t, s0, i0, up0)) = self.counters {
             // Counters restart with the node; a rate across a reboot means nothing.
             let secs = now.saturating_sub(t) as f64 / 1000.0;
@@ -481,6 +482,22 @@ slow = [{ metric = "probe_ms", above = 500.0, for = "30s" },
         assert!(
             matches!(w.check(15_001), Some(Verdict::Failed(ref m)) if m.contains("no heartbeat"))
         );
+    }
+
+    #[test]
+    fn counters_summing_past_u64_do_not_panic() {
+        // Found by the agent_json fuzz target (fuzz/regressions/agent_json/).
+        let mut w = NodeWatch::new(&HealthSpec::default(), 5, 0, 0);
+        let hb = Heartbeat {
+            swap_in: u64::MAX,
+            swap_out: 1,
+            io_read_sectors: u64::MAX,
+            io_write_sectors: u64::MAX,
+            ..Default::default()
+        };
+        w.heartbeat(&hb, 1_000);
+        w.heartbeat(&hb, 2_000);
+        assert_eq!(w.check(2_000), None);
     }
 
     #[test]

@@ -110,9 +110,15 @@ impl Packet {
                     message: msg.first().cloned().unwrap_or_default(),
                 })
             }
-            6 => Ok(Packet::Oack {
-                options: pairs(&strings(&b[2..])?),
-            }),
+            6 => {
+                // An OACK acknowledges at least one option (RFC 2347); one without any would not
+                // survive encoding (2 bytes, shorter than any packet).
+                let options = pairs(&strings(&b[2..])?);
+                if options.is_empty() {
+                    return Err(ParseError::Short);
+                }
+                Ok(Packet::Oack { options })
+            }
             other => Err(ParseError::Opcode(other)),
         }
     }
@@ -210,6 +216,15 @@ pub struct Negotiated {
     pub timeout_clamped: bool,
 }
 
+/// Sets an option's value in an OACK: a repeated option replaces its earlier value, so the OACK never
+/// names an option twice, and what it says is what the transfer uses.
+fn acknowledge(oack: &mut Vec<(String, String)>, key: &str, value: String) {
+    match oack.iter_mut().find(|(k, _)| k == key) {
+        Some(e) => e.1 = value,
+        None => oack.push((key.into(), value)),
+    }
+}
+
 /// Negotiates the client's options (unknown or malformed ones are ignored, as RFC 2347 allows).
 pub fn negotiate(options: &[(String, String)], file_len: u64, lim: &Limits) -> Negotiated {
     let mut n = Negotiated {
@@ -226,11 +241,11 @@ pub fn negotiate(options: &[(String, String)], file_len: u64, lim: &Limits) -> N
                     if b >= 8 {
                         let b = b.min(lim.max_blksize as u32).min(65464);
                         n.blksize = b as usize;
-                        n.oack.push(("blksize".into(), b.to_string()));
+                        acknowledge(&mut n.oack, "blksize", b.to_string());
                     }
                 }
             }
-            "tsize" => n.oack.push(("tsize".into(), file_len.to_string())),
+            "tsize" => acknowledge(&mut n.oack, "tsize", file_len.to_string()),
             // RFC 2349: the OACK's timeout "must match the value specified by the client", so a value
             // above our bound cannot be answered lower; it is left out of the OACK (the client then keeps
             // its own timer, as for a server without the option) and our side uses `max_timeout`. That
@@ -240,9 +255,11 @@ pub fn negotiate(options: &[(String, String)], file_len: u64, lim: &Limits) -> N
                     if t > lim.max_timeout.max(1) {
                         n.timeout = Duration::from_secs(lim.max_timeout.max(1) as u64);
                         n.timeout_clamped = true;
+                        // A repeated option: an earlier, acceptable value must not stay acknowledged.
+                        n.oack.retain(|(k, _)| k != "timeout");
                     } else if t >= 1 {
                         n.timeout = Duration::from_secs(t as u64);
-                        n.oack.push(("timeout".into(), t.to_string()));
+                        acknowledge(&mut n.oack, "timeout", t.to_string());
                     }
                 }
             }
@@ -251,7 +268,7 @@ pub fn negotiate(options: &[(String, String)], file_len: u64, lim: &Limits) -> N
                     if w >= 1 {
                         let w = w.min(lim.max_windowsize as u32).min(65535) as u16;
                         n.windowsize = w;
-                        n.oack.push(("windowsize".into(), w.to_string()));
+                        acknowledge(&mut n.oack, "windowsize", w.to_string());
                     }
                 }
             }

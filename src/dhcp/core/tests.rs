@@ -524,6 +524,52 @@ fn sightings_say_when_a_boot_starts_and_which_address_a_node_has() {
 }
 
 #[test]
+fn options_dhcproto_asserts_on_are_refused_before_it_sees_them() {
+    // Found by replaying the dhcp fuzz corpus with debug assertions (fuzz/regressions/dhcp/): dhcproto
+    // debug-asserts that option 80 is empty.
+    use dhcproto::Encodable;
+    let mut m = request(Kind::BiosPxe, MessageType::Discover, 1);
+    let good = m.to_vec().unwrap();
+    assert!(decode(&good).is_some());
+    m.opts_mut().insert(DhcpOption::RapidCommit);
+    let mut wire = m.to_vec().unwrap();
+    assert!(decode(&wire).is_some(), "an empty rapid commit is fine");
+    let at = (240..wire.len())
+        .find(|&i| wire[i] == 80 && wire[i + 1] == 0)
+        .unwrap();
+    wire.splice(at + 1..at + 2, [2, 1, 1]);
+    // Refused by the walk itself, not by catching dhcproto's panic.
+    assert!(!options_sane(&wire));
+    assert!(decode(&wire).is_none());
+    // Likewise a client FQDN (81) shorter than its flags and rcodes.
+    let mut wire = good.clone();
+    let end = wire.iter().rposition(|b| *b == 255).unwrap();
+    wire.splice(end..end, [81, 2, 0, 0]);
+    assert!(!options_sane(&wire));
+    wire[end + 1] = 3;
+    wire.splice(end + 4..end + 4, [0]);
+    assert!(options_sane(&wire));
+    // dhcproto joins repeated options (RFC 3396): three 4-byte option 153s are one of 12 bytes, which
+    // it asserts on (found by the dhcp fuzz target with debug assertions).
+    let mut wire = good.clone();
+    let end = wire.iter().rposition(|b| *b == 255).unwrap();
+    wire.splice(end..end, [153, 4, 0, 0, 0, 1, 153, 4, 0, 0, 0, 2]);
+    assert!(!options_sane(&wire));
+    wire.insert(end + 6, 0); // a pad between them: two options, each fine
+    assert!(options_sane(&wire));
+}
+
+#[test]
+fn a_pxe_request_from_no_address_is_answered_by_broadcast() {
+    // Found by the dhcp fuzz target (fuzz/regressions/dhcp/): the ACK went unicast to 0.0.0.0:68.
+    let mut p = responder(DhcpMode::Proxy);
+    let pxe = request(Kind::EfiPxe, MessageType::Request, 3);
+    let from = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
+    let out = p.handle(&pxe, Port::Pxe, from, 6, None);
+    assert_eq!(out.reply.map(|r| r.dest), Some(Dest::Broadcast));
+}
+
+#[test]
 fn declines_from_others_are_ignored_and_counted() {
     let mut r = responder(DhcpMode::Full);
     let d = r.handle(

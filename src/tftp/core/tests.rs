@@ -281,6 +281,37 @@ fn duplicate_and_stray_acks_are_ignored() {
     assert_eq!(t.on_packet(b"\x00", now, d), Step::Wait(d));
 }
 
+#[test]
+fn a_repeated_option_is_acknowledged_once_with_the_value_used() {
+    // Found by the tftp_transfer fuzz target (fuzz/regressions/tftp_transfer/): the OACK said blksize
+    // 654 and then 20, while the transfer used 20.
+    let n = negotiate(
+        &opts(&[
+            ("blksize", "654"),
+            ("tsize", "0"),
+            ("blksize", "20"),
+            ("tsize", "0"),
+        ]),
+        100,
+        &LIM,
+    );
+    assert_eq!(n.blksize, 20);
+    assert_eq!(n.oack, opts(&[("blksize", "20"), ("tsize", "100")]));
+}
+
+#[test]
+fn an_oack_without_options_is_refused() {
+    // Found by the tftp_packet fuzz target (fuzz/regressions/tftp_packet/): it parsed, but encoded to a
+    // 2-byte packet that does not.
+    assert_eq!(
+        Packet::parse(b"\x00\x06blksize\x00"),
+        Err(ParseError::Short)
+    );
+    assert_eq!(Packet::parse(b"\x00\x06\x00"), Err(ParseError::Short));
+    let ok = Packet::parse(b"\x00\x06blksize\x001428\x00").unwrap();
+    assert_eq!(Packet::parse(&ok.encode()), Ok(ok));
+}
+
 proptest! {
     #[test]
     fn parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
