@@ -54,6 +54,14 @@ impl serde::Serialize for Mac {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Mac::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a MAC address")))
+    }
+}
+
 impl FromStr for Mac {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

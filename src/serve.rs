@@ -173,6 +173,12 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         });
         let c = controller.clone();
         tasks.spawn(async move {
+            c.run_work_saver().await;
+            Ok(())
+        });
+        controller.resume_fences();
+        let c = controller.clone();
+        tasks.spawn(async move {
             c.run_health().await;
             Ok(())
         });
@@ -215,7 +221,11 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     tracing::info!("stopping");
     tasks.abort_all();
     let c = controller.clone();
-    tokio::task::spawn_blocking(move || c.flush()).await??;
+    tokio::task::spawn_blocking(move || {
+        c.flush()?;
+        c.save_work()
+    })
+    .await??;
     Ok(())
 }
 

@@ -43,8 +43,8 @@ const SLOW_RETRY_MS: u64 = 10_000;
 /// Bound on a fencing power call.
 const FENCE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One slot being failed over.
-#[derive(Debug, Clone)]
+/// One slot being failed over. Stored as JSON (`store::work`) so a restart follows it again.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Failover {
     old: Mac,
     slow: bool,
@@ -619,6 +619,7 @@ impl Controller {
                 .insert(slot.clone(), Instant::now() + FENCE_SETTLE);
             self.fleet().holds.remove(&mac);
         }
+        self.work_changed();
         let secs = t.elapsed();
         self.add_server_time(&slot, secs);
         self.event(
@@ -917,6 +918,63 @@ impl Controller {
                 format!("{mac} was off: switched on"),
                 None,
             );
+        }
+    }
+
+    /// The running failovers as stored documents.
+    pub(crate) fn failover_docs(&self) -> Vec<crate::store::work::FailoverDoc> {
+        self.health()
+            .failovers
+            .iter()
+            .filter_map(|(slot, f)| {
+                Some(crate::store::work::FailoverDoc {
+                    cluster: slot.cluster.clone(),
+                    slot: slot.slot,
+                    doc: serde_json::to_string(f).ok()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes a stored failover back; returns the node that failed.
+    pub(crate) fn restore_failover(&self, slot: &SlotRef, doc: &str) -> Result<Mac, String> {
+        let f: Failover = serde_json::from_str(doc).map_err(|e| e.to_string())?;
+        let old = f.old;
+        self.health().failovers.insert(slot.clone(), f);
+        Ok(old)
+    }
+
+    /// At start, once tasks can run: fences again every failed node that still holds a slot's disk (its
+    /// fence was under way when corral stopped, or never ran). Switching a node off twice is harmless;
+    /// leaving it running on a disk another node gets is not.
+    pub fn resume_fences(self: &Arc<Self>) {
+        let pending: Vec<(Mac, SlotRef)> = {
+            let fleet = self.fleet();
+            fleet
+                .holds
+                .iter()
+                .filter(|(m, _)| {
+                    !fleet.reboot.contains_key(m)
+                        && fleet.state.nodes.get(m).is_some_and(|n| !n.healthy)
+                })
+                .map(|(m, s)| (*m, s.clone()))
+                .collect()
+        };
+        for (mac, slot) in pending {
+            if self.quarantined(mac) {
+                continue;
+            }
+            self.event(
+                "fence-resumed",
+                Some(mac),
+                Some(&slot.cluster),
+                format!(
+                    "{mac} still held {}/{}'s disk when corral started: fencing it again",
+                    slot.cluster, slot.slot
+                ),
+                None,
+            );
+            tokio::spawn(self.clone().fence_failed(mac, slot));
         }
     }
 

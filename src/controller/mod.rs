@@ -19,6 +19,7 @@ pub mod mover;
 pub mod moves;
 pub mod trust;
 pub mod views;
+pub mod work;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -403,6 +404,11 @@ pub struct Controller {
     /// DHCP sightings, discovery rates, generated slot secrets: who each node is.
     identity: Mutex<identity::Identity>,
     trust_stats: identity::TrustStats,
+    /// Serialises writes of in-flight work and remembers the last one ([`work`]). Lock order: `work_io`,
+    /// then `fleet`, then `health`.
+    work_io: Mutex<work::SavedWork>,
+    /// Wakes the saver of in-flight work.
+    work_dirty: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -418,6 +424,8 @@ struct Fleet {
     holds: BTreeMap<Mac, SlotRef>,
     /// Nodes waiting for a restart that corral cannot do (no power control, no agent).
     manual: BTreeSet<Mac>,
+    /// The last step each running move reached (an event kind), kept with the pending restart.
+    steps: BTreeMap<Mac, String>,
 }
 
 /// What the planner knows of a node: iPXE's facts, overridden by the policy's `[[node]]` entry.
@@ -490,10 +498,13 @@ impl Controller {
             health: Mutex::new(Default::default()),
             identity: Mutex::new(identity::Identity::new(state_rate)),
             trust_stats: Default::default(),
+            work_io: Mutex::new(Default::default()),
+            work_dirty: tokio::sync::Notify::new(),
         });
         c.restore_leases();
         c.load_agent_tokens();
         c.load_node_flags();
+        c.restore_work();
         c.prepare_disks(crate::unix_now());
         c.prepare_slot_secrets(crate::unix_now());
         c.replan(crate::unix_now())?;
@@ -587,6 +598,7 @@ impl Controller {
         let Some(policy) = self.state().policy.clone() else {
             return Ok(Vec::new());
         };
+        let mut saved = self.work_io();
         let mut fleet = self.fleet();
         let mut events: Vec<NewEvent> = Vec::new();
         {
@@ -687,8 +699,48 @@ impl Controller {
                 }
             }
         }
-        if !changes.is_empty() || !events.is_empty() {
-            self.store.apply(&changes, &events)?;
+        // The plan's outcome is worked out first and stored before anything in memory changes: a node that
+        // leaves a slot holds its disk from the very commit that takes the slot away.
+        let next_state = plan::apply(&fleet.state, &actions, now);
+        let mut next = Fleet {
+            state: next_state,
+            alerts: BTreeSet::new(),
+            reboot: fleet.reboot.clone(),
+            holds: fleet.holds.clone(),
+            manual: fleet.manual.clone(),
+            steps: fleet.steps.clone(),
+        };
+        let decided = std::time::Instant::now();
+        let mut moves = false;
+        for a in &actions {
+            match a {
+                // A node that was serving another role is running it still: it must restart, and it
+                // keeps its old slot's disk until it is off.
+                Action::Release { node, from } | Action::Preempt { node, from, .. }
+                    if fleet.state.assignments.contains_key(node) =>
+                {
+                    // A failed node was cut off by the move that failed; nothing more to do here.
+                    let healthy = next.state.nodes.get(node).is_some_and(|n| n.healthy);
+                    if healthy {
+                        next.reboot.insert(*node, decided);
+                        next.manual.remove(node);
+                        // A node decided again before it was switched off still runs the role of its
+                        // first hold: that disk stays its own.
+                        next.holds.entry(*node).or_insert_with(|| from.clone());
+                        moves = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let work = work::node_work(&next, agents::unix_ms());
+        let work_changed = Self::work_differs(&saved, &work);
+        if !changes.is_empty() || !events.is_empty() || work_changed {
+            self.store
+                .apply_plan(&changes, &events, work_changed.then_some(work.as_slice()))?;
+            if work_changed {
+                Self::planner_saved(&mut saved, work);
+            }
         }
         for e in &events {
             if e.kind != "alert" {
@@ -697,32 +749,10 @@ impl Controller {
                 self.send_webhook(None, e.cluster.as_deref(), &e.message);
             }
         }
-        let before = fleet.state.assignments.clone();
-        fleet.state = plan::apply(&fleet.state, &actions, now);
-        let decided = std::time::Instant::now();
-        let mut moves = false;
-        for a in &actions {
-            match a {
-                // A node that was serving another role is running it still: it must restart, and it
-                // keeps its old slot's disk until it is off.
-                Action::Release { node, from } | Action::Preempt { node, from, .. }
-                    if before.contains_key(node) =>
-                {
-                    // A failed node was cut off by the move that failed; nothing more to do here.
-                    let healthy = fleet.state.nodes.get(node).is_some_and(|n| n.healthy);
-                    if healthy {
-                        fleet.reboot.insert(*node, decided);
-                        fleet.manual.remove(node);
-                        // A node decided again before it was switched off still runs the role of its
-                        // first hold: that disk stays its own.
-                        fleet.holds.entry(*node).or_insert_with(|| from.clone());
-                        moves = true;
-                    }
-                }
-                _ => {}
-            }
-        }
-        fleet.alerts = alerts;
+        next.alerts = alerts;
+        *fleet = next;
+        drop(fleet);
+        drop(saved);
         if moves {
             self.mover_wake.notify_one();
         }
@@ -773,11 +803,15 @@ impl Controller {
                 .is_some_and(|n| n.arch.is_some() || facts.buildarch.is_none());
             // A node that boots on its own (not in a move) has done its restart and left its old role.
             if !self.moving(mac) {
-                fleet.reboot.remove(&mac);
-                fleet.manual.remove(&mac);
+                let mut ended = fleet.reboot.remove(&mac).is_some();
+                ended |= fleet.manual.remove(&mac);
+                fleet.steps.remove(&mac);
                 // A failed node keeps its hold until it is fenced; any other restart ends it.
                 if fleet.state.nodes.get(&mac).is_none_or(|n| n.healthy) {
-                    fleet.holds.remove(&mac);
+                    ended |= fleet.holds.remove(&mac).is_some();
+                }
+                if ended {
+                    self.work_changed();
                 }
             }
             if !known {

@@ -43,6 +43,7 @@ impl Controller {
     /// Ends the node's hold on its old slot's disk; the NBD room closes the export within a second.
     fn fence(&self, mac: Mac) {
         self.fleet().holds.remove(&mac);
+        self.work_changed();
     }
 
     /// Starts moves for nodes that need a restart into a new role (or back to the pool), as soon as the
@@ -89,6 +90,7 @@ impl Controller {
                 fleet.manual.insert(mac);
                 fleet.holds.remove(&mac);
             }
+            self.work_changed();
             let cluster = to.as_ref().or(from.as_ref()).map(|s| s.cluster.clone());
             let why = if problems.is_empty() {
                 "no power control and no running agent".to_string()
@@ -212,7 +214,11 @@ impl Controller {
                         kind,
                         message,
                         secs,
-                    } => self.move_event(mac, cluster.clone(), kind, message, Some(secs)),
+                    } => {
+                        self.fleet().steps.insert(mac, kind.to_string());
+                        self.work_changed();
+                        self.move_event(mac, cluster.clone(), kind, message, Some(secs))
+                    }
                     Output::Finished { ok, message } => finished = Some((ok, message)),
                 }
             }
@@ -241,10 +247,12 @@ impl Controller {
             // A move confirms the node in its *current* place (a heartbeat in the role it holds now, or
             // parked while it holds none), so a decision made during the move is carried out too.
             fleet.reboot.remove(&mac);
+            fleet.steps.remove(&mac);
             if !keep_hold {
                 fleet.holds.remove(&mac);
             }
         }
+        self.work_changed();
         // Only now may a new move start: the state above is settled.
         self.moves
             .lock()

@@ -2,9 +2,16 @@
 //! state directory.
 //!
 //! The store is the only place state outlives the process. Rooms call its typed methods; nothing outside this
-//! module writes SQL, so a distributed backend (etcd) can later sit behind the same methods. Commits use WAL
-//! with `synchronous=NORMAL`: a committed lease survives a crash of corral (the process), and the last few
-//! commits may be lost only if the whole machine loses power — the same promise Kea's memfile backend makes.
+//! module writes SQL, so a distributed backend (etcd) can later sit behind the same methods. Commits use WAL.
+//! Leases and assignments (what a DHCP ACK or a node's script promises) are fsynced before the call returns
+//! (`synchronous=FULL`); everything else uses `synchronous=NORMAL`: it survives a crash of corral (the
+//! process), and the last few commits may be lost only if the whole machine loses power.
+//!
+//! The schema is versioned ([`schema`]); in-flight work (holds, restarts, failovers) is kept in [`work`] so
+//! a restart resumes it.
+
+pub mod schema;
+pub mod work;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -81,80 +88,38 @@ pub struct Store {
 
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS lease (
-    ip        TEXT PRIMARY KEY,
-    mac       TEXT NOT NULL,
-    client_id BLOB,
-    hostname  TEXT,
-    expires   INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS lease_mac ON lease(mac);
-CREATE TABLE IF NOT EXISTS assignment (
-    mac     TEXT PRIMARY KEY,
-    cluster TEXT NOT NULL,
-    slot    INTEGER NOT NULL,
-    since   INTEGER NOT NULL,
-    UNIQUE (cluster, slot)
-);
-CREATE TABLE IF NOT EXISTS event (
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    at      INTEGER NOT NULL,
-    kind    TEXT NOT NULL,
-    cluster TEXT,
-    node    TEXT,
-    message TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS agent_token (
-    mac     TEXT PRIMARY KEY,
-    token   TEXT NOT NULL UNIQUE,
-    cluster TEXT,
-    slot    INTEGER,
-    issued  INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS node_tokens (
-    mac  TEXT PRIMARY KEY,
-    doc  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS slot_secret (
-    slot TEXT PRIMARY KEY,
-    doc  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS slot_psk (
-    slot TEXT PRIMARY KEY,
-    doc  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS node_flag (
-    mac    TEXT PRIMARY KEY,
-    state  TEXT NOT NULL,
-    since  INTEGER NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS node (
-    mac          TEXT PRIMARY KEY,
-    uuid         TEXT,
-    serial       TEXT,
-    manufacturer TEXT,
-    product      TEXT,
-    buildarch    TEXT,
-    platform     TEXT,
-    memsize      INTEGER,
-    ip           TEXT,
-    first_seen   INTEGER NOT NULL,
-    last_seen    INTEGER NOT NULL,
-    boot_count   INTEGER NOT NULL
-);
-";
-
 impl Store {
-    /// Opens (creating if needed) `corral.db` in `dir`.
+    /// Opens (creating if needed) `corral.db` in `dir`, checks it (`quick_check`) and brings its schema
+    /// up to date. A corrupt database is moved aside and the error says where; it is never replaced here.
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create state directory {}: {e}", dir.display()))?;
         let path = dir.join("corral.db");
-        let conn = Connection::open(&path)
+        if path.exists() {
+            // Checked read-only: a read-write connection may checkpoint or delete the WAL on close,
+            // and what is in it belongs with the database file that is moved aside.
+            let check =
+                Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                    .map_err(|e| e.to_string())
+                    .map(|c| schema::check(&c))
+                    .unwrap_or_else(Some);
+            if let Some(wrong) = check {
+                let aside = schema::move_aside(&path, crate::unix_now()).map_err(|e| {
+                    anyhow::anyhow!(
+                        "database {} is corrupt ({wrong}) and cannot be moved aside: {e}",
+                        path.display()
+                    )
+                })?;
+                anyhow::bail!(
+                    "database {} is corrupt ({wrong}): moved aside to {}; restore a backup there, or start corral again to begin with an empty state (leases, assignments and tokens are then forgotten)",
+                    path.display(),
+                    aside.display()
+                );
+            }
+        }
+        let opened = Connection::open(&path)
             .map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
-        Self::init(conn)
+        Self::init(opened).map_err(|e| anyhow::anyhow!("database {}: {e}", path.display()))
     }
 
     /// A private in-memory database, for tests.
@@ -162,20 +127,26 @@ impl Store {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> anyhow::Result<Store> {
+    fn init(mut conn: Connection) -> anyhow::Result<Store> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
-        // Added after the first release: a step's duration, for events that time something.
-        let has_secs = conn
-            .prepare("SELECT 1 FROM pragma_table_info('event') WHERE name = 'secs'")?
-            .exists([])?;
-        if !has_secs {
-            conn.execute_batch("ALTER TABLE event ADD COLUMN secs REAL")?;
-        }
+        schema::migrate(&mut conn)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with every commit fsynced (`synchronous=FULL`): for writes a reply promises, a DHCP ACK's
+    /// lease and an assignment the node is told about. Other writes (inventory, events, tokens) stay at
+    /// `NORMAL`: in WAL mode they survive a crash of corral and may lose the last commits only when the
+    /// machine loses power.
+    fn durably<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        self.with(|c| {
+            c.pragma_update(None, "synchronous", "FULL")?;
+            let r = f(c);
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            r
         })
     }
 
@@ -238,7 +209,7 @@ impl Store {
         if changes.is_empty() {
             return Ok(());
         }
-        self.with(|c| {
+        self.durably(|c| {
             let tx = c.transaction()?;
             for change in changes {
                 match change {
@@ -422,18 +393,36 @@ impl Store {
     }
 
     /// Applies assignment changes and records events, all in one transaction: a crash never leaves a
-    /// half-applied plan.
+    /// half-applied plan. Assignment changes are fsynced before this returns.
     pub fn apply(&self, changes: &[AssignmentChange], events: &[NewEvent]) -> Result<()> {
-        self.with(|c| {
+        self.apply_plan(changes, events, None)
+    }
+
+    /// [`Store::apply`], and with `work` the whole in-flight work of the nodes replaced in the same
+    /// transaction: a node told to leave a slot keeps its hold on that slot's disk across any crash.
+    pub fn apply_plan(
+        &self,
+        changes: &[AssignmentChange],
+        events: &[NewEvent],
+        work: Option<&[work::NodeWork]>,
+    ) -> Result<()> {
+        let run = |c: &mut Connection| {
             let tx = c.transaction()?;
             for ch in changes {
                 match ch {
                     AssignmentChange::Remove(mac) => {
-                        tx.prepare_cached("DELETE FROM assignment WHERE mac = ?1")?.execute([mac.to_string()])?;
+                        tx.prepare_cached("DELETE FROM assignment WHERE mac = ?1")?
+                            .execute([mac.to_string()])?;
                     }
                     AssignmentChange::Set(a) => {
-                        tx.prepare_cached("DELETE FROM assignment WHERE (cluster = ?1 AND slot = ?2) OR mac = ?3")?
-                            .execute(params![a.cluster, a.slot as i64, a.mac.to_string()])?;
+                        tx.prepare_cached(
+                            "DELETE FROM assignment WHERE (cluster = ?1 AND slot = ?2) OR mac = ?3",
+                        )?
+                        .execute(params![
+                            a.cluster,
+                            a.slot as i64,
+                            a.mac.to_string()
+                        ])?;
                         tx.prepare_cached("INSERT INTO assignment (mac, cluster, slot, since) VALUES (?1, ?2, ?3, ?4)")?
                             .execute(params![a.mac.to_string(), a.cluster, a.slot as i64, a.since as i64])?;
                     }
@@ -443,8 +432,16 @@ impl Store {
                 tx.prepare_cached("INSERT INTO event (at, kind, cluster, node, message, secs) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
                     .execute(params![e.at as i64, e.kind, e.cluster, e.node, e.message, e.secs])?;
             }
+            if let Some(w) = work {
+                work::replace_node_work(&tx, w)?;
+            }
             tx.commit()
-        })
+        };
+        if changes.is_empty() && work.is_none() {
+            self.with(run)
+        } else {
+            self.durably(run)
+        }
     }
 
     /// The newest events first, at most `limit`.
@@ -775,6 +772,43 @@ mod tests {
 
     fn mac(n: u8) -> Mac {
         Mac([0x52, 0x54, 0, 0, 0, n])
+    }
+
+    #[test]
+    fn a_corrupt_database_is_moved_aside_with_a_clear_error_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("corral.db");
+        std::fs::write(&db, vec![0x5a; 8192]).unwrap();
+        std::fs::write(dir.path().join("corral.db-wal"), b"junk").unwrap();
+        let e = Store::open(dir.path()).err().expect("refused").to_string();
+        assert!(
+            e.contains("is corrupt") && e.contains("moved aside to"),
+            "{e}"
+        );
+        assert!(!db.exists(), "the corrupt file is out of the way");
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            aside.iter().any(|n| n.starts_with("corral.db.corrupt-"))
+                && aside
+                    .iter()
+                    .any(|n| n.starts_with("corral.db-wal.corrupt-")),
+            "{aside:?}"
+        );
+        let kept = aside
+            .iter()
+            .find(|n| n.starts_with("corral.db.corrupt-"))
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join(kept)).unwrap(),
+            vec![0x5a; 8192],
+            "moved, not rewritten"
+        );
+        // Started again, corral begins empty, at the current schema.
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.leases().unwrap().is_empty());
     }
 
     #[test]
