@@ -11,6 +11,7 @@ pub mod conn;
 pub mod controller;
 pub mod dhcp;
 pub mod disk;
+pub mod events;
 pub mod fuzzing;
 pub mod health;
 pub mod http;

@@ -8,6 +8,7 @@
 //! more, and a script fetched but never booted cannot cut a running agent off. Tokens are stored, so a
 //! restart of corral does not cut its agents off.
 
+use crate::events::EventKind;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -198,7 +199,7 @@ impl Controller {
             };
             let msg = format!("{mac}'s agent is up as {} ({what})", hb.hostname);
             tracing::info!("{msg}");
-            let mut e = NewEvent::new(now_ms / 1000, "agent-up", msg);
+            let mut e = NewEvent::new(now_ms / 1000, EventKind::AgentUp, msg);
             e.node = Some(mac.to_string());
             e.cluster = role.as_ref().map(|r| r.cluster.clone());
             let _ = self.store.apply(&[], &[e]);

@@ -7,6 +7,7 @@
 //! A base `base/<name>` may be opened by nodes of the clusters built on it. Hosts in `nbd.admin_hosts`
 //! may open everything. Every refusal is logged with peer and export.
 
+use crate::events::EventKind;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -44,7 +45,7 @@ impl Controller {
             .into_iter()
             .map(|p| {
                 tracing::error!("disk: {p}");
-                NewEvent::new(now, "disk-error", p)
+                NewEvent::new(now, EventKind::DiskError, p)
             })
             .collect();
         if !events.is_empty() {

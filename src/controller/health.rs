@@ -16,6 +16,7 @@
 //! up to `failover_attempts`; then, and whenever no node is eligible, an alert is raised (event, log,
 //! webhook) and the planner keeps trying as nodes appear.
 
+use crate::events::EventKind;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -352,7 +353,7 @@ impl Controller {
 
     fn event(
         &self,
-        kind: &'static str,
+        kind: EventKind,
         mac: Option<Mac>,
         cluster: Option<&str>,
         message: String,
@@ -375,7 +376,7 @@ impl Controller {
     pub(crate) fn alert(&self, mac: Option<Mac>, cluster: Option<&str>, message: String) {
         tracing::warn!(node = ?mac.map(|m| m.to_string()), cluster, "ALERT: {message}");
         self.health().counts.alerts.inc();
-        self.event("alert", mac, cluster, message.clone(), None);
+        self.event(EventKind::Alert, mac, cluster, message.clone(), None);
         self.send_webhook(mac, cluster, &message);
     }
 
@@ -488,7 +489,7 @@ impl Controller {
         tracing::warn!("{msg}");
         self.health().counts.failovers.inc();
         self.event(
-            "health-failed",
+            EventKind::HealthFailed,
             Some(mac),
             Some(&slot.cluster),
             msg,
@@ -530,7 +531,7 @@ impl Controller {
             tokio::spawn(self.fence_failed(mac, slot));
         } else {
             self.event(
-                "quarantine",
+                EventKind::Quarantine,
                 Some(mac),
                 Some(&slot.cluster),
                 format!(
@@ -623,7 +624,7 @@ impl Controller {
         let secs = t.elapsed();
         self.add_server_time(&slot, secs);
         self.event(
-            "fence",
+            EventKind::Fence,
             Some(mac),
             Some(&slot.cluster),
             format!(
@@ -641,14 +642,17 @@ impl Controller {
             .await;
             let (kind, msg) = match r {
                 Ok(Ok(())) => (
-                    "node-restart",
+                    EventKind::NodeRestart,
                     format!("{mac} switched on again to rejoin the pool"),
                 ),
                 Ok(Err(e)) => (
-                    "node-restart",
+                    EventKind::NodeRestart,
                     format!("{mac} cannot be switched on again ({e}): it stays failed"),
                 ),
-                Err(e) => ("node-restart", format!("{mac}: power on panicked ({e})")),
+                Err(e) => (
+                    EventKind::NodeRestart,
+                    format!("{mac}: power on panicked ({e})"),
+                ),
             };
             self.event(kind, Some(mac), Some(&slot.cluster), msg, None);
         }
@@ -703,7 +707,13 @@ impl Controller {
         let msg = format!("{mac} in {}/{} is slow: {why}; its slot moves to another node and it returns to the pool", slot.cluster, slot.slot);
         tracing::warn!("{msg}");
         self.health().counts.failovers.inc();
-        self.event("health-slow", Some(mac), Some(&slot.cluster), msg, None);
+        self.event(
+            EventKind::HealthSlow,
+            Some(mac),
+            Some(&slot.cluster),
+            msg,
+            None,
+        );
         let mut h = self.health();
         h.watches.remove(&mac);
         h.slow_stay.remove(&mac);
@@ -733,7 +743,7 @@ impl Controller {
             .is_none();
         if first {
             self.event(
-                "slow-stay",
+                EventKind::SlowStay,
                 Some(mac),
                 Some(&slot.cluster),
                 format!(
@@ -807,7 +817,7 @@ impl Controller {
                         x.attempts = attempts;
                     }
                     self.event(
-                        "failover-assign",
+                        EventKind::FailoverAssign,
                         Some(new),
                         Some(&slot.cluster),
                         format!("{new} takes over {}/{} from {} (attempt {attempts} of {attempts_allowed})", slot.cluster, slot.slot, f.old),
@@ -843,7 +853,7 @@ impl Controller {
                         );
                         tracing::info!("{msg}");
                         self.event(
-                            "failover-done",
+                            EventKind::FailoverDone,
                             Some(new),
                             Some(&slot.cluster),
                             msg,
@@ -859,7 +869,7 @@ impl Controller {
                     {
                         // The replacement never came up: it is failed, and another is tried.
                         self.event(
-                            "node-failed",
+                            EventKind::NodeFailed,
                             Some(new),
                             Some(&slot.cluster),
                             format!(
@@ -912,7 +922,7 @@ impl Controller {
         .await;
         if let Ok(Ok(true)) = r {
             self.event(
-                "failover-power-on",
+                EventKind::FailoverPowerOn,
                 Some(mac),
                 None,
                 format!("{mac} was off: switched on"),
@@ -965,7 +975,7 @@ impl Controller {
                 continue;
             }
             self.event(
-                "fence-resumed",
+                EventKind::FenceResumed,
                 Some(mac),
                 Some(&slot.cluster),
                 format!(
@@ -1067,7 +1077,7 @@ impl Controller {
         } else {
             return Err(format!("{mac} is not failed or quarantined"));
         };
-        self.event("node-released", Some(mac), None, msg.clone(), None);
+        self.event(EventKind::NodeReleased, Some(mac), None, msg.clone(), None);
         if let Err(e) = self.replan(crate::unix_now()) {
             tracing::error!(error = %e, "planning after a release failed");
         }
@@ -1091,7 +1101,7 @@ impl Controller {
             && self.mark_healthy(mac);
         if back {
             self.event(
-                "node-back",
+                EventKind::NodeBack,
                 Some(mac),
                 None,
                 format!("{mac} booted again and is back in the pool"),

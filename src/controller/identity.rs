@@ -6,6 +6,7 @@
 //! Lock order: `identity` is taken before `fleet` (the known-node check inside a sighting reads the
 //! fleet), never the other way round.
 
+use crate::events::EventKind;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -253,7 +254,9 @@ impl Controller {
         if made > 0 {
             let msg = format!("generated CHAP secrets for {made} sanboot slot(s) without any in the credentials file");
             tracing::info!("{msg}");
-            let _ = self.store.apply(&[], &[NewEvent::new(now, "secrets", msg)]);
+            let _ = self
+                .store
+                .apply(&[], &[NewEvent::new(now, EventKind::Secrets, msg)]);
         }
     }
 
@@ -321,7 +324,9 @@ impl Controller {
         if made > 0 {
             let msg = format!("generated NBD TLS keys for {made} slot(s)");
             tracing::info!("{msg}");
-            let _ = self.store.apply(&[], &[NewEvent::new(now, "secrets", msg)]);
+            let _ = self
+                .store
+                .apply(&[], &[NewEvent::new(now, EventKind::Secrets, msg)]);
         }
     }
 
@@ -369,7 +374,8 @@ impl Controller {
                 stale.len()
             );
             tracing::info!("{msg}");
-            self.store.apply(&[], &[NewEvent::new(now, "prune", msg)])?;
+            self.store
+                .apply(&[], &[NewEvent::new(now, EventKind::Prune, msg)])?;
         }
         let before = now.saturating_sub(state.config.server.event_retention);
         let n = self.store.prune_events(before)?;

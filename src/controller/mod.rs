@@ -21,6 +21,7 @@ pub mod trust;
 pub mod views;
 pub mod work;
 
+use crate::events::EventKind;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -559,9 +560,10 @@ impl Controller {
         let next = match BootState::load(config) {
             Ok(n) => n,
             Err(d) => {
-                let _ = self
-                    .store
-                    .apply(&[], &[NewEvent::new(now, "reload-rejected", d.to_string())]);
+                let _ = self.store.apply(
+                    &[],
+                    &[NewEvent::new(now, EventKind::ReloadRejected, d.to_string())],
+                );
                 return Err(d);
             }
         };
@@ -583,7 +585,7 @@ impl Controller {
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         let _ = self
             .store
-            .apply(&[], &[NewEvent::new(now, "reload", summary)]);
+            .apply(&[], &[NewEvent::new(now, EventKind::Reload, summary)]);
         self.prepare_disks(now);
         self.prepare_slot_secrets(now);
         if let Err(e) = self.replan(now) {
@@ -615,7 +617,7 @@ impl Controller {
                 );
                 events.push(NewEvent {
                     at: now,
-                    kind: "scale",
+                    kind: EventKind::Scale,
                     cluster: Some(f.cluster.clone()),
                     node: None,
                     message: msg,
@@ -645,7 +647,7 @@ impl Controller {
                         since: now,
                     }));
                     events.push(ev(
-                        "assign",
+                        EventKind::Assign,
                         &to.cluster,
                         Some(node),
                         format!("{node} fills {}/{} with image {image}", to.cluster, to.slot),
@@ -654,7 +656,7 @@ impl Controller {
                 Action::Release { node, from } => {
                     changes.push(AssignmentChange::Remove(*node));
                     events.push(ev(
-                        "release",
+                        EventKind::Release,
                         &from.cluster,
                         Some(node),
                         format!("{node} leaves {}/{}", from.cluster, from.slot),
@@ -673,7 +675,7 @@ impl Controller {
                         since: now,
                     }));
                     events.push(ev(
-                        "preempt",
+                        EventKind::Preempt,
                         &to.cluster,
                         Some(node),
                         format!(
@@ -693,7 +695,7 @@ impl Controller {
                     };
                     if !fleet.alerts.contains(&text) {
                         tracing::warn!("{text}");
-                        events.push(ev("alert", cluster, None, text.clone()));
+                        events.push(ev(EventKind::Alert, cluster, None, text.clone()));
                     }
                     alerts.insert(text);
                 }
@@ -743,8 +745,8 @@ impl Controller {
             }
         }
         for e in &events {
-            if e.kind != "alert" {
-                tracing::info!(kind = e.kind, "{}", e.message);
+            if e.kind != EventKind::Alert {
+                tracing::info!(kind = e.kind.as_str(), "{}", e.message);
             } else {
                 self.send_webhook(None, e.cluster.as_deref(), &e.message);
             }

@@ -5,6 +5,7 @@
 //! is fenced (powered off), it keeps access to its old slot's disk and nobody else may open that disk.
 //! A move that fails marks the node failed: the planner releases its slot and picks another node.
 
+use crate::events::EventKind;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,7 +101,7 @@ impl Controller {
             self.move_event(
                 mac,
                 cluster,
-                "move-manual",
+                EventKind::MoveManual,
                 format!("{mac} must be restarted by hand to take its new role: {why}"),
                 None,
             );
@@ -137,7 +138,13 @@ impl Controller {
         );
         let cluster = to.as_ref().or(from.as_ref()).map(|s| s.cluster.clone());
         let waited = decided.elapsed().as_secs_f64();
-        self.move_event(mac, cluster.clone(), "move-start", msg, Some(waited));
+        self.move_event(
+            mac,
+            cluster.clone(),
+            EventKind::MoveStart,
+            msg,
+            Some(waited),
+        );
         tokio::spawn(self.drive(mac, cluster, spec, driver, rx, decided));
     }
 
@@ -145,11 +152,11 @@ impl Controller {
         &self,
         mac: Mac,
         cluster: Option<String>,
-        kind: &'static str,
+        kind: EventKind,
         message: String,
         secs: Option<f64>,
     ) {
-        tracing::info!(%mac, kind, secs, "{message}");
+        tracing::info!(%mac, kind = kind.as_str(), secs, "{message}");
         let e = NewEvent {
             at: crate::unix_now(),
             kind,
@@ -271,7 +278,11 @@ impl Controller {
                 ),
             );
         }
-        let kind = if ok { "move-done" } else { "node-failed" };
+        let kind = if ok {
+            EventKind::MoveDone
+        } else {
+            EventKind::NodeFailed
+        };
         self.move_event(
             mac,
             cluster,

@@ -18,6 +18,7 @@
 //! and carries out the [`Output`]s; every step ends with an event that carries its duration.
 
 use crate::agent::proto::OrderKind;
+use crate::events::EventKind;
 use crate::power::PowerState;
 
 /// What the shell knows about the node when the move starts.
@@ -71,7 +72,7 @@ pub enum Output {
     Fence,
     /// A step ended: `kind` is the event kind, `secs` how long the step took.
     Event {
-        kind: &'static str,
+        kind: EventKind,
         message: String,
         secs: f64,
     },
@@ -141,7 +142,7 @@ impl Move {
             }));
         } else {
             out.push(Output::Event {
-                kind: "move-drain",
+                kind: EventKind::MoveDrain,
                 message: "no running agent: nothing to drain".into(),
                 secs: 0.0,
             });
@@ -198,7 +199,7 @@ impl Move {
             self.call(Call::BootNetwork, out);
         } else {
             out.push(Output::Event {
-                kind: "move-reset",
+                kind: EventKind::MoveReset,
                 message: "fenced from the old slot's disk; the agent restarts the node".into(),
                 secs: 0.0,
             });
@@ -225,9 +226,9 @@ impl Move {
             (Step::Done, _) => {}
             (Step::Draining, Input::Acked { ok, detail }) => {
                 let kind = if ok {
-                    "move-drain"
+                    EventKind::MoveDrain
                 } else {
-                    "move-drain-failed"
+                    EventKind::MoveDrainFailed
                 };
                 out.push(Output::Event {
                     kind,
@@ -238,7 +239,7 @@ impl Move {
             }
             (Step::Draining, Input::Tick) if now >= self.deadline => {
                 out.push(Output::Event {
-                    kind: "move-drain-failed",
+                    kind: EventKind::MoveDrainFailed,
                     message: "the agent did not report the drain done in time".into(),
                     secs: self.secs(now),
                 });
@@ -255,7 +256,7 @@ impl Move {
                 },
             ) if self.off_acked.is_some_and(|t| now >= t + ASSUME_OFF_MS) => {
                 out.push(Output::Event {
-                    kind: "move-power-off",
+                    kind: EventKind::MovePowerOff,
                     message: format!(
                         "assumed off: the agent acknowledged the poweroff {} s ago and the switch cannot tell",
                         ASSUME_OFF_MS / 1000
@@ -269,14 +270,14 @@ impl Move {
                     self.hard_sent = true;
                     self.deadline = now + HARD_OFF_MS;
                     out.push(Output::Event {
-                        kind: "move-hard-off",
+                        kind: EventKind::MoveHardOff,
                         message: "still on after the power-off timeout: cutting power".into(),
                         secs: self.secs(now),
                     });
                     self.call(Call::Off { hard: true }, &mut out);
                 } else if now >= self.deadline {
                     out.push(Output::Event {
-                        kind: "move-failed",
+                        kind: EventKind::MoveFailed,
                         message: "the node did not power off".into(),
                         secs: self.secs(now),
                     });
@@ -300,7 +301,7 @@ impl Move {
                     "by the BMC"
                 };
                 out.push(Output::Event {
-                    kind: "move-power-off",
+                    kind: EventKind::MovePowerOff,
                     message: format!("powered off ({how})"),
                     secs: self.secs(now),
                 });
@@ -315,7 +316,7 @@ impl Move {
             ) => {
                 if hard {
                     out.push(Output::Event {
-                        kind: "move-failed",
+                        kind: EventKind::MoveFailed,
                         message: format!("hard power off failed: {e}"),
                         secs: self.secs(now),
                     });
@@ -340,7 +341,7 @@ impl Move {
                     Err(e) => format!("fenced from the old slot's disk; next boot not set: {e}"),
                 };
                 out.push(Output::Event {
-                    kind: "move-reset",
+                    kind: EventKind::MoveReset,
                     message,
                     secs: self.secs(now),
                 });
@@ -356,7 +357,7 @@ impl Move {
             ) => match result {
                 Ok(_) => {
                     out.push(Output::Event {
-                        kind: "move-power-on",
+                        kind: EventKind::MovePowerOn,
                         message: "powered on".into(),
                         secs: self.secs(now),
                     });
@@ -365,7 +366,7 @@ impl Move {
                 Err(e) => {
                     let msg = format!("power on failed: {e}");
                     out.push(Output::Event {
-                        kind: "move-failed",
+                        kind: EventKind::MoveFailed,
                         message: msg.clone(),
                         secs: self.secs(now),
                     });
@@ -375,7 +376,7 @@ impl Move {
             (Step::Confirming, Input::NewRoleHeartbeat) => {
                 let total = now.saturating_sub(self.started) as f64 / 1000.0;
                 out.push(Output::Event {
-                    kind: "move-confirmed",
+                    kind: EventKind::MoveConfirmed,
                     message: format!("the node heartbeats in its role; whole move {total:.2} s"),
                     secs: self.secs(now),
                 });
@@ -384,7 +385,7 @@ impl Move {
             (Step::Confirming, Input::Parked) => {
                 let total = now.saturating_sub(self.started) as f64 / 1000.0;
                 out.push(Output::Event {
-                    kind: "move-confirmed",
+                    kind: EventKind::MoveConfirmed,
                     message: format!("back in the pool (parked); whole move {total:.2} s"),
                     secs: self.secs(now),
                 });
@@ -396,7 +397,7 @@ impl Move {
                     self.spec.boot_timeout_ms / 1000
                 );
                 out.push(Output::Event {
-                    kind: "move-failed",
+                    kind: EventKind::MoveFailed,
                     message: msg.clone(),
                     secs: self.secs(now),
                 });

@@ -8,6 +8,7 @@
 //! fleet lock, which also remembers what was last written so the saver never puts back an older picture
 //! than the planner's.
 
+use crate::events::EventKind;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -172,7 +173,12 @@ impl Controller {
                             }
                         )
                     };
-                    events.push(ev("move-resumed", w.mac, cluster.as_deref(), message));
+                    events.push(ev(
+                        EventKind::MoveResumed,
+                        w.mac,
+                        cluster.as_deref(),
+                        message,
+                    ));
                 }
                 if w.manual {
                     fleet.manual.insert(w.mac);
@@ -182,7 +188,7 @@ impl Controller {
                         fleet.holds.insert(w.mac, h);
                     } else {
                         events.push(ev(
-                            "hold-rolled-back",
+                            EventKind::HoldRolledBack,
                             w.mac,
                             Some(&h.cluster),
                             format!(
@@ -201,7 +207,7 @@ impl Controller {
             };
             match self.restore_failover(&slot, &f.doc) {
                 Ok(old) => events.push(ev(
-                    "failover-resumed",
+                    EventKind::FailoverResumed,
                     old,
                     Some(&slot.cluster),
                     format!(
@@ -213,7 +219,7 @@ impl Controller {
             }
         }
         for e in &events {
-            tracing::info!(kind = e.kind, "{}", e.message);
+            tracing::info!(kind = e.kind.as_str(), "{}", e.message);
         }
         if !events.is_empty() {
             if let Err(e) = self.store.apply(&[], &events) {

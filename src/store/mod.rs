@@ -13,6 +13,7 @@
 pub mod schema;
 pub mod work;
 
+use crate::events::EventKind;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::net::Ipv4Addr;
@@ -334,7 +335,7 @@ pub struct EventRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
     pub at: u64,
-    pub kind: &'static str,
+    pub kind: EventKind,
     pub cluster: Option<String>,
     pub node: Option<String>,
     pub message: String,
@@ -342,7 +343,7 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
-    pub fn new(at: u64, kind: &'static str, message: String) -> NewEvent {
+    pub fn new(at: u64, kind: EventKind, message: String) -> NewEvent {
         NewEvent {
             at,
             kind,
@@ -893,7 +894,7 @@ mod tests {
                     AssignmentChange::Set(a(1, "web", 0)),
                     AssignmentChange::Set(a(2, "web", 1)),
                 ],
-                &[NewEvent::new(5, "assign", "two".into())],
+                &[NewEvent::new(5, EventKind::Assign, "two".into())],
             )
             .unwrap();
             // Moving node 2 into slot 0 of db and node 1 out: one slot per node, one node per slot.
