@@ -11,6 +11,8 @@ pub mod conn;
 pub mod controller;
 pub mod dhcp;
 pub mod disk;
+pub mod domain;
+pub mod files;
 pub mod fuzzing;
 pub mod health;
 pub mod http;

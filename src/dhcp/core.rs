@@ -8,9 +8,9 @@
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode, UnknownOption};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use super::leases::{Declined, LeaseChange, Pool, Refusal};
+use super::leases::{Declined, Pool, Refusal};
 use crate::config::{Config, DhcpMode};
-use crate::mac::Mac;
+use crate::domain::{LeaseChange, Mac};
 
 /// Where a request arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::config::diag::{parse_toml_lenient, Diagnostics};
-use crate::mac::Mac;
+use crate::domain::Mac;
 
 /// A span of time written as `30s`, `5m`, `2h`, `1d` or a number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]

@@ -19,7 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::{Cluster, Policy};
-use crate::mac::Mac;
+use crate::domain::Mac;
+pub use crate::domain::SlotRef;
 
 /// What the planner knows about one node.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,15 +55,6 @@ impl NodeState {
             last_moved: None,
         }
     }
-}
-
-/// A slot of a cluster.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-pub struct SlotRef {
-    pub cluster: String,
-    pub slot: u32,
 }
 
 /// Everything the planner looks at.
