@@ -9,6 +9,7 @@
 pub mod cron;
 pub mod plan;
 pub mod scale;
+pub mod webhook;
 
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -727,7 +728,7 @@ fn build(
         }
     }
     if let Some(url) = &file.settings.alert_webhook {
-        if let Err(e) = crate::health::webhook::parse_url(url) {
+        if let Err(e) = webhook::parse_url(url) {
             errs.push((p(&["settings", "alert_webhook"]), e));
         }
     }
