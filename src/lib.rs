@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod iscsi;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod liveness;
 pub mod mac;
