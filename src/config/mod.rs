@@ -3,6 +3,8 @@
 //! Every room reads its section at start. Parsing goes through [`diag`] so that an operator sees *every*
 //! problem in the file at once, each as `file:line:column: message`, with the nearest valid key suggested
 //! for a misspelt one; a config that fails validation is never half-applied.
+//!
+//! Long because `Config::parse` checks every section in one pass, so every error is reported at once.
 
 pub mod diag;
 

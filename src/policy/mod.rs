@@ -5,6 +5,8 @@
 //! A cluster has slots `0..max`. Everything a slot carries — its image link, its identity (hostname and
 //! address) — is fixed when the policy loads, before any node is chosen; an assignment only binds a node to
 //! a slot. So a slot keeps its identity when its node changes.
+//!
+//! Long because the file model and its one validation pass (`build`) stay side by side, field by field.
 
 pub mod cron;
 pub mod plan;

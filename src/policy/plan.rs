@@ -15,6 +15,8 @@
 //! Before 2, a slow node's slot (health verdict) is handed to a replacement that is not less capable in
 //! any known fact, strictly more capable ones first: an idle node, else one preempted as in 4. Without one,
 //! the slow node keeps its slot.
+//!
+//! Long because the planner is one pure function whose steps share its working state (`Fill`, `Pool`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 

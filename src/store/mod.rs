@@ -5,6 +5,8 @@
 //! module writes SQL, so a distributed backend (etcd) can later sit behind the same methods. Commits use WAL
 //! with `synchronous=NORMAL`: a committed lease survives a crash of corral (the process), and the last few
 //! commits may be lost only if the whole machine loses power — the same promise Kea's memfile backend makes.
+//!
+//! Long because all of corral's SQL lives here, by design (above).
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
