@@ -4,7 +4,7 @@
 //! Rooms (see `docs/` and the repository's DESIGN notes): protocol rooms each have a sans-IO core (bytes and
 //! `now` in, decisions and bytes out) and a thin tokio shell; the `controller` ties them together.
 //! The nouns several rooms use live in [`domain`], and the boot files TFTP and HTTP both serve in [`files`],
-//! so no room reaches into another for them. The VM lab (`lab`) is built only with the `lab` feature (default).
+//! so no room reaches into another for them. The VM lab (`lab`) needs the `lab` feature, on by default.
 
 pub mod agent;
 pub mod boot;
