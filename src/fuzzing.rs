@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, DhcpMode, Diagnostics};
 use crate::dhcp::core::{self as dhcp, Dest, Port, Responder, Settings};
 use crate::dhcp::leases::Pool;
-use crate::mac::Mac;
+use crate::domain::Mac;
 use crate::tftp::core::{self as tftp, Limits, Packet, Step, Transfer};
 
 /// A target's entry: bytes in, a panic on anything that must not happen.
@@ -133,8 +133,8 @@ pub fn dhcp(data: &[u8]) {
             }
             for c in &out.changes {
                 let ip = match c {
-                    crate::store::LeaseChange::Put(r) => r.ip,
-                    crate::store::LeaseChange::Remove(ip) => *ip,
+                    crate::domain::LeaseChange::Put(r) => r.ip,
+                    crate::domain::LeaseChange::Remove(ip) => *ip,
                 };
                 assert!(owned(ip), "{mode:?}: lease change outside the pool: {c:?}");
             }
@@ -382,7 +382,8 @@ fn tree() -> &'static Tree {
 /// root; then a `Range` header against a few file lengths. Input: the request target, optionally
 /// followed by a NUL and the Range header's value.
 pub fn http_request(data: &[u8]) {
-    use crate::http::files::{confine, parse_range, RangeReq};
+    use crate::files::confine;
+    use crate::files::http::{parse_range, RangeReq};
     let (target, range) = match data.iter().position(|b| *b == 0) {
         Some(i) => (&data[..i], Some(&data[i + 1..])),
         None => (data, None),

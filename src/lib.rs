@@ -3,6 +3,8 @@
 //!
 //! Rooms (see `docs/` and the repository's DESIGN notes): protocol rooms each have a sans-IO core (bytes and
 //! `now` in, decisions and bytes out) and a thin tokio shell; the `controller` ties them together.
+//! The nouns several rooms use live in [`domain`], and the boot files TFTP and HTTP both serve in [`files`],
+//! so no room reaches into another for them. The VM lab (`lab`) needs the `lab` feature, on by default.
 
 pub mod agent;
 pub mod boot;
@@ -11,11 +13,14 @@ pub mod conn;
 pub mod controller;
 pub mod dhcp;
 pub mod disk;
+pub mod domain;
 pub mod events;
+pub mod files;
 pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod iscsi;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod liveness;
 pub mod mac;

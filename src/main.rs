@@ -1,5 +1,5 @@
-//! The `corral` command: `serve` runs the boot server, `check` validates a config, `lab` runs corral on an
-//! isolated namespace network with VMs netbooting from it.
+//! The `corral` command: `serve` runs the boot server, `check` validates a config, `lab` (built with the
+//! `lab` feature, the default) runs corral on an isolated namespace network with VMs netbooting from it.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -41,6 +41,7 @@ enum Command {
     },
     /// Run corral on an isolated namespace network with VMs netbooting from it (root; QEMU, OVMF, iPXE, and
     /// the test OS built by tests/testos/build.sh).
+    #[cfg(feature = "lab")]
     Lab {
         /// How many VMs (BIOS, UEFI PXE and UEFI iPXE in turn).
         #[arg(long, default_value_t = 3)]
@@ -172,6 +173,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve::main(config),
         Command::Check { config, json } => check(config, json),
+        #[cfg(feature = "lab")]
         Command::Lab {
             vms,
             mode,

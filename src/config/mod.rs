@@ -3,6 +3,8 @@
 //! Every room reads its section at start. Parsing goes through [`diag`] so that an operator sees *every*
 //! problem in the file at once, each as `file:line:column: message`, with the nearest valid key suggested
 //! for a misspelt one; a config that fails validation is never half-applied.
+//!
+//! Long because `Config::parse` checks every section in one pass, so every error is reported at once.
 
 pub mod diag;
 
@@ -314,7 +316,7 @@ impl IscsiConfig {
 
     /// The initiator name corral gives a node that sanboots (iPXE logs in with it, and leaves it in the
     /// iBFT for the booted OS): stable per node, so a target's log names the machine.
-    pub fn initiator_iqn(&self, mac: &crate::mac::Mac) -> String {
+    pub fn initiator_iqn(&self, mac: &crate::domain::Mac) -> String {
         format!(
             "{}:node.{}",
             self.iqn_prefix,
@@ -655,7 +657,7 @@ impl Config {
             }
         }
         for (i, r) in d.reservation.iter().enumerate() {
-            if crate::mac::Mac::parse(&r.mac).is_none() {
+            if crate::domain::Mac::parse(&r.mac).is_none() {
                 err(
                     &["dhcp", "reservation", &i.to_string(), "mac"],
                     format!(
@@ -666,7 +668,7 @@ impl Config {
             }
         }
         for (i, n) in self.boot.node.iter().enumerate() {
-            if crate::mac::Mac::parse(&n.mac).is_none() {
+            if crate::domain::Mac::parse(&n.mac).is_none() {
                 err(
                     &["boot", "node", &i.to_string(), "mac"],
                     format!(

@@ -16,8 +16,7 @@ use super::moves::Input;
 use super::trust::{TokenBook, TokenChange};
 use super::Controller;
 use crate::agent::proto::{Ack, Heartbeat, HeartbeatReply, Order, OrderKind};
-use crate::mac::Mac;
-use crate::policy::plan::SlotRef;
+use crate::domain::{Mac, SlotRef};
 use crate::store::NewEvent;
 
 /// A heartbeat as last received.

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use super::trust::{self, KnownAddresses, NotDiscovered, PeerRate, Sightings};
 use super::Controller;
 use crate::dhcp::core::Sighting;
+use crate::domain::Mac;
 use crate::iscsi::login::Chap;
-use crate::mac::Mac;
 use crate::metrics::{write_counter, write_gauge, Counter};
 use crate::store::{NewEvent, SlotPsk, SlotSecret};
 

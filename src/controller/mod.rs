@@ -29,10 +29,10 @@ use std::time::Duration;
 
 use crate::boot::{Catalog, Image, Templates};
 use crate::config::{Config, Diagnostics};
-use crate::mac::Mac;
-use crate::policy::plan::{self, Action, NodeState, SlotRef};
+use crate::domain::{Mac, NodeFacts, SlotRef};
+use crate::policy::plan::{self, Action, NodeState};
 use crate::policy::{Identity, Policy};
-use crate::store::{AssignmentChange, AssignmentRecord, BootsSeen, NewEvent, NodeFacts, Store};
+use crate::store::{AssignmentChange, AssignmentRecord, BootsSeen, NewEvent, Store};
 
 /// A node's role: the cluster slot it fills and that slot's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::agents::unix_ms;
 use super::moves::{Call, Input, Move, MoveSpec, Output};
 use super::Controller;
-use crate::mac::Mac;
+use crate::domain::Mac;
 use crate::power::{PowerDriver, PowerState};
 use crate::store::NewEvent;
 

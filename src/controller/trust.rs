@@ -18,8 +18,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use crate::config::DiscoveryAllow;
 use crate::dhcp::core::Sighting;
-use crate::mac::Mac;
-use crate::policy::plan::SlotRef;
+use crate::domain::{Mac, SlotRef};
 
 /// What corral's DHCP knows of one MAC.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

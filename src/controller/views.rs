@@ -3,9 +3,8 @@
 use serde::Serialize;
 
 use super::Controller;
-use crate::mac::Mac;
+use crate::domain::{Mac, NodeFacts};
 use crate::policy::plan;
-use crate::store::NodeFacts;
 
 /// One cluster's sizes right now.
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -4,13 +4,15 @@
 //! Client kinds: option 93 picks the first-stage file (0 BIOS, 6 IA32 EFI, 7/9 x64 EFI, 10/11 ARM, 16 x64
 //! UEFI HTTP boot); iPXE (user class `iPXE`, or option 175 present) gets the HTTP entry script instead, so
 //! there is never a chainload loop; UEFI HTTP-boot clients get an HTTP URL and option 60 `HTTPClient`.
+//!
+//! Long because proxy and full mode share one `Responder`: client kinds, options, boot file, destination.
 
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode, UnknownOption};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use super::leases::{Declined, LeaseChange, Pool, Refusal};
+use super::leases::{Declined, Pool, Refusal};
 use crate::config::{Config, DhcpMode};
-use crate::mac::Mac;
+use crate::domain::{LeaseChange, Mac};
 
 /// Where a request arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

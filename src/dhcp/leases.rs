@@ -11,9 +11,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use crate::mac::Mac;
-pub use crate::store::LeaseChange;
-use crate::store::LeaseRecord;
+use crate::domain::{LeaseChange, LeaseRecord, Mac};
 
 /// How long a declined address (someone else answers ARP for it) is left alone.
 const DECLINE_HOLD: u64 = 600;

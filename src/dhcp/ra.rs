@@ -36,7 +36,7 @@ pub fn is_solicitation(b: &[u8]) -> bool {
 /// The interface's MAC from sysfs, for the source link-layer option.
 fn interface_mac(iface: &str) -> Option<[u8; 6]> {
     let s = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?;
-    crate::mac::Mac::parse(s.trim()).map(|m| m.0)
+    crate::domain::Mac::parse(s.trim()).map(|m| m.0)
 }
 
 /// Sends advertisements forever; blocking (runs on its own thread). Advertisements are a convenience, so

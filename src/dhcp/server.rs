@@ -9,9 +9,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::{Arc, Mutex};
 
 use super::core::{self, Dest, Note, Port, Responder, Settings, Sighting};
-use super::leases::{LeaseChange, Pool};
+use super::leases::Pool;
 use crate::config::{Config, DhcpMode};
-use crate::mac::Mac;
+use crate::domain::{LeaseChange, Mac};
 use crate::metrics::{write_counter, Counter, Report};
 use crate::store::Store;
 

@@ -11,7 +11,6 @@
 //! - `GET /api/v1/nodes`, `/api/v1/clusters`, `/api/v1/events` — JSON. `POST /api/v1/metrics` — scale-rule
 //!   samples (bearer token). `GET /metrics` — Prometheus text. `GET /healthz`.
 
-pub mod files;
 pub mod limits;
 
 use bytes::Bytes;
@@ -28,9 +27,9 @@ use tokio::net::TcpListener;
 
 use crate::boot::{self, NodeVars};
 use crate::controller::{BootDecision, Controller};
-use crate::mac::Mac;
+use crate::domain::{Mac, NodeFacts};
+use crate::files;
 use crate::metrics::{write_counter, Counter, Registry, Report};
-use crate::store::NodeFacts;
 
 /// The operator dashboard: one static page that reads the API.
 const DASHBOARD: &str = include_str!("dashboard.html");

@@ -7,6 +7,8 @@
 //! nothing leaves the lab. QEMU runs under TCG (KVM fails on these machines) inside the bridge namespace,
 //! because a tap is created in the namespace of the process that opens /dev/net/tun. Everything started
 //! is killed by PID and the namespaces are deleted on drop.
+//!
+//! Long because the namespaces, taps, VMs and the corral under test are set up and torn down together.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -5,10 +5,13 @@
 //! A cluster has slots `0..max`. Everything a slot carries — its image link, its identity (hostname and
 //! address) — is fixed when the policy loads, before any node is chosen; an assignment only binds a node to
 //! a slot. So a slot keeps its identity when its node changes.
+//!
+//! Long because the file model and its one validation pass (`build`) stay side by side, field by field.
 
 pub mod cron;
 pub mod plan;
 pub mod scale;
+pub mod webhook;
 
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,7 +19,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::config::diag::{parse_toml_lenient, Diagnostics};
-use crate::mac::Mac;
+use crate::domain::Mac;
 
 /// A span of time written as `30s`, `5m`, `2h`, `1d` or a number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -727,7 +730,7 @@ fn build(
         }
     }
     if let Some(url) = &file.settings.alert_webhook {
-        if let Err(e) = crate::health::webhook::parse_url(url) {
+        if let Err(e) = webhook::parse_url(url) {
             errs.push((p(&["settings", "alert_webhook"]), e));
         }
     }

@@ -15,11 +15,14 @@
 //! Before 2, a slow node's slot (health verdict) is handed to a replacement that is not less capable in
 //! any known fact, strictly more capable ones first: an idle node, else one preempted as in 4. Without one,
 //! the slow node keeps its slot.
+//!
+//! Long because the planner is one pure function whose steps share its working state (`Fill`, `Pool`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::{Cluster, Policy};
-use crate::mac::Mac;
+use crate::domain::Mac;
+pub use crate::domain::SlotRef;
 
 /// What the planner knows about one node.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,15 +57,6 @@ impl NodeState {
             last_moved: None,
         }
     }
-}
-
-/// A slot of a cluster.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-pub struct SlotRef {
-    pub cluster: String,
-    pub slot: u32,
 }
 
 /// Everything the planner looks at.

@@ -2,7 +2,7 @@
 //! environment (`CORRAL_MAC`, `CORRAL_NODE`). `status` prints `on` or `off`.
 
 use super::{failed, PowerDriver, PowerError, PowerResult, PowerState};
-use crate::mac::Mac;
+use crate::domain::Mac;
 
 pub struct Command {
     pub on: String,

@@ -109,7 +109,7 @@ fn ipmi_cipher_suite() -> u8 {
 
 /// What a driver needs besides its spec.
 pub struct Context<'a> {
-    pub mac: crate::mac::Mac,
+    pub mac: crate::domain::Mac,
     pub name: Option<&'a str>,
     pub credentials: &'a Credentials,
     /// The boot network interface (Wake-on-LAN goes out there and nowhere else).

@@ -4,7 +4,7 @@
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 
 use super::{failed, PowerDriver, PowerError, PowerResult, PowerState};
-use crate::mac::Mac;
+use crate::domain::Mac;
 
 pub struct Wol {
     mac: Mac,

@@ -9,6 +9,8 @@
 //!
 //! The schema is versioned ([`schema`]); in-flight work (holds, restarts, failovers) is kept in [`work`] so
 //! a restart resumes it.
+//!
+//! Long because all of corral's SQL lives here, by design (above).
 
 pub mod schema;
 pub mod work;
@@ -20,43 +22,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::mac::Mac;
-
-/// A change to the lease table, which the DHCP shell must persist before replying.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeaseChange {
-    Put(LeaseRecord),
-    Remove(Ipv4Addr),
-}
-
-/// A DHCP lease as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LeaseRecord {
-    pub ip: Ipv4Addr,
-    pub mac: Mac,
-    /// DHCP option 61, when the client sent one.
-    pub client_id: Option<Vec<u8>>,
-    pub hostname: Option<String>,
-    /// Unix seconds.
-    pub expires: u64,
-}
-
-/// What iPXE told us about a node when it asked for its script.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct NodeFacts {
-    pub uuid: Option<String>,
-    pub serial: Option<String>,
-    pub manufacturer: Option<String>,
-    pub product: Option<String>,
-    /// iPXE `buildarch` (`i386`, `x86_64`, `arm64`).
-    pub buildarch: Option<String>,
-    /// iPXE `platform` (`pcbios`, `efi`).
-    pub platform: Option<String>,
-    /// Memory in MiB as iPXE reports it.
-    pub memsize: Option<u64>,
-    /// The address the request came from.
-    pub ip: Option<String>,
-}
+use crate::domain::{LeaseChange, LeaseRecord, Mac, NodeFacts};
 
 /// A node in the inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

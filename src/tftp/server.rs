@@ -6,7 +6,6 @@
 //! all and per client address before any file is opened: a request beyond a bound gets an ERROR from the
 //! listening socket and nothing is kept for it.
 
-use bytes::Bytes;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -19,7 +18,7 @@ use tokio::net::UdpSocket;
 use super::core::{self, code, Limits, Packet, Step, Transfer};
 use crate::config::TftpConfig;
 use crate::conn::{Busy, Caps, Gate};
-use crate::http::files::{confine, FileCache};
+use crate::files::{confine, FileCache};
 use crate::metrics::{write_counter, write_gauge, Counter, Report};
 
 /// Transfer counters.
@@ -348,28 +347,4 @@ fn recv_with_dst(
         }
     }
     Ok((msg.bytes, peer, dst))
-}
-
-impl FileCache {
-    /// The whole file, from memory when its size and mtime are unchanged.
-    pub async fn load(&self, path: PathBuf) -> Option<Bytes> {
-        let meta = tokio::fs::metadata(&path)
-            .await
-            .ok()
-            .filter(|m| m.is_file())?;
-        let mtime = meta.modified().ok()?;
-        if let Some(b) = self.get(&path, meta.len(), mtime) {
-            return Some(b);
-        }
-        let p = path.clone();
-        let data = tokio::task::spawn_blocking(move || std::fs::read(p))
-            .await
-            .ok()?
-            .ok()?;
-        let b = Bytes::from(data);
-        if b.len() as u64 == meta.len() && meta.len() <= self.budget() / 4 {
-            self.insert(path, b.clone(), mtime);
-        }
-        Some(b)
-    }
 }

@@ -234,6 +234,7 @@ pub fn testos_catalog(dir: &Path, names: &[&str], cmdline: &str) -> std::path::P
 }
 
 /// GET a JSON path of the corral running in a lab, from inside its namespace (Null if unreadable).
+#[cfg(feature = "lab")]
 pub fn lab_api(lab: &corral::lab::Lab, path: &str) -> serde_json::Value {
     let out = lab
         .run_in_server(
@@ -245,6 +246,7 @@ pub fn lab_api(lab: &corral::lab::Lab, path: &str) -> serde_json::Value {
 }
 
 /// Every event of a lab's corral, oldest first.
+#[cfg(feature = "lab")]
 pub fn lab_events(lab: &corral::lab::Lab) -> Vec<serde_json::Value> {
     let mut ev = lab_api(lab, "/api/v1/events?limit=2000")
         .as_array()
@@ -256,6 +258,7 @@ pub fn lab_events(lab: &corral::lab::Lab) -> Vec<serde_json::Value> {
 
 /// The value after `CORRAL-DISK <key>=` on the VM's serial console (the test OS's disk report), waiting for
 /// it; fails with the serial log and corral's log when it does not come, or on a `CORRAL-DISK error=` line.
+#[cfg(feature = "lab")]
 pub fn disk_field(
     vm: &corral::lab::Vm,
     lab: &corral::lab::Lab,
@@ -307,6 +310,7 @@ pub fn testos_for_vms() -> Option<std::path::PathBuf> {
 }
 
 /// A lab corral's log.
+#[cfg(feature = "lab")]
 pub fn lab_log(lab: &corral::lab::Lab) -> String {
     std::fs::read_to_string(lab.dir.join("corral.log")).unwrap_or_default()
 }
@@ -318,6 +322,7 @@ pub fn tail(s: &str, n: usize) -> String {
 }
 
 /// Waits until `f` returns Some; on timeout fails with the latest events and the end of corral's log.
+#[cfg(feature = "lab")]
 pub fn lab_wait<T>(
     lab: &corral::lab::Lab,
     what: &str,

@@ -1,118 +1,27 @@
 //! Static boot files (kernels, initrds, iPXE binaries) over HTTP: HEAD, single Range requests, validators
-//! (ETag, Last-Modified, If-None-Match, If-Modified-Since, If-Range), paths confined to their root.
-//!
-//! Boot files are few and read by many nodes at once, so whole files up to a budget are kept in memory as
-//! `Bytes` (keyed by path, size and mtime, so a rebuilt initrd is picked up at once): serving a slice of a
-//! cached file costs no disk read and no copy before the socket write. Larger files are streamed from disk
-//! in 1 MiB reads on the blocking pool.
+//! (ETag, Last-Modified, If-None-Match, If-Modified-Since, If-Range). Whole files up to a quarter of the
+//! cache budget come from the [`FileCache`]; larger files are streamed from disk in 1 MiB reads on the
+//! blocking pool. Responses are built with the HTTP room's body type and helpers.
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Response, StatusCode};
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use super::{text, HttpBody};
+use super::FileCache;
+use crate::http::{empty, text, HttpBody};
 
 /// Read size for streamed files: large enough that per-chunk overhead vanishes next to the copy.
 const CHUNK: usize = 1 << 20;
-
-/// Resolves `rel` under `root`, refusing anything that could leave it: `..`, absolute paths, empty parts,
-/// and symlinks whose target lies outside the root.
-pub fn confine(root: &Path, rel: &str) -> Option<PathBuf> {
-    if rel.is_empty() || rel.starts_with('/') || rel.contains('\0') {
-        return None;
-    }
-    if !rel
-        .split('/')
-        .all(|c| !c.is_empty() && c != "." && c != "..")
-    {
-        return None;
-    }
-    let root = root.canonicalize().ok()?;
-    let full = root.join(rel).canonicalize().ok()?;
-    full.starts_with(&root).then_some(full)
-}
-
-struct Cached {
-    bytes: Bytes,
-    len: u64,
-    mtime: SystemTime,
-    last_used: AtomicU64,
-}
-
-/// In-memory cache of whole boot files within a byte budget.
-pub struct FileCache {
-    entries: Mutex<HashMap<PathBuf, Arc<Cached>>>,
-    budget: u64,
-    clock: AtomicU64,
-}
-
-impl FileCache {
-    pub fn new(budget: u64) -> FileCache {
-        FileCache {
-            entries: Mutex::new(HashMap::new()),
-            budget,
-            clock: AtomicU64::new(0),
-        }
-    }
-
-    /// Bytes the cache may hold.
-    pub fn budget(&self) -> u64 {
-        self.budget
-    }
-
-    pub(crate) fn get(&self, path: &Path, len: u64, mtime: SystemTime) -> Option<Bytes> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let c = entries.get(path)?;
-        if c.len != len || c.mtime != mtime {
-            return None;
-        }
-        c.last_used.store(
-            self.clock.fetch_add(1, Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
-        Some(c.bytes.clone())
-    }
-
-    pub(crate) fn insert(&self, path: PathBuf, bytes: Bytes, mtime: SystemTime) {
-        let len = bytes.len() as u64;
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.remove(&path);
-        let mut used: u64 = entries.values().map(|c| c.len).sum();
-        // Evict least recently used until the new file fits.
-        while used + len > self.budget {
-            let Some(victim) = entries
-                .iter()
-                .min_by_key(|(_, c)| c.last_used.load(Ordering::Relaxed))
-                .map(|(p, _)| p.clone())
-            else {
-                break;
-            };
-            used -= entries.remove(&victim).map(|c| c.len).unwrap_or(0);
-        }
-        let now = self.clock.fetch_add(1, Ordering::Relaxed);
-        entries.insert(
-            path,
-            Arc::new(Cached {
-                bytes,
-                len,
-                mtime,
-                last_used: AtomicU64::new(now),
-            }),
-        );
-    }
-}
 
 /// Serves `path` (already confined) for a GET or HEAD with the request's headers.
 pub async fn serve(
@@ -135,7 +44,7 @@ pub async fn serve(
     let last_modified = httpdate::fmt_http_date(mtime);
 
     if not_modified(req, &etag, mtime) {
-        let mut r = Response::new(super::empty());
+        let mut r = Response::new(empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r.headers_mut().insert(header::ETAG, hv(&etag));
         r.headers_mut()
@@ -160,7 +69,7 @@ pub async fn serve(
     let body_len = if len == 0 { 0 } else { end - start + 1 };
 
     let body = if method == Method::HEAD || body_len == 0 {
-        super::empty()
+        empty()
     } else if len <= cache.budget / 4 {
         let bytes = match cache.get(&path, len, mtime) {
             Some(b) => b,
@@ -389,27 +298,5 @@ mod tests {
         assert_eq!(parse_range("bytes=9-3", 100), RangeReq::Whole);
         assert_eq!(parse_range("items=0-1", 100), RangeReq::Whole);
         assert_eq!(parse_range("bytes=x-1", 100), RangeReq::Whole);
-    }
-
-    #[test]
-    fn confine_refuses_escapes() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        std::fs::write(root.join("ok"), b"x").unwrap();
-        std::fs::write(dir.path().join("secret"), b"s").unwrap();
-        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link")).unwrap();
-        assert!(confine(&root, "ok").is_some());
-        for bad in [
-            "../secret",
-            "/etc/passwd",
-            "link",
-            "a//b",
-            "./ok",
-            "",
-            "ok/..",
-        ] {
-            assert!(confine(&root, bad).is_none(), "{bad}");
-        }
     }
 }
