@@ -25,7 +25,7 @@ use super::agents::unix_ms;
 use super::Controller;
 use crate::agent::proto::{Heartbeat, OrderKind};
 use crate::domain::{Mac, SlotRef};
-use crate::health::{NodeWatch, Verdict};
+use crate::health::{Failure, NodeWatch, Verdict};
 use crate::metrics::Counter;
 use crate::policy::OnFailure;
 use crate::power::PowerDriver;
@@ -238,11 +238,11 @@ impl Controller {
             for a in self.verdicts(now) {
                 let t = Instant::now();
                 match &a.verdict {
-                    Verdict::Failed(why) => {
+                    Verdict::Failed { detail: why, .. } => {
                         self.clone()
                             .fail_over(a.mac, a.slot, why.clone(), a.began_ms, now, t)
                     }
-                    Verdict::Slow(why) => {
+                    Verdict::Slow { detail: why, .. } => {
                         self.replace_slow(a.mac, a.slot, why.clone(), a.began_ms, now, t)
                     }
                 }
@@ -272,11 +272,12 @@ impl Controller {
             match w.check(now) {
                 Some(v) => {
                     let began = match &v {
-                        Verdict::Failed(m) if m.starts_with("no heartbeat") => {
-                            self.last_beat(*mac).map(|b| b.at_ms).unwrap_or(now)
-                        }
-                        Verdict::Slow(_) => w.slow_since().unwrap_or(now),
-                        Verdict::Failed(_) => now,
+                        Verdict::Failed {
+                            cause: Failure::HeartbeatLost,
+                            ..
+                        } => self.last_beat(*mac).map(|b| b.at_ms).unwrap_or(now),
+                        Verdict::Slow { .. } => w.slow_since().unwrap_or(now),
+                        Verdict::Failed { .. } => now,
                     };
                     out.push(Acting {
                         mac: *mac,
@@ -293,7 +294,7 @@ impl Controller {
         }
         // A slow node known to have no replacement is looked at again only every so often.
         out.retain(|a| {
-            !(matches!(a.verdict, Verdict::Slow(_))
+            !(matches!(a.verdict, Verdict::Slow { .. })
                 && h.slow_stay.get(&a.mac).is_some_and(|t| now < *t))
         });
         out

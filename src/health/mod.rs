@@ -19,11 +19,34 @@ pub mod webhook;
 use crate::agent::proto::{GroupState, Heartbeat};
 use crate::policy::HealthSpec;
 
-/// What a monitor concluded about a node's role.
+/// What a monitor concluded about a node's role: typed by what caused it, with a sentence for people.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    Failed(String),
-    Slow(String),
+    /// The role is down: its slot fails over.
+    Failed { cause: Failure, detail: String },
+    /// The role runs but a performance rule held: its slot may move to a capable node.
+    Slow { metric: String, detail: String },
+}
+
+/// Why a role failed. Stable names (`heartbeat-lost`, ...) for the API and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failure {
+    /// No heartbeat within the cluster's timeout.
+    HeartbeatLost,
+    /// The application probe failed `failures` times in a row.
+    ProbeFailed,
+    /// A service group the agent watches reported failed.
+    GroupFailed,
+}
+
+impl Verdict {
+    /// The sentence saying what was seen.
+    pub fn detail(&self) -> &str {
+        match self {
+            Verdict::Failed { detail, .. } | Verdict::Slow { detail, .. } => detail,
+        }
+    }
 }
 
 /// Heartbeat loss.
@@ -48,12 +71,13 @@ impl HeartbeatWatch {
 
     pub fn check(&self, now: u64) -> Option<Verdict> {
         let silent = now.saturating_sub(self.last);
-        (silent > self.timeout_ms).then(|| {
-            Verdict::Failed(format!(
+        (silent > self.timeout_ms).then(|| Verdict::Failed {
+            cause: Failure::HeartbeatLost,
+            detail: format!(
                 "no heartbeat for {:.1} s (timeout {:.1} s)",
                 silent as f64 / 1000.0,
                 self.timeout_ms as f64 / 1000.0
-            ))
+            ),
         })
     }
 }
@@ -117,11 +141,12 @@ impl ProbeWatch {
     }
 
     pub fn check(&self) -> Option<Verdict> {
-        (self.failures >= self.failures_allowed).then(|| {
-            Verdict::Failed(format!(
+        (self.failures >= self.failures_allowed).then(|| Verdict::Failed {
+            cause: Failure::ProbeFailed,
+            detail: format!(
                 "probe failed {} times in a row: {}",
                 self.failures, self.last_error
-            ))
+            ),
         })
     }
 }
@@ -182,13 +207,16 @@ impl Threshold {
                 Bad::Above => "above",
                 Bad::Below => "below",
             };
-            Verdict::Slow(format!(
-                "{} {side} {} for {:.0} s (now {:.1})",
-                self.metric,
-                self.limit,
-                held as f64 / 1000.0,
-                self.last
-            ))
+            Verdict::Slow {
+                metric: self.metric.clone(),
+                detail: format!(
+                    "{} {side} {} for {:.0} s (now {:.1})",
+                    self.metric,
+                    self.limit,
+                    held as f64 / 1000.0,
+                    self.last
+                ),
+            }
         })
     }
 }
@@ -308,7 +336,12 @@ impl NodeWatch {
         self.heartbeat
             .check(now)
             .or_else(|| self.probe.as_ref().and_then(|p| p.check()))
-            .or_else(|| self.group_failed.clone().map(Verdict::Failed))
+            .or_else(|| {
+                self.group_failed.clone().map(|detail| Verdict::Failed {
+                    cause: Failure::GroupFailed,
+                    detail,
+                })
+            })
             .or_else(|| self.rules.iter().find_map(|t| t.check(now)))
     }
 }
@@ -321,7 +354,7 @@ mod tests {
     fn heartbeat_loss_after_the_timeout_and_not_before() {
         let mut w = HeartbeatWatch::new(10_000, 0);
         assert_eq!(w.check(10_000), None);
-        assert!(matches!(w.check(10_001), Some(Verdict::Failed(_))));
+        assert!(matches!(w.check(10_001), Some(Verdict::Failed { .. })));
         w.beat(9_000);
         assert_eq!(w.check(19_000), None);
         // A late, out-of-order beat does not move the clock back.
@@ -350,7 +383,7 @@ mod tests {
         assert!(p.start(5_000));
         p.finished(Err("timeout".into()), 5_000);
         assert!(
-            matches!(p.check(), Some(Verdict::Failed(m)) if m.contains("3 times") && m.contains("timeout"))
+            matches!(p.check(), Some(Verdict::Failed { detail: m, .. }) if m.contains("3 times") && m.contains("timeout"))
         );
     }
 
@@ -389,7 +422,7 @@ mod tests {
         assert_eq!(t.check(119_999), None);
         t.observe(700.0, 60_000);
         assert!(
-            matches!(t.check(120_000), Some(Verdict::Slow(m)) if m.contains("rt_ms above 500"))
+            matches!(t.check(120_000), Some(Verdict::Slow { detail: m, .. }) if m.contains("rt_ms above 500"))
         );
         // Recovery clears at once.
         t.observe(100.0, 121_000);
@@ -446,7 +479,7 @@ slow = [{ metric = "probe_ms", above = 500.0, for = "30s" },
                 assert_eq!(v, None, "at {s} s");
             } else {
                 assert!(
-                    matches!(v, Some(Verdict::Slow(ref m)) if m.contains("probe_ms")),
+                    matches!(&v, Some(Verdict::Slow { detail: m, .. }) if m.contains("probe_ms")),
                     "{v:?}"
                 );
             }
@@ -462,7 +495,9 @@ slow = [{ metric = "probe_ms", above = 500.0, for = "30s" },
             hb.uptime_secs += 1.0;
             w.heartbeat(&hb, s * 1000);
         }
-        assert!(matches!(w.check(64_000), Some(Verdict::Slow(ref m)) if m.contains("swap")));
+        assert!(
+            matches!(w.check(64_000), Some(Verdict::Slow { detail: m, .. }) if m.contains("swap"))
+        );
         // A reboot resets the counters: no absurd rate, no new breach.
         let fresh = Heartbeat {
             uptime_secs: 1.0,
@@ -474,13 +509,15 @@ slow = [{ metric = "probe_ms", above = 500.0, for = "30s" },
             assert!(w.probe_due(t));
             w.probe_done(Err("refused".into()), t);
         }
-        assert!(matches!(w.check(68_000), Some(Verdict::Failed(ref m)) if m.contains("refused")));
+        assert!(
+            matches!(w.check(68_000), Some(Verdict::Failed { detail: m, .. }) if m.contains("refused"))
+        );
         // Silence: failed by heartbeat loss 10 s after the last beat.
         let mut w = NodeWatch::new(&h, 1, 0, 0);
         w.heartbeat(&hb, 5_000);
         assert_eq!(w.check(15_000), None);
         assert!(
-            matches!(w.check(15_001), Some(Verdict::Failed(ref m)) if m.contains("no heartbeat"))
+            matches!(w.check(15_001), Some(Verdict::Failed { detail: m, .. }) if m.contains("no heartbeat"))
         );
     }
 
@@ -514,7 +551,7 @@ slow = [{ metric = "probe_ms", above = 500.0, for = "30s" },
         };
         w.heartbeat(&hb, 1_000);
         assert!(
-            matches!(w.check(1_000), Some(Verdict::Failed(ref m)) if m.contains("service group web"))
+            matches!(w.check(1_000), Some(Verdict::Failed { detail: m, .. }) if m.contains("service group web"))
         );
         hb.groups[0].state = GroupState::Running;
         w.heartbeat(&hb, 2_000);
