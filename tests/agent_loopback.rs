@@ -9,38 +9,18 @@ mod common;
 
 use common::{free_port, get, start, wait_for};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const MAC: &str = "52:54:00:aa:00:01";
 
-struct Agent(Child);
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn agent(dir: &Path, http: u16, token: &str, n: u32) -> Agent {
-    let log = std::fs::File::create(dir.join(format!("agent{n}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_corral-agent"))
-        .args([
-            "--api",
-            &format!("http://127.0.0.1:{http}"),
-            "--token",
-            token,
-        ])
-        .args(["--drain-hook"])
-        .arg(dir.join("drain.sh"))
-        .args(["--busy-file"])
-        .arg(dir.join("busy"))
-        .args(["--poweroff"])
-        .arg(format!("touch {}", dir.join("off").display()))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Agent(child)
+fn agent(dir: &Path, http: u16, token: &str, n: u32) -> common::AgentProcess {
+    common::agent(
+        dir,
+        http,
+        token,
+        n,
+        &["--busy-file".into(), dir.join("busy").into_os_string()],
+    )
 }
 
 fn policy(db: u32, dir: &Path) -> String {
@@ -80,13 +60,8 @@ power = {{ driver = "command", on = "rm -f {d}/off; echo on >> {d}/power.log", o
     )
 }
 
-/// The token on a node script's command line.
 fn token_of(script: &str) -> String {
-    script
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("corral.token="))
-        .unwrap_or_else(|| panic!("no token in {script}"))
-        .to_string()
+    common::token_of(script).unwrap_or_else(|| panic!("no token in {script}"))
 }
 
 fn events(http: u16) -> serde_json::Value {

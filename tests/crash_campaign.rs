@@ -13,37 +13,13 @@ mod common;
 
 use common::{free_port, get, start, wait_for, Rng};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MAC: &str = "52:54:00:cc:00:01";
 
-struct Agent(Child);
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn agent(dir: &Path, http: u16, token: &str, n: u32) -> Agent {
-    let log = std::fs::File::create(dir.join(format!("agent{n}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_corral-agent"))
-        .args([
-            "--api",
-            &format!("http://127.0.0.1:{http}"),
-            "--token",
-            token,
-        ])
-        .args(["--drain-hook"])
-        .arg(dir.join("drain.sh"))
-        .args(["--poweroff"])
-        .arg(format!("touch {}", dir.join("off").display()))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Agent(child)
+fn agent(dir: &Path, http: u16, token: &str, n: u32) -> common::AgentProcess {
+    common::agent(dir, http, token, n, &[])
 }
 
 fn policy(db: u32, dir: &Path) -> String {
@@ -84,11 +60,7 @@ power = {{ driver = "command", on = "sleep 0.3; rm -f {d}/off; echo on >> {d}/po
 }
 
 fn token_of(script: &str) -> String {
-    script
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("corral.token="))
-        .unwrap_or_else(|| panic!("no token in {script}"))
-        .to_string()
+    common::token_of(script).unwrap_or_else(|| panic!("no token in {script}"))
 }
 
 fn api(http: u16, path: &str) -> serde_json::Value {
@@ -140,7 +112,7 @@ fn try_get(url: &str) -> Option<String> {
 fn node(
     dir: std::path::PathBuf,
     http: u16,
-    first: Agent,
+    first: common::AgentProcess,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<u32> {
     std::thread::spawn(move || {
@@ -297,4 +269,216 @@ fn sigkill_during_moves_loses_nothing_and_every_move_resumes() {
         }
     }
     eprintln!("crash campaign: {resumed} moves resumed after SIGKILL, {done} already done; 0 lost assignments, 0 slots with two nodes");
+}
+
+const A: &str = "52:54:00:cc:01:01";
+const B: &str = "52:54:00:cc:01:02";
+
+/// One slot, two nodes switched by `command` power scripts (each node's power state is a file); failed
+/// nodes are fenced and go back to the pool.
+fn failover_policy(dir: &Path) -> String {
+    let mut p = r#"
+[settings]
+cooldown = 0
+heartbeat_interval = "1s"
+boot_timeout = "60s"
+
+[[cluster]]
+name = "app"
+min = 0
+max = 1
+default = 1
+images = ["img"]
+identity = { hostname = "app-{n}" }
+
+[cluster.health]
+heartbeat_timeout = "2s"
+on_failure = "pool"
+failover_attempts = 3
+"#
+    .to_string();
+    for (i, mac) in [A, B].iter().enumerate() {
+        let d = dir.join(format!("n{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let d = d.display();
+        p.push_str(&format!(
+            "\n[[node]]\nmac = \"{mac}\"\npower = {{ driver = \"command\", on = \"sleep 0.2; echo on >> {d}/power.log\", off = \"sleep 0.2; echo off >> {d}/power.log\", status = \"tail -n1 {d}/power.log 2>/dev/null | grep -q off && echo off || echo on\" }}\n"
+        ));
+    }
+    p
+}
+
+/// Heartbeats for the tokens in `beats` every 300 ms until `stop` (the pretend agents).
+fn beat(
+    http: u16,
+    beats: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for t in beats.lock().unwrap().clone() {
+                common::post_bearer(
+                    http,
+                    "/api/v1/agent/heartbeat",
+                    &t,
+                    r#"{"hostname":"app-1","uptime_secs":5}"#,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+}
+
+/// One failover run: a fills the slot and heartbeats, then goes silent; corral is killed `kill_after`
+/// past the failure's detection and started again; b (parked) must get the slot only after a is fenced,
+/// and the failover must finish.
+fn failover_run(seed: u64, kill_after: Duration) -> Result<String, String> {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let http = free_port();
+    common::agent_image(dir, "img");
+    std::fs::write(dir.join("policy.toml"), failover_policy(dir)).unwrap();
+    // Both pretend nodes ask from 127.0.0.1: the trusted-network setting lets each request's address be
+    // its node's (the trust rules are tests/hostile_lan.rs's subject, not this one's).
+    common::loopback_config(
+        dir,
+        http,
+        "",
+        "[boot]\npark_poll = 1\ntrust_request_address = true\n",
+    );
+    let server = start(dir, http);
+    let boot = |mac: &str| {
+        try_get(&format!(
+            "http://127.0.0.1:{http}/boot/{mac}?buildarch=x86_64"
+        ))
+    };
+    let a = boot(A).unwrap_or_default();
+    if !a.contains("host=app-1") {
+        return Err(format!("a did not get the slot: {a}"));
+    }
+    if !boot(B).unwrap_or_default().contains("is parked") {
+        return Err("b is not parked".into());
+    }
+    let beats = std::sync::Arc::new(std::sync::Mutex::new(vec![token_of(&a)]));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beater = beat(http, beats.clone(), stop.clone());
+    let finish = |r: Result<String, String>| {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = beater.join();
+        r
+    };
+    wait_for("a's agent", 20, || {
+        kinds(http).iter().any(|k| k == "agent-up")
+    });
+    // a goes silent; once corral notices, it is killed at a random moment of the failover.
+    beats.lock().unwrap().clear();
+    wait_for("a's failure", 20, || {
+        kinds(http).iter().any(|k| k == "health-failed")
+    });
+    std::thread::sleep(kill_after);
+    let before = kinds(http);
+    server.crash();
+    let at = before.last().cloned().unwrap_or_default();
+    let server = start(dir, http);
+    let (slots, doubled) = assignments_of(http, "app");
+    if doubled {
+        return finish(Err("a slot has two nodes after the restart".into()));
+    }
+    // b polls as a parked node does; the first time its script names the slot, a must be off already.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let script = boot(B).unwrap_or_default();
+        if script.contains("host=app-1") {
+            let a_power = std::fs::read_to_string(dir.join("n0/power.log")).unwrap_or_default();
+            if !a_power.lines().any(|l| l == "off") {
+                return finish(Err(format!(
+                    "b got a's slot before a was fenced (killed at {at}; a's power log {a_power:?})"
+                )));
+            }
+            beats.lock().unwrap().push(token_of(&script));
+            break;
+        }
+        if Instant::now() > deadline {
+            return finish(Err(format!(
+                "b never got the slot after the restart (killed at {at}; slots {slots:?}): {:?}",
+                kinds(http)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !kinds(http).iter().any(|k| k == "failover-done") {
+        if Instant::now() > deadline {
+            return finish(Err(format!(
+                "the failover did not finish after the restart (killed at {at}): {:?}",
+                kinds(http)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (slots, doubled) = assignments_of(http, "app");
+    if doubled || slots != [B] {
+        return finish(Err(format!("after the failover: {slots:?}")));
+    }
+    let resumed = kinds(http).iter().any(|k| k.ends_with("-resumed"));
+    let r = finish(Ok(format!(
+        "seed {seed}: killed {:.2} s after the failure was seen, last event {at}; {}",
+        kill_after.as_secs_f64(),
+        if resumed {
+            "resumed"
+        } else {
+            "nothing under way"
+        }
+    )));
+    drop(server);
+    r
+}
+
+/// The nodes holding a cluster's slots, and whether a slot has two.
+fn assignments_of(http: u16, cluster: &str) -> (Vec<String>, bool) {
+    let nodes = api(http, "/api/v1/nodes");
+    let mut seen = std::collections::BTreeSet::new();
+    let (mut macs, mut doubled) = (Vec::new(), false);
+    for n in nodes.as_array().into_iter().flatten() {
+        if n["cluster"].as_str() != Some(cluster) {
+            continue;
+        }
+        doubled |= !seen.insert(n["slot"].as_u64());
+        macs.push(n["mac"].as_str().unwrap_or("").to_string());
+    }
+    (macs, doubled)
+}
+
+#[test]
+fn sigkill_during_failovers_fences_before_reuse_and_every_failover_finishes() {
+    let runs: u64 = std::env::var("CORRAL_CRASH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let seeds: Vec<u64> = match std::env::var("CORRAL_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(s) => vec![s],
+        None => (1..=runs).map(|i| i * 0x85eb_ca6b + 3).collect(),
+    };
+    let (mut resumed, mut quiet) = (0, 0);
+    for seed in seeds {
+        let mut rng = Rng(seed);
+        // The fence (0.2 s power call), the settle time (1.5 s) and the replacement's choice all fall in
+        // the first 2.5 s after detection.
+        let kill_after = Duration::from_millis(rng.next() % 2500);
+        match failover_run(seed, kill_after) {
+            Ok(line) => {
+                eprintln!("{line}");
+                if line.ends_with("resumed") {
+                    resumed += 1;
+                } else {
+                    quiet += 1;
+                }
+            }
+            Err(e) => panic!("seed {seed} (replay with CORRAL_CRASH_SEED={seed}): {e}"),
+        }
+    }
+    eprintln!("failover crash campaign: {resumed} failovers resumed after SIGKILL, {quiet} with nothing under way; 0 slots reused before the fence, 0 slots with two nodes");
 }

@@ -13,7 +13,7 @@ mod common;
 
 use common::{free_port, get, start, wait_for};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,41 +56,7 @@ failover_attempts = 1
     p
 }
 
-/// POST with a bearer token; returns the status code.
-fn post(http: u16, path: &str, token: &str, body: &str) -> u16 {
-    let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
-
-fn token_of(script: &str) -> Option<String> {
-    script
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("corral.token="))
-        .map(str::to_string)
-}
-
-fn events(http: u16) -> Vec<serde_json::Value> {
-    let mut v: Vec<serde_json::Value> = serde_json::from_str::<serde_json::Value>(&get(&format!(
-        "http://127.0.0.1:{http}/api/v1/events?limit=500"
-    )))
-    .unwrap()
-    .as_array()
-    .cloned()
-    .unwrap_or_default();
-    v.reverse();
-    v
-}
+use common::{events_on as events, post_bearer as post, token_of};
 
 fn has(http: u16, kind: &str, node: &str) -> bool {
     events(http)

@@ -103,7 +103,7 @@ struct Acting {
 }
 
 impl Controller {
-    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+    pub(super) fn health(&self) -> std::sync::MutexGuard<'_, Health> {
         self.health.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -952,6 +952,32 @@ impl Controller {
         let old = f.old;
         self.health().failovers.insert(slot.clone(), f);
         Ok(old)
+    }
+
+    /// At start: a failed node found still in its slot gets the failover it was about to get, unless the
+    /// slot has one (its failure time is when it was flagged).
+    pub(crate) fn adopt_failover(&self, mac: Mac, slot: &SlotRef, now_ms: u64) {
+        let since_ms = self
+            .store
+            .node_flags()
+            .ok()
+            .and_then(|f| f.into_iter().find(|f| f.mac == mac))
+            .map(|f| f.since * 1000)
+            .unwrap_or(now_ms);
+        self.health()
+            .failovers
+            .entry(slot.clone())
+            .or_insert_with(|| Failover {
+                old: mac,
+                slow: false,
+                reason: "failed just before corral stopped".into(),
+                failed_ms: since_ms,
+                detected_ms: since_ms,
+                new: None,
+                attempts: 0,
+                server: Duration::ZERO,
+                alerted: false,
+            });
     }
 
     /// At start, once tasks can run: fences again every failed node that still holds a slot's disk (its

@@ -200,6 +200,41 @@ impl Controller {
                 }
             }
         }
+        let mut stranded_slots = Vec::new();
+        {
+            // A failed node still in its slot: corral stopped between marking it failed and the plan
+            // that takes the slot away. It may be running the role yet, so it holds the slot's disk until
+            // it is fenced (`resume_fences`), like any failed node.
+            let mut fleet = self.fleet();
+            let quarantined = self.health().quarantined.clone();
+            let stranded: Vec<(Mac, SlotRef)> = fleet
+                .state
+                .assignments
+                .iter()
+                .filter(|(m, _)| {
+                    fleet.state.nodes.get(m).is_some_and(|n| !n.healthy)
+                        && !quarantined.contains(m)
+                        && !fleet.holds.contains_key(m)
+                })
+                .map(|(m, s)| (*m, s.clone()))
+                .collect();
+            for (mac, slot) in stranded {
+                events.push(ev(
+                    EventKind::FenceResumed,
+                    mac,
+                    Some(&slot.cluster),
+                    format!(
+                        "{mac} was failed but still in {}/{} when corral stopped: it holds the slot's disk until it is fenced",
+                        slot.cluster, slot.slot
+                    ),
+                ));
+                fleet.holds.insert(mac, slot.clone());
+                stranded_slots.push((mac, slot));
+            }
+        }
+        for (mac, slot) in &stranded_slots {
+            self.adopt_failover(*mac, slot, now_ms);
+        }
         for f in &failovers {
             let slot = SlotRef {
                 cluster: f.cluster.clone(),

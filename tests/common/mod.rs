@@ -414,3 +414,84 @@ pub fn boot_disk(testos: &Path, disks: &Path, name: &str, mib: u32) -> std::path
     assert_eq!(code, 0, "mkboot.sh: {out}{err}");
     img
 }
+
+/// The boot token on a node script's command line.
+pub fn token_of(script: &str) -> Option<String> {
+    script
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("corral.token="))
+        .map(str::to_string)
+}
+
+/// Events of a corral on loopback port `http`, oldest first.
+pub fn events_on(http: u16) -> Vec<serde_json::Value> {
+    let mut v: Vec<serde_json::Value> = serde_json::from_str::<serde_json::Value>(&get(&format!(
+        "http://127.0.0.1:{http}/api/v1/events?limit=1000"
+    )))
+    .unwrap()
+    .as_array()
+    .cloned()
+    .unwrap_or_default();
+    v.reverse();
+    v
+}
+
+/// POST `body` (JSON) with a bearer token to a corral on loopback; returns the status code (0 when
+/// corral did not answer).
+pub fn post_bearer(http: u16, path: &str, token: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http)) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A running `corral-agent`, killed when dropped.
+pub struct AgentProcess(pub Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the real `corral-agent` against a corral on loopback with a boot's token; its drain hook is
+/// `<dir>/drain.sh` and its power-off command touches `<dir>/off`; log in `<dir>/agent<n>.log`.
+pub fn agent(
+    dir: &Path,
+    http: u16,
+    token: &str,
+    n: u32,
+    extra: &[std::ffi::OsString],
+) -> AgentProcess {
+    let log = std::fs::File::create(dir.join(format!("agent{n}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_corral-agent"))
+        .args([
+            "--api",
+            &format!("http://127.0.0.1:{http}"),
+            "--token",
+            token,
+        ])
+        .args(["--drain-hook"])
+        .arg(dir.join("drain.sh"))
+        .args(extra)
+        .args(["--poweroff"])
+        .arg(format!("touch {}", dir.join("off").display()))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    AgentProcess(child)
+}
