@@ -330,7 +330,7 @@ fn beat(
 }
 
 /// One failover run: a fills the slot and heartbeats, then goes silent; corral is killed `kill_after`
-/// past the failure's detection and started again; b (parked) must get the slot only after a is fenced,
+/// later and started again; b (parked) must get the slot only after a is fenced,
 /// and the failover must finish.
 fn failover_run(seed: u64, kill_after: Duration) -> Result<String, String> {
     let tmp = tempfile::tempdir().unwrap();
@@ -370,11 +370,9 @@ fn failover_run(seed: u64, kill_after: Duration) -> Result<String, String> {
     wait_for("a's agent", 20, || {
         kinds(http).iter().any(|k| k == "agent-up")
     });
-    // a goes silent; once corral notices, it is killed at a random moment of the failover.
+    // a goes silent, and corral is killed at a random moment: before it notices (a must then be found
+    // by its heartbeat timeout after the restart), or during the fence and the replacement.
     beats.lock().unwrap().clear();
-    wait_for("a's failure", 20, || {
-        kinds(http).iter().any(|k| k == "health-failed")
-    });
     std::thread::sleep(kill_after);
     let before = kinds(http);
     server.crash();
@@ -422,7 +420,7 @@ fn failover_run(seed: u64, kill_after: Duration) -> Result<String, String> {
     }
     let resumed = kinds(http).iter().any(|k| k.ends_with("-resumed"));
     let r = finish(Ok(format!(
-        "seed {seed}: killed {:.2} s after the failure was seen, last event {at}; {}",
+        "seed {seed}: killed {:.2} s after the last heartbeat, last event {at}; {}",
         kill_after.as_secs_f64(),
         if resumed {
             "resumed"
@@ -465,9 +463,9 @@ fn sigkill_during_failovers_fences_before_reuse_and_every_failover_finishes() {
     let (mut resumed, mut quiet) = (0, 0);
     for seed in seeds {
         let mut rng = Rng(seed);
-        // The fence (0.2 s power call), the settle time (1.5 s) and the replacement's choice all fall in
-        // the first 2.5 s after detection.
-        let kill_after = Duration::from_millis(rng.next() % 2500);
+        // Detection comes 2 s after the last heartbeat; the fence (a 0.2 s power call), the settle time
+        // (1.5 s) and the replacement's choice follow within about 2.5 s.
+        let kill_after = Duration::from_millis(rng.next() % 4500);
         match failover_run(seed, kill_after) {
             Ok(line) => {
                 eprintln!("{line}");

@@ -31,7 +31,7 @@ pub struct Beat {
 #[derive(Default)]
 pub struct Agents {
     /// Every node's boot tokens.
-    book: TokenBook,
+    pub(super) book: TokenBook,
     beats: HashMap<Mac, Beat>,
     /// The token the node's last heartbeat carried: a heartbeat with another is a new boot's first.
     beat_token: HashMap<Mac, String>,
@@ -73,7 +73,7 @@ impl Agents {
 }
 
 impl Controller {
-    fn agents(&self) -> std::sync::MutexGuard<'_, Agents> {
+    pub(super) fn agents(&self) -> std::sync::MutexGuard<'_, Agents> {
         self.agents.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -954,6 +954,40 @@ impl Controller {
         Ok(old)
     }
 
+    /// At start: every node whose agent was running in its slot (its boot's token was used in that role)
+    /// is watched again from now, before it beats: one that died while corral was down is found by its
+    /// heartbeat timeout like any other, instead of never being watched.
+    pub(crate) fn resume_watches(&self, now_ms: u64) {
+        let state = self.state();
+        let Some(policy) = state.policy.as_ref() else {
+            return;
+        };
+        let assignments = self.fleet_state().assignments;
+        let running: Vec<(Mac, SlotRef)> = {
+            let a = self.agents();
+            assignments
+                .into_iter()
+                .filter(|(m, s)| {
+                    a.book
+                        .tokens(*m)
+                        .is_some_and(|t| t.current.used && t.current.role.as_ref() == Some(s))
+                })
+                .collect()
+        };
+        let mut h = self.health();
+        for (mac, slot) in running {
+            let Some(c) = policy
+                .cluster(&slot.cluster)
+                .filter(|c| c.spec.health.is_some())
+            else {
+                continue;
+            };
+            // Started as if the node had just beaten: it has one heartbeat timeout from now.
+            let w = NodeWatch::new(c.spec.health(), policy.heartbeat_interval, now_ms, 0);
+            h.watches.entry(mac).or_insert((slot, w));
+        }
+    }
+
     /// At start: a failed node found still in its slot gets the failover it was about to get, unless the
     /// slot has one (its failure time is when it was flagged).
     pub(crate) fn adopt_failover(&self, mac: Mac, slot: &SlotRef, now_ms: u64) {

@@ -506,6 +506,7 @@ impl Controller {
         c.load_agent_tokens();
         c.load_node_flags();
         c.restore_work();
+        c.resume_watches(agents::unix_ms());
         c.prepare_disks(crate::unix_now());
         c.prepare_slot_secrets(crate::unix_now());
         c.replan(crate::unix_now())?;
