@@ -24,44 +24,7 @@ fn agent(dir: &Path, http: u16, token: &str, n: u32) -> common::AgentProcess {
 }
 
 fn policy(db: u32, dir: &Path) -> String {
-    let d = dir.display();
-    format!(
-        r#"
-[settings]
-cooldown = 0
-heartbeat_interval = "1s"
-power_off_timeout = "10s"
-boot_timeout = "60s"
-
-[[cluster]]
-name = "db"
-priority = 10
-min = 0
-max = 1
-default = {db}
-preempt = true
-images = ["img"]
-identity = {{ hostname = "db-{{n}}" }}
-
-[[cluster]]
-name = "web"
-priority = 1
-min = 0
-max = 1
-default = 1
-images = ["img"]
-identity = {{ hostname = "web-{{n}}" }}
-drain = {{ grace = "5s" }}
-
-[[node]]
-mac = "{MAC}"
-power = {{ driver = "command", on = "rm -f {d}/off; echo on >> {d}/power.log", off = "touch {d}/off; echo off >> {d}/power.log", status = "if [ -e {d}/off ]; then echo off; else echo on; fi" }}
-"#
-    )
-}
-
-fn token_of(script: &str) -> String {
-    common::token_of(script).unwrap_or_else(|| panic!("no token in {script}"))
+    common::move_policy(db, dir, MAC, "", "60s")
 }
 
 fn events(http: u16) -> serde_json::Value {
@@ -109,7 +72,7 @@ fn agent_drains_powers_off_and_confirms_a_move_with_the_command_driver() {
     // First boot: web-1.
     let script = get(&boot);
     assert!(script.contains("host=web-1"), "{script}");
-    let t1 = token_of(&script);
+    let t1 = common::token(&script);
     let a1 = agent(dir, http, &t1, 1);
     wait_for("the first heartbeat", 20, || has_event(http, "agent-up"));
     let nodes = get(&format!("http://127.0.0.1:{http}/api/v1/nodes"));
@@ -137,10 +100,10 @@ fn agent_drains_powers_off_and_confirms_a_move_with_the_command_driver() {
     // The node reboots: its new script names its new role and a new token; the old one stops working.
     let script = get(&boot);
     assert!(script.contains("host=db-1"), "{script}");
-    let t2 = token_of(&script);
+    let t2 = common::token(&script);
     assert_ne!(t1, t2);
     // Fetched again in the same boot: the same token.
-    assert_eq!(token_of(&get(&boot)), t2, "one token per boot");
+    assert_eq!(common::token(&get(&boot)), t2, "one token per boot");
     // Until the new boot's token is used, the earlier one is still honoured (a script fetched but not
     // booted must not cut a running agent off): its request gets past the token check to the body check.
     assert_eq!(status(&hb, &t1, "{not json"), "400");

@@ -23,44 +23,7 @@ fn agent(dir: &Path, http: u16, token: &str, n: u32) -> common::AgentProcess {
 }
 
 fn policy(db: u32, dir: &Path) -> String {
-    let d = dir.display();
-    format!(
-        r#"
-[settings]
-cooldown = 0
-heartbeat_interval = "1s"
-power_off_timeout = "10s"
-boot_timeout = "120s"
-
-[[cluster]]
-name = "db"
-priority = 10
-min = 0
-max = 1
-default = {db}
-preempt = true
-images = ["img"]
-identity = {{ hostname = "db-{{n}}" }}
-
-[[cluster]]
-name = "web"
-priority = 1
-min = 0
-max = 1
-default = 1
-images = ["img"]
-identity = {{ hostname = "web-{{n}}" }}
-drain = {{ grace = "5s" }}
-
-[[node]]
-mac = "{MAC}"
-power = {{ driver = "command", on = "sleep 0.3; rm -f {d}/off; echo on >> {d}/power.log", off = "sleep 0.3; touch {d}/off; echo off >> {d}/power.log", status = "if [ -e {d}/off ]; then echo off; else echo on; fi" }}
-"#
-    )
-}
-
-fn token_of(script: &str) -> String {
-    common::token_of(script).unwrap_or_else(|| panic!("no token in {script}"))
+    common::move_policy(db, dir, MAC, "0.3", "120s")
 }
 
 fn api(http: u16, path: &str) -> serde_json::Value {
@@ -127,7 +90,7 @@ fn node(
                 if let Some(script) = try_get(&boot) {
                     if script.contains("corral.token=") {
                         boots += 1;
-                        running = Some(agent(&dir, http, &token_of(&script), 1 + boots));
+                        running = Some(agent(&dir, http, &common::token(&script), 1 + boots));
                         was_off = false;
                     }
                 }
@@ -163,7 +126,7 @@ fn run(seed: u64, kill_after: Duration) -> Result<String, String> {
     let sim = node(
         dir.to_path_buf(),
         http,
-        agent(dir, http, &token_of(&script), 1),
+        agent(dir, http, &common::token(&script), 1),
         stop.clone(),
     );
     let finish = |r: Result<String, String>| {
@@ -338,14 +301,8 @@ fn failover_run(seed: u64, kill_after: Duration) -> Result<String, String> {
     let http = free_port();
     common::agent_image(dir, "img");
     std::fs::write(dir.join("policy.toml"), failover_policy(dir)).unwrap();
-    // Both pretend nodes ask from 127.0.0.1: the trusted-network setting lets each request's address be
-    // its node's (the trust rules are tests/hostile_lan.rs's subject, not this one's).
-    common::loopback_config(
-        dir,
-        http,
-        "",
-        "[boot]\npark_poll = 1\ntrust_request_address = true\n",
-    );
+    // Both pretend nodes ask from 127.0.0.1 (see `TRUSTED_LOOPBACK`).
+    common::loopback_config(dir, http, "", common::TRUSTED_LOOPBACK);
     let server = start(dir, http);
     let boot = |mac: &str| {
         try_get(&format!(
@@ -359,7 +316,7 @@ fn failover_run(seed: u64, kill_after: Duration) -> Result<String, String> {
     if !boot(B).unwrap_or_default().contains("is parked") {
         return Err("b is not parked".into());
     }
-    let beats = std::sync::Arc::new(std::sync::Mutex::new(vec![token_of(&a)]));
+    let beats = std::sync::Arc::new(std::sync::Mutex::new(vec![common::token(&a)]));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let beater = beat(http, beats.clone(), stop.clone());
     let finish = |r: Result<String, String>| {
@@ -393,7 +350,7 @@ fn failover_run(seed: u64, kill_after: Duration) -> Result<String, String> {
                     "b got a's slot before a was fenced (killed at {at}; a's power log {a_power:?})"
                 )));
             }
-            beats.lock().unwrap().push(token_of(&script));
+            beats.lock().unwrap().push(common::token(&script));
             break;
         }
         if Instant::now() > deadline {

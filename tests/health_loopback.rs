@@ -145,10 +145,8 @@ fn quarantine_retry_limit_alert_webhook_and_release() {
         dir,
         http,
         "api_token = \"op-secret-0123456789\"\n",
-        // Several nodes ask from 127.0.0.1: this test is about health, so the trusted-network setting
-        // counts each request's address as its node's (tests/hostile_lan.rs and the trust unit tests
-        // cover the default).
-        "[boot]\npark_poll = 1\ntrust_request_address = true\n",
+        // Several nodes ask from 127.0.0.1: this test is about health (see `TRUSTED_LOOPBACK`).
+        common::TRUSTED_LOOPBACK,
     );
     let server = start(dir, http);
     let boot = |mac: &str| {

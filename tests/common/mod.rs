@@ -495,3 +495,57 @@ pub fn agent(
         .unwrap();
     AgentProcess(child)
 }
+
+/// The boot token on a node script's command line; panics when there is none.
+pub fn token(script: &str) -> String {
+    token_of(script).unwrap_or_else(|| panic!("no token in {script}"))
+}
+
+/// `[boot]` for tests where several pretend nodes ask from 127.0.0.1: the trusted-network setting counts
+/// each request's address as its node's (tests/hostile_lan.rs and the trust unit tests cover the default).
+pub const TRUSTED_LOOPBACK: &str = "[boot]\npark_poll = 1\ntrust_request_address = true\n";
+
+/// Two clusters for move tests: `db` (priority 10, preempts, `default = db`) and `web` (priority 1, one
+/// node, 5 s drain grace), and `mac` switched by `command` power scripts that keep its power state in
+/// `<dir>/off` (each call taking `delay` seconds).
+pub fn move_policy(db: u32, dir: &Path, mac: &str, delay: &str, boot_timeout: &str) -> String {
+    let d = dir.display();
+    let wait = if delay.is_empty() {
+        String::new()
+    } else {
+        format!("sleep {delay}; ")
+    };
+    format!(
+        r#"
+[settings]
+cooldown = 0
+heartbeat_interval = "1s"
+power_off_timeout = "10s"
+boot_timeout = "{boot_timeout}"
+
+[[cluster]]
+name = "db"
+priority = 10
+min = 0
+max = 1
+default = {db}
+preempt = true
+images = ["img"]
+identity = {{ hostname = "db-{{n}}" }}
+
+[[cluster]]
+name = "web"
+priority = 1
+min = 0
+max = 1
+default = 1
+images = ["img"]
+identity = {{ hostname = "web-{{n}}" }}
+drain = {{ grace = "5s" }}
+
+[[node]]
+mac = "{mac}"
+power = {{ driver = "command", on = "{wait}rm -f {d}/off; echo on >> {d}/power.log", off = "{wait}touch {d}/off; echo off >> {d}/power.log", status = "if [ -e {d}/off ]; then echo off; else echo on; fi" }}
+"#
+    )
+}
