@@ -51,7 +51,10 @@ impl Redfish {
         // No redirects (the shared agent follows none): ureq would turn a redirected POST/PATCH into a GET
         // (301-303) or hand back the 3xx as a success (307/308), and it drops the Authorization header on
         // the way. A BMC that redirects gets an error naming the new address instead (see `call`).
-        let agent = crate::client::agent(timeout, &trust)?;
+        let agent = crate::client::agent(timeout, &trust).map_err(|e| match trust {
+            Trust::CaFile(_) => format!("ca_file {e}"),
+            _ => e,
+        })?;
         Ok(Redfish {
             base: url.trim_end_matches('/').to_string(),
             system,
