@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod boot;
+pub mod client;
 pub mod config;
 pub mod conn;
 pub mod controller;

@@ -4,10 +4,9 @@
 //! first heartbeat with the token corral put on this boot's kernel command line confirms that the node
 //! came up in its new role.
 //!
-//! Plain threads and a minimal HTTP/1.1 client over `std::net`: the agent ships into tiny images, so it
-//! carries no async runtime. [`proto`] is the wire format, shared with corral's API.
+//! Plain threads and corral's blocking HTTP client ([`crate::client`], on ureq): the agent ships into
+//! tiny images, so it carries no async runtime. [`proto`] is the wire format, shared with corral's API.
 
-pub mod client;
 pub mod groups;
 pub mod proto;
 pub mod run;

@@ -7,16 +7,17 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::client::{request, Api};
 use super::groups;
 use super::proto::{Ack, GroupState, GroupStatus, HeartbeatReply, Order, OrderKind};
 use super::sample::sample;
+use crate::client::{Client, Trust};
 
 /// How the agent is set up: from flags, else from the kernel command line (`corral.api=`,
 /// `corral.token=`), else defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    pub api: Api,
+    /// corral's API: `http://host[:port][/prefix]` (or https://).
+    pub api: url::Url,
     pub token: String,
     /// Run on a drain order: the application's stop command.
     pub drain_hook: PathBuf,
@@ -76,7 +77,7 @@ impl Settings {
             format!("no token: no --token and no corral.token= on the kernel command line\n{USAGE}")
         })?;
         Ok(Settings {
-            api: Api::parse(&api)?,
+            api: crate::client::parse_url(&api, "API URL")?,
             token,
             drain_hook,
             busy_file,
@@ -130,17 +131,17 @@ fn run_hook(hook: &std::path::Path, grace: Duration) -> (bool, String) {
     }
 }
 
-fn ack(s: &Settings, id: u64, ok: bool, detail: String) {
+/// Each request's timeout, but for the long poll for orders.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// The server holds a poll for orders this long (`wait=`)...
+const POLL_WAIT_SECS: u64 = 25;
+/// ... and the agent gives it this long to answer.
+const POLL_TIMEOUT: Duration = Duration::from_secs(35);
+
+fn ack(api: &Client, id: u64, ok: bool, detail: String) {
     let body = serde_json::to_vec(&Ack { id, ok, detail }).unwrap_or_default();
     for _ in 0..3 {
-        match request(
-            &s.api,
-            "POST",
-            "/api/v1/agent/ack",
-            &s.token,
-            Some(&body),
-            Duration::from_secs(5),
-        ) {
+        match api.send("POST", "/api/v1/agent/ack", Some(&body)) {
             Ok(r) if r.status < 300 => return,
             Ok(r) => tracing::warn!(status = r.status, "ack refused"),
             Err(e) => tracing::warn!(error = %e, "ack failed"),
@@ -202,7 +203,7 @@ impl Supervisor {
     }
 }
 
-fn carry_out(s: &Settings, sup: &Supervisor, order: Order) {
+fn carry_out(s: &Settings, api: &Client, sup: &Supervisor, order: Order) {
     tracing::info!(id = order.id, order = order.kind.name(), "order received");
     match order.kind {
         OrderKind::Drain { grace_secs } => {
@@ -210,7 +211,7 @@ fn carry_out(s: &Settings, sup: &Supervisor, order: Order) {
             sup.stop();
             let (ok, detail) = run_hook(&s.drain_hook, Duration::from_secs(grace_secs));
             tracing::info!(ok, "{detail}");
-            ack(s, order.id, ok, detail);
+            ack(api, order.id, ok, detail);
         }
         OrderKind::Poweroff | OrderKind::Reboot => {
             let cmd = if order.kind == OrderKind::Poweroff {
@@ -219,7 +220,7 @@ fn carry_out(s: &Settings, sup: &Supervisor, order: Order) {
                 &s.reboot
             };
             // Acknowledged first: once the command runs there may be no network left to say so.
-            ack(s, order.id, true, format!("running `{cmd}`"));
+            ack(api, order.id, true, format!("running `{cmd}`"));
             // SAFETY: sync(2) takes no arguments and cannot fail.
             unsafe { libc::sync() };
             match Command::new("sh").arg("-c").arg(cmd).status() {
@@ -231,20 +232,13 @@ fn carry_out(s: &Settings, sup: &Supervisor, order: Order) {
     }
 }
 
-fn heartbeats(s: Settings, sup: Arc<Supervisor>) {
+fn heartbeats(s: Settings, api: Client, sup: Arc<Supervisor>) {
     let mut interval = Duration::from_secs(5);
     loop {
         let mut hb = sample(s.busy_file.exists());
         hb.groups = sup.statuses();
         let body = serde_json::to_vec(&hb).unwrap_or_default();
-        match request(
-            &s.api,
-            "POST",
-            "/api/v1/agent/heartbeat",
-            &s.token,
-            Some(&body),
-            Duration::from_secs(5),
-        ) {
+        match api.send("POST", "/api/v1/agent/heartbeat", Some(&body)) {
             Ok(r) if r.status == 200 => {
                 if let Ok(reply) = serde_json::from_slice::<HeartbeatReply>(&r.body) {
                     interval = Duration::from_secs(reply.interval_secs.clamp(1, 300));
@@ -261,21 +255,27 @@ fn heartbeats(s: Settings, sup: Arc<Supervisor>) {
 
 /// Runs until the process is killed (or the node powers off).
 pub fn run(s: Settings) {
-    tracing::info!(api = %format!("http://{}:{}{}", s.api.host, s.api.port, s.api.prefix), "corral agent started");
+    let api = match Client::new(
+        s.api.as_str(),
+        Some(s.token.clone()),
+        &Trust::System,
+        TIMEOUT,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("corral API: {e}");
+            std::process::exit(2);
+        }
+    };
+    tracing::info!(api = %api.base(), "corral agent started");
     let sup = Arc::new(Supervisor::start(&s.groups));
-    let (hb, sup2) = (s.clone(), sup.clone());
-    std::thread::spawn(move || heartbeats(hb, sup2));
+    let (hb, api2, sup2) = (s.clone(), api.clone(), sup.clone());
+    std::thread::spawn(move || heartbeats(hb, api2, sup2));
+    let poll = format!("/api/v1/agent/orders?wait={POLL_WAIT_SECS}");
     loop {
-        match request(
-            &s.api,
-            "GET",
-            "/api/v1/agent/orders?wait=25",
-            &s.token,
-            None,
-            Duration::from_secs(35),
-        ) {
+        match api.send_within("GET", &poll, None, POLL_TIMEOUT) {
             Ok(r) if r.status == 200 => match serde_json::from_slice::<Order>(&r.body) {
-                Ok(order) => carry_out(&s, &sup, order),
+                Ok(order) => carry_out(&s, &api, &sup, order),
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable order");
                     std::thread::sleep(Duration::from_secs(1));
@@ -302,7 +302,10 @@ mod tests {
     fn settings_from_the_kernel_command_line_and_flags() {
         let cl = "console=ttyS0 corral.api=http://10.1.0.1 corral.token=abc quiet";
         let s = Settings::parse(&[], cl).unwrap();
-        assert_eq!((s.api.host.as_str(), s.token.as_str()), ("10.1.0.1", "abc"));
+        assert_eq!(
+            (s.api.host_str(), s.token.as_str()),
+            (Some("10.1.0.1"), "abc")
+        );
         assert_eq!(s.drain_hook, PathBuf::from("/etc/corral/drain"));
         let args: Vec<String> = ["--token", "xyz", "--poweroff", "poweroff -f"]
             .iter()
@@ -317,6 +320,11 @@ mod tests {
             .unwrap_err()
             .contains("no corral API"));
         assert!(Settings::parse(&["--bogus".into()], cl).is_err());
+        let e = Settings::parse(&["--api".into(), "ftp://10.1.0.1".into()], cl).unwrap_err();
+        assert!(e.contains("API URL `ftp://10.1.0.1`"), "{e}");
+        let s =
+            Settings::parse(&["--api".into(), "https://boot.example/corral".into()], cl).unwrap();
+        assert_eq!(s.api.path(), "/corral");
         assert!(Settings::parse(&["--token".into()], cl).is_err());
     }
 

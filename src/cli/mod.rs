@@ -6,84 +6,40 @@ pub mod disk;
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-/// A running corral's operator API: where it is, the bearer token to send, and the TLS roots to trust.
-pub struct Api {
-    base: String,
-    token: Option<String>,
-    agent: ureq::Agent,
-}
+use corral::client::{Client, Error, Trust};
+
+/// A running corral's operator API: its address, the bearer token and the TLS roots (through
+/// [`corral::client`]).
+pub struct Api(Client);
 
 impl Api {
-    /// `base` is `http://host:port` or `https://host:port`; `ca` (PEM) is trusted besides the bundled roots
-    /// (the operator listener's own certificate, when it is self-signed).
+    /// `base` is `http://host:port` or `https://host:port`; `ca` (PEM) is trusted besides the system's
+    /// roots (the operator listener's own certificate, when it is self-signed).
     pub fn new(base: &str, token: Option<String>, ca: Option<&Path>) -> Result<Api, String> {
-        let mut b = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(30))
-            .redirects(0);
-        if let Some(ca) = ca {
-            use rustls::pki_types::{pem::PemObject, CertificateDer};
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            for cert in
-                CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
-            {
-                let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{}: {e}", ca.display()))?;
-            }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let cfg = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            b = b.tls_config(Arc::new(cfg));
-        }
-        Ok(Api {
-            base: base.trim_end_matches('/').to_string(),
-            token,
-            agent: b.build(),
-        })
+        let trust = ca.map_or(Trust::System, |p| Trust::SystemAnd(p.to_path_buf()));
+        Client::new(base, token, &trust, Duration::from_secs(30)).map(Api)
     }
 
-    /// One request; the body of a 2xx response, else the status and body as an error.
+    /// One request; the body of a 2xx answer, else what went wrong.
     fn call(&self, method: &str, path: &str) -> Result<String, String> {
-        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        let resp = if method == "POST" {
-            req.send_string("")
-        } else {
-            req.call()
-        };
-        match resp {
-            Ok(r) => r.into_string().map_err(|e| e.to_string()),
-            Err(ureq::Error::Status(code, r)) => Err(format!(
-                "{path}: HTTP {code}: {}",
-                r.into_string().unwrap_or_default().trim()
-            )),
-            Err(e) => Err(format!("cannot reach corral at {}: {e}", self.base)),
-        }
+        self.0.text(method, path).map_err(explain)
     }
+}
 
-    /// GET `path`, the body of a 2xx response.
-    pub fn get(&self, path: &str) -> Result<String, String> {
-        self.call("GET", path)
+/// An answer that is not the one expected as it is; no answer as corral out of reach.
+fn explain(e: Error) -> String {
+    if e.answered() {
+        e.to_string()
+    } else {
+        format!("cannot reach corral: {e}")
     }
 }
 
 fn fetch(api: &Api, path: &str) -> Result<serde_json::Value, ExitCode> {
-    let body = api.get(path).map_err(|e| {
-        eprintln!("corral: {e}");
-        ExitCode::from(1)
-    })?;
-    serde_json::from_str(&body).map_err(|e| {
-        eprintln!("corral: bad answer from {path}: {e}");
+    api.0.json(path).map_err(|e| {
+        eprintln!("corral: {}", explain(e));
         ExitCode::from(1)
     })
 }

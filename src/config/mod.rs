@@ -690,11 +690,13 @@ impl Config {
             }
         }
         if let Some(u) = &self.http.public_url {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                err(
+            match url::Url::parse(u) {
+                Ok(p) if matches!(p.scheme(), "http" | "https") && p.has_host() => {}
+                Ok(_) => err(
                     &["http", "public_url"],
                     format!("`{u}` is not an http:// or https:// URL"),
-                );
+                ),
+                Err(e) => err(&["http", "public_url"], format!("`{u}`: {e}")),
             }
         }
         if !(512..=65464).contains(&self.tftp.max_blksize) {
@@ -1209,6 +1211,19 @@ mod tests {
         let c =
             parse("[server]\naddress = \"10.1.2.3\"\n[http]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
         assert_eq!(c.public_url(), "http://10.1.2.3:8080");
+        for (bad, why) in [
+            ("ftp://10.1.2.3/", "is not an http:// or https:// URL"),
+            ("10.1.2.3:8080", "relative URL without a base"),
+            ("http://10.1.2.3:port/", "invalid port"),
+        ] {
+            let text =
+                format!("[server]\naddress = \"10.1.2.3\"\n[http]\npublic_url = \"{bad}\"\n");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let text =
+            "[server]\naddress = \"10.1.2.3\"\n[http]\npublic_url = \"https://boot.example/c/\"\n";
+        assert_eq!(parse(text).unwrap().public_url(), "https://boot.example/c");
     }
 }
 

@@ -1,82 +1,66 @@
-//! The I/O side of application probes: one HTTP GET or TCP connect against a node, bounded by the
-//! probe's timeout. The schedule, failure counts and verdicts live in the sans-IO [`super::NodeWatch`].
+//! The I/O side of application probes: one HTTP(S) GET (through [`crate::client`], on tokio's blocking
+//! pool) or TCP connect against a node, bounded by the probe's timeout. The schedule, failure counts and
+//! verdicts live in the sans-IO [`super::NodeWatch`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::client::{Client, Trust};
 use crate::policy::{ProbeKind, ProbeSpec};
 
-/// Most of a response a probe reads (the status line and enough body to find the expected text).
+/// Most of a response body a probe reads (enough to find the expected text).
 const MAX_RESPONSE: usize = 64 * 1024;
 
 /// Runs one probe against `ip`; `Ok` carries the response time in milliseconds.
 pub async fn run(spec: &ProbeSpec, ip: IpAddr) -> Result<f64, String> {
-    let t0 = Instant::now();
-    let limit = Duration::from_secs(spec.timeout.0);
-    match tokio::time::timeout(limit, once(spec, ip)).await {
-        Ok(Ok(())) => Ok(t0.elapsed().as_secs_f64() * 1000.0),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("no answer within {} s", spec.timeout.0)),
-    }
-}
-
-async fn once(spec: &ProbeSpec, ip: IpAddr) -> Result<(), String> {
     let addr = SocketAddr::new(ip, spec.port);
-    let mut s = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    if spec.kind == ProbeKind::Tcp {
-        return Ok(());
-    }
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: corral-probe\r\nConnection: close\r\n\r\n",
-        spec.path
-    );
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 8192];
-    while buf.len() < MAX_RESPONSE {
-        let n = s
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("read from {addr}: {e}"))?;
-        if n == 0 {
-            break;
+    let limit = Duration::from_secs(spec.timeout.0);
+    let scheme = match spec.kind {
+        ProbeKind::Tcp => {
+            let t0 = Instant::now();
+            return match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => Ok(t0.elapsed().as_secs_f64() * 1000.0),
+                Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
+                Err(_) => Err(format!("no answer from {addr} within {} s", spec.timeout.0)),
+            };
         }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    check_response(&buf, spec.status, spec.body.as_deref())
+        ProbeKind::Http => "http",
+        ProbeKind::Https => "https",
+    };
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        let client = Client::new(&format!("{scheme}://{addr}"), None, &Trust::Any, limit)?
+            .max_body(MAX_RESPONSE)
+            .user_agent("corral-probe");
+        let r = client
+            .send("GET", &spec.path, None)
+            .map_err(|e| e.to_string())?;
+        check_response(r.status, &r.body, spec.status, spec.body.as_deref())?;
+        Ok(t0.elapsed().as_secs_f64() * 1000.0)
+    })
+    .await
+    .map_err(|e| format!("probe: {e}"))?
 }
 
-/// Whether an HTTP response has the expected status and holds the expected text.
-pub fn check_response(raw: &[u8], status: u16, body: Option<&str>) -> Result<(), String> {
-    let text = String::from_utf8_lossy(raw);
-    let line = text.lines().next().unwrap_or("");
-    let got: Option<u16> = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|c| c.parse().ok());
-    match got {
-        None => return Err(format!("not an HTTP response: {:?}", truncate(line, 80))),
-        Some(g) if g != status => return Err(format!("status {g}, expected {status}")),
-        Some(_) => {}
+/// Whether an HTTP answer has the expected status and its body holds the expected text.
+pub fn check_response(
+    got: u16,
+    content: &[u8],
+    status: u16,
+    body: Option<&str>,
+) -> Result<(), String> {
+    if got != status {
+        return Err(format!("status {got}, expected {status}"));
     }
     if let Some(want) = body {
-        let content = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        if !content.contains(want) {
+        if !String::from_utf8_lossy(content).contains(want) {
             return Err(format!("body lacks {want:?}"));
         }
     }
     Ok(())
-}
-
-fn truncate(s: &str, n: usize) -> String {
-    s.chars().take(n).collect()
 }
 
 #[cfg(test)]
@@ -85,19 +69,15 @@ mod tests {
 
     #[test]
     fn responses_are_judged_by_status_and_body() {
-        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
-        assert_eq!(check_response(ok, 200, None), Ok(()));
-        assert_eq!(check_response(ok, 200, Some("ok")), Ok(()));
-        assert!(check_response(ok, 200, Some("fine"))
+        assert_eq!(check_response(200, b"ok\n", 200, None), Ok(()));
+        assert_eq!(check_response(200, b"ok\n", 200, Some("ok")), Ok(()));
+        assert!(check_response(200, b"ok\n", 200, Some("fine"))
             .unwrap_err()
             .contains("lacks"));
-        assert!(check_response(ok, 204, None)
+        assert!(check_response(200, b"ok\n", 204, None)
             .unwrap_err()
             .contains("status 200"));
-        let e = check_response(b"SSH-2.0-OpenSSH\r\n", 200, None).unwrap_err();
-        assert!(e.contains("not an HTTP response"), "{e}");
-        assert!(check_response(b"", 200, None).is_err());
-        assert!(check_response(b"HTTP/1.0 500 Oops\r\n\r\n", 200, None).is_err());
+        assert!(check_response(500, b"", 200, None).is_err());
     }
 
     /// A server on loopback that answers each connection with `reply` after `delay`.
@@ -147,7 +127,16 @@ mod tests {
             std::time::Duration::from_millis(1500),
         );
         let e = run(&spec(ProbeKind::Http, slow), lo).await.unwrap_err();
-        assert!(e.contains("no answer within 1 s"), "{e}");
+        assert!(
+            e.contains("no answer from") && e.contains("within 1 s"),
+            "{e}"
+        );
+        let ssh = server("SSH-2.0-OpenSSH_9.2\r\n\r\n", Default::default());
+        let e = run(&spec(ProbeKind::Http, ssh), lo).await.unwrap_err();
+        assert!(e.contains("not an HTTP answer"), "{e}");
+        // https: any certificate; a plain-HTTP server is a failed handshake.
+        let e = run(&spec(ProbeKind::Https, fast), lo).await.unwrap_err();
+        assert!(e.contains("cannot connect to https://127.0.0.1"), "{e}");
         // TCP: a listener is enough; a closed port is refused.
         assert!(run(&spec(ProbeKind::Tcp, slow), lo).await.is_ok());
         let closed = std::net::TcpListener::bind("127.0.0.1:0")

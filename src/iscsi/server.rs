@@ -419,9 +419,7 @@ impl login::Targets for Lookup<'_> {
 }
 
 fn random(buf: &mut [u8]) {
-    // SAFETY: getrandom writes at most buf.len() bytes into the buffer it is given.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n != buf.len() as isize {
+    if getrandom::getrandom(buf).is_err() {
         // Never expected on Linux; a predictable challenge is still better than none at all.
         for (i, b) in buf.iter_mut().enumerate() {
             *b = (i as u8).wrapping_mul(151).wrapping_add(7);

@@ -199,10 +199,13 @@ pub enum OnFailure {
 pub enum ProbeKind {
     #[default]
     Http,
+    /// HTTP over TLS. The certificate is not checked: a probe is addressed to the node's IP (which
+    /// certificates seldom name) and carries no secret; it tells whether the application answers.
+    Https,
     Tcp,
 }
 
-/// An application probe: an HTTP GET (status and, optionally, a text the body must hold) or a TCP
+/// An application probe: an HTTP(S) GET (status and, optionally, a text the body must hold) or a TCP
 /// connect, to the node's address.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -796,7 +799,7 @@ fn check_health(
                 "probe `failures` must be at least 1".into(),
             ));
         }
-        if pr.kind == ProbeKind::Http && !pr.path.starts_with('/') {
+        if pr.kind != ProbeKind::Tcp && !pr.path.starts_with('/') {
             errs.push((
                 pat("path"),
                 format!("probe path `{}` must start with /", pr.path),
@@ -1078,7 +1081,7 @@ identity = { hostname = \"db-{n}\", addresses = \"10.0.0.5-10.0.0.6\" }
     fn health_keys_are_checked_with_positions() {
         let text = "\
 [settings]
-alert_webhook = \"https://ops.example/hook\"
+alert_webhook = \"ftp://ops.example/hook\"
 
 [[cluster]]
 name = \"web\"
@@ -1093,7 +1096,7 @@ on_failure = \"quarantine\"
 ";
         let e = parse(text).unwrap_err().to_string();
         for want in [
-            "policy.toml:2:17: `https://ops.example/hook`: only http:// webhooks are supported",
+            "policy.toml:2:17: webhook `ftp://ops.example/hook`: only http:// and https:// URLs are supported",
             "policy.toml:9:21: `heartbeat_timeout` must be at least 1 second",
             "probe timeout 5 s is longer than its interval 2 s",
             "probe path `health` must start with /",

@@ -7,8 +7,6 @@
 //! configured with `insecure_tls` (self-signed certificates, common on BMCs), which applies to that BMC
 //! only.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::{failed, PowerDriver, PowerResult, PowerState, Secret};
@@ -21,96 +19,9 @@ pub struct Redfish {
     trust: Trust,
 }
 
-/// How a BMC's HTTPS certificate is checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Trust {
-    /// The system's roots.
-    System,
-    /// Only the CA certificates in this PEM file.
-    CaFile(PathBuf),
-    /// Any certificate (`insecure_tls`).
-    Any,
-}
-
-/// The system's trust roots, read once: rustls-native-certs (the distribution's bundle, `SSL_CERT_FILE`
-/// and `SSL_CERT_DIR` honoured), or the Mozilla roots compiled in when none could be read.
-fn system_roots() -> Arc<rustls::RootCertStore> {
-    static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                tracing::warn!(errors = ?found.errors, "no system trust roots found: using the built-in Mozilla roots");
-                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            }
-            Arc::new(roots)
-        })
-        .clone()
-}
-
-/// The CA certificates of a PEM file (a private CA for one BMC).
-fn file_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let err = |e: &dyn std::fmt::Display| format!("ca_file {}: {e}", path.display());
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| err(&e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(&e))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(err(&"no usable CA certificate (PEM) in it"));
-    }
-    Ok(roots)
-}
-
-/// Accepts any certificate: used only for BMCs configured with `insecure_tls`.
-#[derive(Debug)]
-struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
+/// How a BMC's HTTPS certificate is checked: the system's roots, only a `ca_file`'s CA, or any
+/// certificate (`insecure_tls`).
+pub use crate::client::Trust;
 
 impl Redfish {
     pub fn new(
@@ -137,27 +48,18 @@ impl Redfish {
                 "redfish BMC {url}: the URL must start with https://"
             ));
         }
-        // No redirects: ureq would turn a redirected POST/PATCH into a GET (301-303) or hand back the 3xx
-        // as a success (307/308), and it drops the Authorization header on the way. A BMC that redirects
-        // gets an error naming the new address instead (see `call`).
-        let b = ureq::AgentBuilder::new().timeout(timeout).redirects(0);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
-        let cfg = match &trust {
-            Trust::Any => cfg
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCert(provider))),
-            Trust::System => cfg.with_root_certificates(system_roots()),
-            Trust::CaFile(p) => cfg.with_root_certificates(file_roots(p)?),
-        }
-        .with_no_client_auth();
+        // No redirects (the shared agent follows none): ureq would turn a redirected POST/PATCH into a GET
+        // (301-303) or hand back the 3xx as a success (307/308), and it drops the Authorization header on
+        // the way. A BMC that redirects gets an error naming the new address instead (see `call`).
+        let agent = crate::client::agent(timeout, &trust).map_err(|e| match trust {
+            Trust::CaFile(_) => format!("ca_file {e}"),
+            _ => e,
+        })?;
         Ok(Redfish {
             base: url.trim_end_matches('/').to_string(),
             system,
             secret,
-            agent: b.tls_config(Arc::new(cfg)).build(),
+            agent,
             trust,
         })
     }
@@ -336,7 +238,7 @@ mod tests {
         assert!(Redfish::new("ftp://10.0.9.1", None, None, Trust::System, t).is_err());
         assert!(Redfish::new("https://10.0.9.1", None, secret(), Trust::System, t).is_ok());
         // The system's roots were found (Debian's ca-certificates), or the built-in ones stand in.
-        assert!(!system_roots().is_empty());
+        assert!(!crate::client::system_roots().is_empty());
     }
 
     #[test]
