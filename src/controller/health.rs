@@ -22,43 +22,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::agents::unix_ms;
+use super::failover::{Failover, Failovers, Input, Output, Rules, SlotView};
 use super::Controller;
 use crate::agent::proto::{Heartbeat, OrderKind};
 use crate::domain::{Mac, SlotRef};
 use crate::health::{Failure, NodeWatch, Verdict};
 use crate::metrics::Counter;
-use crate::policy::OnFailure;
 use crate::power::PowerDriver;
 use crate::store::NewEvent;
 
 /// How often verdicts are checked.
 const TICK: Duration = Duration::from_millis(250);
-/// After a fence ends a node's hold, its NBD connections are closed within a second (the NBD room
-/// re-checks each connection's right to its export every second): the replacement waits this long more.
-const FENCE_SETTLE: Duration = Duration::from_millis(1500);
-/// The window in which a slot's failovers are counted against `failover_attempts`.
-const CHURN_WINDOW_MS: u64 = 10 * 60 * 1000;
-/// How often a slow node without a replacement is looked at again.
-const SLOW_RETRY_MS: u64 = 10_000;
 /// Bound on a fencing power call.
 const FENCE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One slot being failed over. Stored as JSON (`store::work`) so a restart follows it again.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Failover {
-    old: Mac,
-    slow: bool,
-    reason: String,
-    /// Unix ms of the failure as best known (the last heartbeat, for heartbeat loss).
-    failed_ms: u64,
-    detected_ms: u64,
-    /// The replacement being tried and since when (unix ms).
-    new: Option<(Mac, u64)>,
-    attempts: u32,
-    /// Server-side work so far (deciding, fencing calls, planning).
-    server: Duration,
-    alerted: bool,
-}
 
 /// What the health side has done, for `/metrics`.
 #[derive(Default)]
@@ -76,20 +52,14 @@ pub struct Health {
     watches: HashMap<Mac, (SlotRef, NodeWatch)>,
     /// Probes running now.
     probing: BTreeSet<Mac>,
-    failovers: BTreeMap<SlotRef, Failover>,
+    /// Running failovers, each slot's recent ones, slow nodes left where they are: the machine.
+    pub(super) failover: Failovers,
     /// Failed nodes kept up for investigation.
     pub quarantined: BTreeSet<Mac>,
-    /// Slow nodes no replacement was found for (the event is recorded once), with when to look again
-    /// (unix ms).
-    slow_stay: BTreeMap<Mac, u64>,
-    /// When each slot failed over lately (unix ms), to bound failovers of a slot whose new nodes fail too.
-    history: BTreeMap<SlotRef, Vec<u64>>,
-    /// Slots already alerted for failing over too often (until their history thins out).
-    churn_alerted: BTreeSet<SlotRef>,
     /// Counts for `/metrics`.
     pub counts: HealthCounts,
     /// Slots whose previous node was just fenced: the replacement waits until then.
-    settling: BTreeMap<SlotRef, Instant>,
+    settling: BTreeMap<SlotRef, u64>,
 }
 
 /// A verdict to act on, taken out of the lock.
@@ -150,7 +120,7 @@ impl Controller {
             out,
             "corral_failovers_running",
             "Failovers in progress",
-            h.failovers.len() as u64,
+            h.failover.running().len() as u64,
         );
         write_gauge(
             out,
@@ -184,7 +154,7 @@ impl Controller {
             .health()
             .settling
             .get(&slot)
-            .is_some_and(|t| Instant::now() < *t);
+            .is_some_and(|t| unix_ms() < *t);
         (!held && !settling).then_some(slot)
     }
 
@@ -237,17 +207,31 @@ impl Controller {
             self.start_probes(now);
             for a in self.verdicts(now) {
                 let t = Instant::now();
-                match &a.verdict {
-                    Verdict::Failed { detail: why, .. } => {
-                        self.clone()
-                            .fail_over(a.mac, a.slot, why.clone(), a.began_ms, now, t)
-                    }
-                    Verdict::Slow { detail: why, .. } => {
-                        self.replace_slow(a.mac, a.slot, why.clone(), a.began_ms, now, t)
-                    }
-                }
+                let Some(rules) = self.failover_rules(&a.slot.cluster) else {
+                    continue;
+                };
+                let (mac, slot, began_ms) = (a.mac, a.slot.clone(), a.began_ms);
+                let input = match a.verdict {
+                    Verdict::Failed { detail, .. } => Input::Failed {
+                        mac,
+                        slot: slot.clone(),
+                        reason: detail,
+                        began_ms,
+                        rules,
+                    },
+                    Verdict::Slow { detail, .. } => Input::Slow {
+                        mac,
+                        slot: slot.clone(),
+                        reason: detail,
+                        began_ms,
+                        rules,
+                    },
+                };
+                self.failover_on(input, now);
+                let took = t.elapsed();
+                self.failover_on(Input::Worked { slot, took }, now);
             }
-            self.clone().follow_failovers(now);
+            self.follow_failovers(now);
         }
     }
 
@@ -255,13 +239,11 @@ impl Controller {
     fn verdicts(&self, now: u64) -> Vec<Acting> {
         let fleet = self.fleet_state();
         let mut h = self.health();
-        let failing: BTreeSet<(Mac, SlotRef)> = h
-            .failovers
-            .iter()
-            .map(|(s, f)| (f.old, s.clone()))
-            .collect();
-        h.watches.retain(|mac, (slot, _)| {
-            fleet.assignments.get(mac) == Some(slot) && !failing.contains(&(*mac, slot.clone()))
+        let Health {
+            watches, failover, ..
+        } = &mut *h;
+        watches.retain(|mac, (slot, _)| {
+            fleet.assignments.get(mac) == Some(slot) && !failover.failing(*mac, slot)
         });
         let mut out = Vec::new();
         let mut cleared = Vec::new();
@@ -290,12 +272,11 @@ impl Controller {
             }
         }
         for m in cleared {
-            h.slow_stay.remove(&m);
+            h.failover.cleared(m);
         }
         // A slow node known to have no replacement is looked at again only every so often.
         out.retain(|a| {
-            !(matches!(a.verdict, Verdict::Slow { .. })
-                && h.slow_stay.get(&a.mac).is_some_and(|t| now < *t))
+            !matches!(a.verdict, Verdict::Slow { .. }) || h.failover.slow_due(a.mac, now)
         });
         out
     }
@@ -438,150 +419,117 @@ impl Controller {
         crate::power::driver(spec, &ctx).map(|d| Some(Arc::from(d)))
     }
 
-    /// A failed node: the slot goes to another node once this one is fenced.
-    fn fail_over(
-        self: Arc<Self>,
-        mac: Mac,
-        slot: SlotRef,
-        why: String,
-        began_ms: u64,
-        now: u64,
-        t: Instant,
-    ) {
-        let policy = match self.state().policy.clone() {
-            Some(p) => p,
-            None => return,
-        };
-        let on_failure = policy
-            .cluster(&slot.cluster)
-            .map(|c| c.spec.health().on_failure)
-            .unwrap_or_default();
-        let failed_ms = began_ms;
-        let why_for_flag = why.clone();
-        let attempts = policy
-            .cluster(&slot.cluster)
-            .map(|c| c.spec.health().failover_attempts)
-            .unwrap_or(3) as usize;
-        // A dead node must leave its slot whatever happened before; a slot that keeps failing is the
-        // operator's to look at.
-        let recent = self.count_failover(&slot, now);
-        if recent > attempts && self.health().churn_alerted.insert(slot.clone()) {
-            self.alert(
-                Some(mac),
-                Some(&slot.cluster),
-                format!(
-                    "{}/{} failed over {recent} times within {} min: its image or application may be at fault",
-                    slot.cluster,
-                    slot.slot,
-                    CHURN_WINDOW_MS / 60_000
-                ),
-            );
-        }
-        let msg = format!(
-            "{mac} in {}/{} failed: {why}; failing over ({})",
-            slot.cluster,
-            slot.slot,
-            match on_failure {
-                OnFailure::Pool => "fence, then back to the pool",
-                OnFailure::Quarantine => "quarantine",
+    /// The cluster's failover rules, from the running policy.
+    fn failover_rules(&self, cluster: &str) -> Option<Rules> {
+        let state = self.state();
+        let policy = state.policy.as_ref()?;
+        let h = policy.cluster(cluster).map(|c| c.spec.health());
+        Some(Rules {
+            on_failure: h.map(|h| h.on_failure).unwrap_or_default(),
+            attempts: h.map_or(3, |h| h.failover_attempts),
+            boot_timeout_ms: policy.boot_timeout * 1000,
+        })
+    }
+
+    /// Feeds the failover machine one input (under the health lock) and carries out what it says (after).
+    fn failover_on(self: &Arc<Self>, input: Input, now: u64) {
+        let out = self.health().failover.on(input, now);
+        self.carry_out(out, now);
+    }
+
+    /// Carries out the failover machine's outputs, in order, holding no lock across any of them.
+    fn carry_out(self: &Arc<Self>, out: Vec<Output>, now: u64) {
+        for o in out {
+            match o {
+                Output::Event {
+                    kind,
+                    mac,
+                    cluster,
+                    message,
+                    secs,
+                } => {
+                    match kind {
+                        EventKind::HealthFailed | EventKind::HealthSlow => {
+                            tracing::warn!("{message}")
+                        }
+                        EventKind::FailoverDone => tracing::info!("{message}"),
+                        _ => {}
+                    }
+                    self.event(kind, Some(mac), Some(&cluster), message, secs);
+                }
+                Output::Alert {
+                    mac,
+                    cluster,
+                    message,
+                } => self.alert(Some(mac), Some(&cluster), message),
+                Output::Unwatch(mac) => {
+                    self.health().watches.remove(&mac);
+                }
+                Output::Hold { mac, slot } => {
+                    self.fleet().holds.insert(mac, slot);
+                }
+                Output::Release { mac } => {
+                    self.fleet().holds.remove(&mac);
+                    self.work_changed();
+                }
+                Output::Settle { slot, until_ms } => {
+                    self.health().settling.insert(slot, until_ms);
+                }
+                Output::MarkFailed {
+                    mac,
+                    quarantine,
+                    reason,
+                } => self.mark_failed(mac, quarantine, &reason),
+                Output::Fence { mac, slot } => {
+                    tokio::spawn(self.clone().fence_failed(mac, slot));
+                }
+                Output::Restart { mac, cluster } => {
+                    tokio::spawn(self.clone().switch_on_again(mac, cluster));
+                }
+                Output::Wake(mac) => {
+                    tokio::spawn(self.clone().wake(mac));
+                }
+                Output::Plan => {
+                    if let Err(e) = self.replan(crate::unix_now()) {
+                        tracing::error!(error = %e, "planning a failover failed");
+                    }
+                }
+                Output::PlanSlow {
+                    mac,
+                    slot,
+                    reason,
+                    began_ms,
+                } => {
+                    self.fleet().state.slow.insert(mac);
+                    let r = self.replan(crate::unix_now());
+                    self.fleet().state.slow.remove(&mac);
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "planning a slow node's replacement failed");
+                        continue;
+                    }
+                    let moved = self.slot_of(mac).as_ref() != Some(&slot);
+                    self.failover_on(
+                        Input::SlowPlanned {
+                            mac,
+                            slot,
+                            reason,
+                            began_ms,
+                            moved,
+                        },
+                        now,
+                    );
+                }
+                Output::Began => self.health().counts.failovers.inc(),
+                Output::Done => self.health().counts.failovers_done.inc(),
             }
-        );
-        tracing::warn!("{msg}");
-        self.health().counts.failovers.inc();
-        self.event(
-            EventKind::HealthFailed,
-            Some(mac),
-            Some(&slot.cluster),
-            msg,
-            Some((now.saturating_sub(failed_ms)) as f64 / 1000.0),
-        );
-        {
-            let mut h = self.health();
-            h.watches.remove(&mac);
-            h.failovers.insert(
-                slot.clone(),
-                Failover {
-                    old: mac,
-                    slow: false,
-                    reason: why,
-                    failed_ms,
-                    detected_ms: now,
-                    new: None,
-                    attempts: 0,
-                    server: Duration::ZERO,
-                    alerted: false,
-                },
-            );
-        }
-        // The replacement must wait for the fence: the hold (or the settling time) is in place before the
-        // node is marked failed, so no plan in between can hand the slot's disk over early.
-        if on_failure == OnFailure::Pool {
-            self.fleet().holds.insert(mac, slot.clone());
-        } else {
-            self.health()
-                .settling
-                .insert(slot.clone(), Instant::now() + FENCE_SETTLE);
-        }
-        self.mark_failed(mac, on_failure == OnFailure::Quarantine, &why_for_flag);
-        if let Err(e) = self.replan(crate::unix_now()) {
-            tracing::error!(error = %e, "planning a failover failed");
-        }
-        self.add_server_time(&slot, t.elapsed());
-        if on_failure == OnFailure::Pool {
-            tokio::spawn(self.fence_failed(mac, slot));
-        } else {
-            self.event(
-                EventKind::Quarantine,
-                Some(mac),
-                Some(&slot.cluster),
-                format!(
-                    "{mac} is quarantined: left running, cut off from {}/{}'s disk, no new work",
-                    slot.cluster, slot.slot
-                ),
-                None,
-            );
         }
     }
 
-    /// Records a failover of `slot` at `now`; returns how many it had within the window, this one included.
-    fn count_failover(&self, slot: &SlotRef, now: u64) -> usize {
-        let mut h = self.health();
-        let list = h.history.entry(slot.clone()).or_default();
-        list.retain(|t| now.saturating_sub(*t) < CHURN_WINDOW_MS);
-        list.push(now);
-        let n = list.len();
-        if n == 1 {
-            h.churn_alerted.remove(slot);
-        }
-        n
-    }
-
-    /// Failovers of `slot` within the window so far.
-    fn recent_failovers(&self, slot: &SlotRef, now: u64) -> usize {
-        self.health()
-            .history
-            .get(slot)
-            .map(|l| {
-                l.iter()
-                    .filter(|t| now.saturating_sub(**t) < CHURN_WINDOW_MS)
-                    .count()
-            })
-            .unwrap_or(0)
-    }
-
-    fn add_server_time(&self, slot: &SlotRef, d: Duration) {
-        if let Some(f) = self.health().failovers.get_mut(slot) {
-            f.server += d;
-        }
-    }
-
-    /// Switches a failed node off (hard) and closes its disk; then switches it on again to rejoin the pool.
+    /// Switches a failed node off (hard) or has its agent restart it, then tells the failover machine.
     async fn fence_failed(self: Arc<Self>, mac: Mac, slot: SlotRef) {
         let t = Instant::now();
-        let driver = self.power_driver(mac);
-        let (off, how) = match &driver {
+        let (off, how) = match self.power_driver(mac) {
             Ok(Some(d)) => {
-                let d = d.clone();
                 let call = tokio::task::spawn_blocking(move || d.off(true));
                 match tokio::time::timeout(FENCE_CALL_TIMEOUT, call).await {
                     Ok(Ok(Ok(()))) => (true, "switched off".to_string()),
@@ -600,306 +548,73 @@ impl Controller {
             Ok(None) => (false, "no power control and no agent".to_string()),
             Err(e) => (false, format!("power driver: {e}")),
         };
-        // Closing its export fences a node that may still run, since the slot's next node has another
-        // address; with a fixed slot address it would not, so the slot stays held.
-        if !off && self.slot_has_fixed_address(&slot) {
-            self.alert(
-                Some(mac),
-                Some(&slot.cluster),
-                format!(
-                    "{mac} cannot be fenced ({how}) and shares {}/{}'s fixed address: the slot stays held until it boots again or is released",
-                    slot.cluster, slot.slot
-                ),
-            );
-            return;
-        }
-        {
-            // Settling first, so the replacement never sees neither.
-            self.health()
-                .settling
-                .insert(slot.clone(), Instant::now() + FENCE_SETTLE);
-            self.fleet().holds.remove(&mac);
-        }
-        self.work_changed();
-        let secs = t.elapsed();
-        self.add_server_time(&slot, secs);
-        self.event(
-            EventKind::Fence,
-            Some(mac),
-            Some(&slot.cluster),
-            format!(
-                "{mac} fenced from {}/{}: {how}; its disk export is closed",
-                slot.cluster, slot.slot
-            ),
-            Some(secs.as_secs_f64()),
-        );
-        // Back to the pool: it boots, asks for a script while unassigned, and is healthy again.
-        if let Ok(Some(d)) = driver {
-            let r = tokio::task::spawn_blocking(move || {
-                let _ = d.boot_network_once();
-                d.on()
-            })
-            .await;
-            let (kind, msg) = match r {
-                Ok(Ok(())) => (
-                    EventKind::NodeRestart,
-                    format!("{mac} switched on again to rejoin the pool"),
-                ),
-                Ok(Err(e)) => (
-                    EventKind::NodeRestart,
-                    format!("{mac} cannot be switched on again ({e}): it stays failed"),
-                ),
-                Err(e) => (
-                    EventKind::NodeRestart,
-                    format!("{mac}: power on panicked ({e})"),
-                ),
-            };
-            self.event(kind, Some(mac), Some(&slot.cluster), msg, None);
-        }
-    }
-
-    /// A slow node: its slot moves if the planner finds a capable node; otherwise it stays.
-    fn replace_slow(
-        &self,
-        mac: Mac,
-        slot: SlotRef,
-        why: String,
-        began_ms: u64,
-        now: u64,
-        t: Instant,
-    ) {
-        if self.health().failovers.contains_key(&slot) {
-            return;
-        }
-        // Its replacements were slow too, too often: moving again will not help; it stays.
-        let limit = self
-            .state()
-            .policy
-            .as_ref()
-            .and_then(|p| p.cluster(&slot.cluster))
-            .map(|c| c.spec.health().failover_attempts)
-            .unwrap_or(3) as usize;
-        if self.recent_failovers(&slot, now) >= limit {
-            let why = format!(
-                "{why}) but the slot already failed over {limit} times within {} min",
-                CHURN_WINDOW_MS / 60_000
-            );
-            self.slow_stays(mac, &slot, &why, now);
-            return;
-        }
-        self.fleet().state.slow.insert(mac);
-        let r = self.replan(crate::unix_now());
-        self.fleet().state.slow.remove(&mac);
-        if let Err(e) = r {
-            tracing::error!(error = %e, "planning a slow node's replacement failed");
-            return;
-        }
-        if self.slot_of(mac).as_ref() == Some(&slot) {
-            self.slow_stays(
+        let fixed_address = self.slot_has_fixed_address(&slot);
+        self.failover_on(
+            Input::Fenced {
                 mac,
-                &slot,
-                &format!("{why}) but no more capable node is free"),
-                now,
-            );
-            return;
-        }
-        self.count_failover(&slot, now);
-        let msg = format!("{mac} in {}/{} is slow: {why}; its slot moves to another node and it returns to the pool", slot.cluster, slot.slot);
-        tracing::warn!("{msg}");
-        self.health().counts.failovers.inc();
-        self.event(
-            EventKind::HealthSlow,
-            Some(mac),
-            Some(&slot.cluster),
-            msg,
-            None,
-        );
-        let mut h = self.health();
-        h.watches.remove(&mac);
-        h.slow_stay.remove(&mac);
-        h.failovers.insert(
-            slot,
-            Failover {
-                old: mac,
-                slow: true,
-                reason: why,
-                failed_ms: began_ms,
-                detected_ms: now,
-                new: None,
-                attempts: 0,
-                server: t.elapsed(),
-                alerted: false,
+                slot,
+                off,
+                how,
+                fixed_address,
+                took: t.elapsed(),
             },
+            unix_ms(),
         );
     }
 
-    /// A slow node keeps its slot: said once (`why` ends the parenthesis the message opens), looked at
-    /// again after a while.
-    fn slow_stays(&self, mac: Mac, slot: &SlotRef, why: &str, now: u64) {
-        let first = self
-            .health()
-            .slow_stay
-            .insert(mac, now + SLOW_RETRY_MS)
-            .is_none();
-        if first {
-            self.event(
-                EventKind::SlowStay,
-                Some(mac),
-                Some(&slot.cluster),
-                format!(
-                    "{mac} in {}/{} is slow ({why}: it keeps running",
-                    slot.cluster, slot.slot
-                ),
-                None,
-            );
-        }
+    /// Back to the pool after a fence: the node boots, asks for a script while unassigned, and is
+    /// healthy again.
+    async fn switch_on_again(self: Arc<Self>, mac: Mac, cluster: String) {
+        let Ok(Some(d)) = self.power_driver(mac) else {
+            return;
+        };
+        let r = tokio::task::spawn_blocking(move || {
+            let _ = d.boot_network_once();
+            d.on()
+        })
+        .await;
+        let msg = match r {
+            Ok(Ok(())) => format!("{mac} switched on again to rejoin the pool"),
+            Ok(Err(e)) => format!("{mac} cannot be switched on again ({e}): it stays failed"),
+            Err(e) => format!("{mac}: power on panicked ({e})"),
+        };
+        self.event(EventKind::NodeRestart, Some(mac), Some(&cluster), msg, None);
     }
 
-    /// Follows running failovers: the replacement chosen, switched on, confirmed; or retried, or alerted.
-    fn follow_failovers(self: Arc<Self>, now: u64) {
+    /// Looks at every slot under failover: the replacement chosen, switched on, confirmed; or retried,
+    /// or alerted (the machine decides).
+    fn follow_failovers(self: &Arc<Self>, now: u64) {
         let Some(policy) = self.state().policy.clone() else {
             return;
         };
         let fleet = self.fleet_state();
-        let owner_of = |slot: &SlotRef| {
-            fleet
+        let slots: Vec<SlotRef> = self.health().failover.running().keys().cloned().collect();
+        for slot in slots {
+            let owner = fleet
                 .assignments
                 .iter()
-                .find(|(_, s)| *s == slot)
-                .map(|(m, _)| *m)
-        };
-        let failovers: Vec<(SlotRef, Failover)> = self
-            .health()
-            .failovers
-            .iter()
-            .map(|(s, f)| (s.clone(), f.clone()))
-            .collect();
-        for (slot, f) in failovers {
-            let c = policy.cluster(&slot.cluster);
-            let attempts_allowed = c.map(|c| c.spec.health().failover_attempts).unwrap_or(3);
-            // Nothing left to follow: the slot is gone or no longer wanted, or its old node holds it
-            // again (released by the operator and chosen anew).
-            let wanted = c.is_some_and(|c| {
+                .find(|(_, s)| **s == slot)
+                .map(|(m, _)| *m);
+            let wanted = policy.cluster(&slot.cluster).is_some_and(|c| {
                 slot.slot
                     < crate::policy::plan::desired(c, &fleet, now / 1000, policy.utc_offset_minutes)
             });
-            if !wanted || owner_of(&slot) == Some(f.old) {
-                self.health().failovers.remove(&slot);
+            let view = SlotView {
+                wanted,
+                owner,
+                bootable: owner.is_some_and(|m| self.bootable_slot_of(m).is_some()),
+                confirmed: owner.is_some_and(|m| {
+                    self.health()
+                        .watches
+                        .get(&m)
+                        .is_some_and(|(s, w)| *s == slot && w.confirmed())
+                }),
+                moving: owner.is_some_and(|m| self.moving(m)),
+            };
+            let Some(rules) = self.failover_rules(&slot.cluster) else {
                 continue;
-            }
-            let owner = owner_of(&slot).filter(|m| *m != f.old);
-            match (owner, f.new) {
-                (None, _) => {
-                    if !f.alerted {
-                        let what = if f.slow { "slow" } else { "failed" };
-                        self.alert(
-                            Some(f.old),
-                            Some(&slot.cluster),
-                            format!(
-                                "no eligible node to replace {what} node {} in {}/{}; corral keeps trying as nodes appear",
-                                f.old, slot.cluster, slot.slot
-                            ),
-                        );
-                        if let Some(x) = self.health().failovers.get_mut(&slot) {
-                            x.alerted = true;
-                        }
-                    }
-                    if f.slow {
-                        // A slow node that lost its slot and got no replacement: nothing to follow.
-                        self.health().failovers.remove(&slot);
-                    }
-                }
-                (Some(new), prev) if prev.map(|p| p.0) != Some(new) => {
-                    // A replacement was chosen (first, or after another failed).
-                    let attempts = f.attempts + 1;
-                    if let Some(x) = self.health().failovers.get_mut(&slot) {
-                        x.new = Some((new, now));
-                        x.attempts = attempts;
-                    }
-                    self.event(
-                        EventKind::FailoverAssign,
-                        Some(new),
-                        Some(&slot.cluster),
-                        format!("{new} takes over {}/{} from {} (attempt {attempts} of {attempts_allowed})", slot.cluster, slot.slot, f.old),
-                        None,
-                    );
-                    tokio::spawn(self.clone().wake(new));
-                }
-                (Some(new), Some((_, since))) => {
-                    // The replacement's boot clock starts once it may boot: not while the old node
-                    // is still being fenced or drained.
-                    if self.bootable_slot_of(new).is_none() {
-                        if let Some(x) = self.health().failovers.get_mut(&slot) {
-                            x.new = Some((new, now));
-                        }
-                        continue;
-                    }
-                    let confirmed = {
-                        let h = self.health();
-                        h.watches
-                            .get(&new)
-                            .is_some_and(|(s, w)| *s == slot && w.confirmed())
-                    };
-                    if confirmed {
-                        let total = now.saturating_sub(f.failed_ms) as f64 / 1000.0;
-                        let detect = f.detected_ms.saturating_sub(f.failed_ms) as f64 / 1000.0;
-                        let msg = format!(
-                            "{}/{} runs on {new} again ({}: {}): {total:.2} s from the failure, detected after {detect:.2} s, {:.3} s of server-side work",
-                            slot.cluster,
-                            slot.slot,
-                            if f.slow { "was slow" } else { "failed" },
-                            f.reason,
-                            f.server.as_secs_f64()
-                        );
-                        tracing::info!("{msg}");
-                        self.event(
-                            EventKind::FailoverDone,
-                            Some(new),
-                            Some(&slot.cluster),
-                            msg,
-                            Some(total),
-                        );
-                        {
-                            let mut h = self.health();
-                            h.failovers.remove(&slot);
-                            h.counts.failovers_done.inc();
-                        }
-                    } else if now.saturating_sub(since) > policy.boot_timeout * 1000
-                        && !self.moving(new)
-                    {
-                        // The replacement never came up: it is failed, and another is tried.
-                        self.event(
-                            EventKind::NodeFailed,
-                            Some(new),
-                            Some(&slot.cluster),
-                            format!(
-                                "{new} did not come up in {}/{} within {} s",
-                                slot.cluster, slot.slot, policy.boot_timeout
-                            ),
-                            None,
-                        );
-                        // Fenced like any failed node: it may yet come up late.
-                        self.fleet().holds.insert(new, slot.clone());
-                        self.mark_failed(new, false, "did not come up as a replacement");
-                        tokio::spawn(self.clone().fence_failed(new, slot.clone()));
-                        if f.attempts >= attempts_allowed {
-                            self.alert(
-                                Some(f.old),
-                                Some(&slot.cluster),
-                                format!(
-                                    "failover of {}/{} gave up after {} attempts",
-                                    slot.cluster, slot.slot, f.attempts
-                                ),
-                            );
-                            self.health().failovers.remove(&slot);
-                        }
-                        if let Err(e) = self.replan(crate::unix_now()) {
-                            tracing::error!(error = %e, "planning a failover retry failed");
-                        }
-                    }
-                }
-                _ => {}
-            }
+            };
+            self.failover_on(Input::Look { slot, view, rules }, now);
         }
     }
 
@@ -934,7 +649,8 @@ impl Controller {
     /// The running failovers as stored documents.
     pub(crate) fn failover_docs(&self) -> Vec<crate::store::work::FailoverDoc> {
         self.health()
-            .failovers
+            .failover
+            .running()
             .iter()
             .filter_map(|(slot, f)| {
                 Some(crate::store::work::FailoverDoc {
@@ -950,7 +666,7 @@ impl Controller {
     pub(crate) fn restore_failover(&self, slot: &SlotRef, doc: &str) -> Result<Mac, String> {
         let f: Failover = serde_json::from_str(doc).map_err(|e| e.to_string())?;
         let old = f.old;
-        self.health().failovers.insert(slot.clone(), f);
+        self.health().failover.restore(slot.clone(), f);
         Ok(old)
     }
 
@@ -998,10 +714,9 @@ impl Controller {
             .and_then(|f| f.into_iter().find(|f| f.mac == mac))
             .map(|f| f.since * 1000)
             .unwrap_or(now_ms);
-        self.health()
-            .failovers
-            .entry(slot.clone())
-            .or_insert_with(|| Failover {
+        self.health().failover.restore(
+            slot.clone(),
+            Failover {
                 old: mac,
                 slow: false,
                 reason: "failed just before corral stopped".into(),
@@ -1011,7 +726,8 @@ impl Controller {
                 attempts: 0,
                 server: Duration::ZERO,
                 alerted: false,
-            });
+            },
+        );
     }
 
     /// At start, once tasks can run: fences again every failed node that still holds a slot's disk (its

@@ -13,6 +13,7 @@
 
 pub mod agents;
 pub mod disks;
+pub mod failover;
 pub mod health;
 pub mod identity;
 pub mod mover;

@@ -219,21 +219,19 @@ impl Controller {
                 .map(|(m, s)| (*m, s.clone()))
                 .collect();
             for (mac, slot) in stranded {
+                // One event here (its failover); `resume_fences` says the fence.
                 events.push(ev(
-                    EventKind::FenceResumed,
+                    EventKind::FailoverResumed,
                     mac,
                     Some(&slot.cluster),
                     format!(
-                        "{mac} was failed but still in {}/{} when corral stopped: it holds the slot's disk until it is fenced",
+                        "{mac} was failed but still in {}/{} when corral stopped: it holds the slot's disk until it is fenced, and the slot fails over",
                         slot.cluster, slot.slot
                     ),
                 ));
                 fleet.holds.insert(mac, slot.clone());
                 stranded_slots.push((mac, slot));
             }
-        }
-        for (mac, slot) in &stranded_slots {
-            self.adopt_failover(*mac, slot, now_ms);
         }
         for f in &failovers {
             let slot = SlotRef {
@@ -252,6 +250,10 @@ impl Controller {
                 )),
                 Err(e) => tracing::error!(cluster = %slot.cluster, slot = slot.slot, error = %e, "cannot read a stored failover: dropped"),
             }
+        }
+        // After the stored failovers, so one stored for the slot is the one followed.
+        for (mac, slot) in &stranded_slots {
+            self.adopt_failover(*mac, slot, now_ms);
         }
         for e in &events {
             tracing::info!(kind = e.kind.as_str(), "{}", e.message);

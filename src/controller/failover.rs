@@ -1,0 +1,1024 @@
+//! Failing a slot over, as a state machine with no I/O and no clock inside, beside [`super::moves`].
+//!
+//! [`Failovers`] holds every running failover (one per slot) and each slot's recent history. The shell
+//! ([`super::health`]) feeds it [`Input`]s: a verdict on a node, the planner's answer for a slow node, a
+//! look at each slot a few times a second ([`SlotView`]), a fence that ended. It gets back [`Output`]s
+//! (events, alerts, disk holds, fences, wake-ups, re-plans) and carries them out after it lets go of its
+//! lock, in the order given: the order is part of the contract (a hold is in place before the node is
+//! marked failed, so no plan in between can hand the slot's disk over early).
+//!
+//! The paths, each unit-tested below:
+//! - **failed**: the node leaves its slot; under `on_failure = "pool"` it keeps the slot's disk until it is
+//!   fenced (switched off, export closed), under `"quarantine"` it is cut off at once and left running.
+//!   The planner picks a replacement; it is woken, given `boot_timeout` from the moment it may boot, and
+//!   confirmed by a heartbeat (and probe) in the slot. One that does not come up is failed and fenced in
+//!   its turn and another is tried, up to `failover_attempts`; then an alert.
+//! - **slow**: the slot moves only if the planner finds a node at least as capable; otherwise the node
+//!   stays (said once, looked at again every [`SLOW_RETRY_MS`]).
+//! - **no replacement**: an alert, once; the failover stays open and the planner keeps trying.
+//! - **churn**: a slot failing over more than `failover_attempts` times within [`CHURN_WINDOW_MS`] raises
+//!   one alert (until its history thins out), and a slow slot that churned stays where it is.
+//! - **gone**: a slot no longer wanted, or held again by its old node (released and chosen anew), ends its
+//!   failover silently.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::domain::{Mac, SlotRef};
+use crate::events::EventKind;
+use crate::policy::OnFailure;
+
+/// The window in which a slot's failovers are counted against `failover_attempts`.
+pub const CHURN_WINDOW_MS: u64 = 10 * 60 * 1000;
+/// How often a slow node without a replacement is looked at again.
+pub const SLOW_RETRY_MS: u64 = 10_000;
+/// After a fence ends a node's hold, its NBD connections are closed within a second (the NBD room
+/// re-checks each connection's right to its export every second): the replacement waits this long more.
+pub const FENCE_SETTLE_MS: u64 = 1500;
+
+/// The cluster's rules for a failover, read from the policy by the shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    pub on_failure: OnFailure,
+    pub attempts: u32,
+    pub boot_timeout_ms: u64,
+}
+
+/// One slot being failed over. Stored as JSON (`store::work`) so a restart follows it again.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Failover {
+    pub old: Mac,
+    pub slow: bool,
+    pub reason: String,
+    /// Unix ms of the failure as best known (the last heartbeat, for heartbeat loss).
+    pub failed_ms: u64,
+    pub detected_ms: u64,
+    /// The replacement being tried and since when (unix ms).
+    pub new: Option<(Mac, u64)>,
+    pub attempts: u32,
+    /// Server-side work so far (deciding, fencing calls, planning).
+    pub server: Duration,
+    pub alerted: bool,
+}
+
+/// What the shell sees of a slot under failover when it looks (a few times a second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SlotView {
+    /// The slot is still wanted (its cluster exists and wants at least that many nodes now).
+    pub wanted: bool,
+    /// The node the slot is assigned to now.
+    pub owner: Option<Mac>,
+    /// The owner may boot into the slot (no hold on its disk, no fence settling).
+    pub bootable: bool,
+    /// The owner heartbeats in the slot and, with a probe, answers it.
+    pub confirmed: bool,
+    /// The owner is being moved (drained, restarted) by the mover.
+    pub moving: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A node's monitor says it failed.
+    Failed {
+        mac: Mac,
+        slot: SlotRef,
+        reason: String,
+        began_ms: u64,
+        rules: Rules,
+    },
+    /// A node's monitor says it is slow.
+    Slow {
+        mac: Mac,
+        slot: SlotRef,
+        reason: String,
+        began_ms: u64,
+        rules: Rules,
+    },
+    /// The planner's answer to [`Output::PlanSlow`]: whether the slow node lost its slot.
+    SlowPlanned {
+        mac: Mac,
+        slot: SlotRef,
+        reason: String,
+        began_ms: u64,
+        moved: bool,
+    },
+    /// A look at a slot under failover.
+    Look {
+        slot: SlotRef,
+        view: SlotView,
+        rules: Rules,
+    },
+    /// A fence of `mac` ended: `off` when the node was switched off; `fixed_address` when the slot's
+    /// identity has a fixed address (closing the export alone does not fence a node that shares it).
+    Fenced {
+        mac: Mac,
+        slot: SlotRef,
+        off: bool,
+        how: String,
+        fixed_address: bool,
+        /// How long the fencing calls took.
+        took: Duration,
+    },
+    /// Server-side work spent on a slot's failover outside the machine (a fencing call, planning).
+    Worked { slot: SlotRef, took: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Record an event; `secs` is the duration it carries.
+    Event {
+        kind: EventKind,
+        mac: Mac,
+        cluster: String,
+        message: String,
+        secs: Option<f64>,
+    },
+    /// Raise an alert (event, log, webhook).
+    Alert {
+        mac: Mac,
+        cluster: String,
+        message: String,
+    },
+    /// Stop watching the node (it left its role).
+    Unwatch(Mac),
+    /// The node keeps the slot's disk until it is fenced.
+    Hold {
+        mac: Mac,
+        slot: SlotRef,
+    },
+    /// The node's hold ends (its export closes).
+    Release {
+        mac: Mac,
+    },
+    /// The slot's next node may not boot before `until_ms`.
+    Settle {
+        slot: SlotRef,
+        until_ms: u64,
+    },
+    /// Take the node out of service, remembered across restarts.
+    MarkFailed {
+        mac: Mac,
+        quarantine: bool,
+        reason: String,
+    },
+    /// Switch the node off hard (or have its agent restart it), then feed back [`Input::Fenced`].
+    Fence {
+        mac: Mac,
+        slot: SlotRef,
+    },
+    /// After a fence: switch the node on again so it rejoins the pool.
+    Restart {
+        mac: Mac,
+        cluster: String,
+    },
+    /// Make sure the replacement runs (switch it on if it is off).
+    Wake(Mac),
+    /// Run the planner.
+    Plan,
+    /// Run the planner with `mac` counted as slow, then feed back [`Input::SlowPlanned`] (with the
+    /// reason and start given here).
+    PlanSlow {
+        mac: Mac,
+        slot: SlotRef,
+        reason: String,
+        began_ms: u64,
+    },
+    /// Count for `/metrics`: a failover began / was confirmed.
+    Began,
+    Done,
+}
+
+/// Every running failover, each slot's recent failovers, and the slow nodes left where they are.
+#[derive(Debug, Default, Clone)]
+pub struct Failovers {
+    running: BTreeMap<SlotRef, Failover>,
+    /// When each slot failed over lately (unix ms), to bound failovers of a slot whose new nodes fail too.
+    history: BTreeMap<SlotRef, Vec<u64>>,
+    /// Slots already alerted for failing over too often (until their history thins out).
+    churn_alerted: BTreeSet<SlotRef>,
+    /// Slow nodes no replacement was found for (the event is recorded once), with when to look again.
+    slow_stay: BTreeMap<Mac, u64>,
+}
+
+impl Failovers {
+    /// The running failovers, by slot.
+    pub fn running(&self) -> &BTreeMap<SlotRef, Failover> {
+        &self.running
+    }
+
+    /// Whether `mac` is the failed node of a running failover of `slot`.
+    pub fn failing(&self, mac: Mac, slot: &SlotRef) -> bool {
+        self.running.get(slot).is_some_and(|f| f.old == mac)
+    }
+
+    /// Takes a failover back (from the store at start); a running one for the slot is kept.
+    pub fn restore(&mut self, slot: SlotRef, f: Failover) {
+        self.running.entry(slot).or_insert(f);
+    }
+
+    /// Whether a slow verdict on `mac` should be acted on now (not while it waits to be looked at again).
+    pub fn slow_due(&self, mac: Mac, now: u64) -> bool {
+        self.slow_stay.get(&mac).is_none_or(|t| now >= *t)
+    }
+
+    /// The node's monitor has no verdict: a slow node that stayed is forgotten (it may be said again).
+    pub fn cleared(&mut self, mac: Mac) {
+        self.slow_stay.remove(&mac);
+    }
+
+    pub fn on(&mut self, input: Input, now: u64) -> Vec<Output> {
+        match input {
+            Input::Failed {
+                mac,
+                slot,
+                reason,
+                began_ms,
+                rules,
+            } => self.failed(mac, slot, reason, began_ms, rules, now),
+            Input::Slow {
+                mac,
+                slot,
+                reason,
+                began_ms,
+                rules,
+            } => {
+                if self.running.contains_key(&slot) {
+                    return vec![];
+                }
+                let limit = rules.attempts as usize;
+                if self.recent(&slot, now) >= limit {
+                    let why = format!(
+                        "{reason}) but the slot already failed over {limit} times within {} min",
+                        CHURN_WINDOW_MS / 60_000
+                    );
+                    return self.slow_stays(mac, &slot, &why, now);
+                }
+                vec![Output::PlanSlow {
+                    mac,
+                    slot,
+                    reason,
+                    began_ms,
+                }]
+            }
+            Input::SlowPlanned {
+                mac,
+                slot,
+                reason,
+                began_ms,
+                moved,
+            } => {
+                if !moved {
+                    let why = format!("{reason}) but no more capable node is free");
+                    return self.slow_stays(mac, &slot, &why, now);
+                }
+                self.record(&slot, now);
+                self.slow_stay.remove(&mac);
+                let message = format!(
+                    "{mac} in {}/{} is slow: {reason}; its slot moves to another node and it returns to the pool",
+                    slot.cluster, slot.slot
+                );
+                let out = vec![
+                    Output::Began,
+                    Output::Event {
+                        kind: EventKind::HealthSlow,
+                        mac,
+                        cluster: slot.cluster.clone(),
+                        message,
+                        secs: None,
+                    },
+                    Output::Unwatch(mac),
+                ];
+                self.running.insert(
+                    slot,
+                    Failover {
+                        old: mac,
+                        slow: true,
+                        reason,
+                        failed_ms: began_ms,
+                        detected_ms: now,
+                        new: None,
+                        attempts: 0,
+                        server: Duration::ZERO,
+                        alerted: false,
+                    },
+                );
+                out
+            }
+            Input::Look { slot, view, rules } => self.look(slot, view, rules, now),
+            Input::Fenced {
+                mac,
+                slot,
+                off,
+                how,
+                fixed_address,
+                took,
+            } => {
+                if let Some(f) = self.running.get_mut(&slot) {
+                    f.server += took;
+                }
+                // Closing its export fences a node that may still run, since the slot's next node has
+                // another address; with a fixed slot address it would not, so the slot stays held.
+                if !off && fixed_address {
+                    return vec![Output::Alert {
+                        mac,
+                        cluster: slot.cluster.clone(),
+                        message: format!(
+                            "{mac} cannot be fenced ({how}) and shares {}/{}'s fixed address: the slot stays held until it boots again or is released",
+                            slot.cluster, slot.slot
+                        ),
+                    }];
+                }
+                let message = format!(
+                    "{mac} fenced from {}/{}: {how}; its disk export is closed",
+                    slot.cluster, slot.slot
+                );
+                let mut out = vec![
+                    // Settling first, so the replacement never sees neither.
+                    Output::Settle {
+                        slot: slot.clone(),
+                        until_ms: now + FENCE_SETTLE_MS,
+                    },
+                    Output::Release { mac },
+                    Output::Event {
+                        kind: EventKind::Fence,
+                        mac,
+                        cluster: slot.cluster.clone(),
+                        message,
+                        secs: Some(took.as_secs_f64()),
+                    },
+                ];
+                if off {
+                    out.push(Output::Restart {
+                        mac,
+                        cluster: slot.cluster,
+                    });
+                }
+                out
+            }
+            Input::Worked { slot, took } => {
+                if let Some(f) = self.running.get_mut(&slot) {
+                    f.server += took;
+                }
+                vec![]
+            }
+        }
+    }
+
+    fn failed(
+        &mut self,
+        mac: Mac,
+        slot: SlotRef,
+        reason: String,
+        began_ms: u64,
+        rules: Rules,
+        now: u64,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        // A dead node must leave its slot whatever happened before; a slot that keeps failing is the
+        // operator's to look at.
+        let recent = self.record(&slot, now);
+        if recent > rules.attempts as usize && self.churn_alerted.insert(slot.clone()) {
+            out.push(Output::Alert {
+                mac,
+                cluster: slot.cluster.clone(),
+                message: format!(
+                    "{}/{} failed over {recent} times within {} min: its image or application may be at fault",
+                    slot.cluster,
+                    slot.slot,
+                    CHURN_WINDOW_MS / 60_000
+                ),
+            });
+        }
+        let pool = rules.on_failure == OnFailure::Pool;
+        out.push(Output::Began);
+        out.push(Output::Event {
+            kind: EventKind::HealthFailed,
+            mac,
+            cluster: slot.cluster.clone(),
+            message: format!(
+                "{mac} in {}/{} failed: {reason}; failing over ({})",
+                slot.cluster,
+                slot.slot,
+                if pool {
+                    "fence, then back to the pool"
+                } else {
+                    "quarantine"
+                }
+            ),
+            secs: Some(now.saturating_sub(began_ms) as f64 / 1000.0),
+        });
+        out.push(Output::Unwatch(mac));
+        // The replacement must wait for the fence: the hold (or the settling time) is in place before
+        // the node is marked failed.
+        if pool {
+            out.push(Output::Hold {
+                mac,
+                slot: slot.clone(),
+            });
+        } else {
+            out.push(Output::Settle {
+                slot: slot.clone(),
+                until_ms: now + FENCE_SETTLE_MS,
+            });
+        }
+        out.push(Output::MarkFailed {
+            mac,
+            quarantine: !pool,
+            reason: reason.clone(),
+        });
+        out.push(Output::Plan);
+        if pool {
+            out.push(Output::Fence {
+                mac,
+                slot: slot.clone(),
+            });
+        } else {
+            out.push(Output::Event {
+                kind: EventKind::Quarantine,
+                mac,
+                cluster: slot.cluster.clone(),
+                message: format!(
+                    "{mac} is quarantined: left running, cut off from {}/{}'s disk, no new work",
+                    slot.cluster, slot.slot
+                ),
+                secs: None,
+            });
+        }
+        self.running.insert(
+            slot,
+            Failover {
+                old: mac,
+                slow: false,
+                reason,
+                failed_ms: began_ms,
+                detected_ms: now,
+                new: None,
+                attempts: 0,
+                server: Duration::ZERO,
+                alerted: false,
+            },
+        );
+        out
+    }
+
+    fn look(&mut self, slot: SlotRef, view: SlotView, rules: Rules, now: u64) -> Vec<Output> {
+        let Some(f) = self.running.get(&slot).cloned() else {
+            return vec![];
+        };
+        // Nothing left to follow: the slot is gone or no longer wanted, or its old node holds it again.
+        if !view.wanted || view.owner == Some(f.old) {
+            self.running.remove(&slot);
+            return vec![];
+        }
+        let cluster = slot.cluster.clone();
+        match (view.owner, f.new) {
+            (None, _) => {
+                let mut out = Vec::new();
+                if !f.alerted {
+                    let what = if f.slow { "slow" } else { "failed" };
+                    out.push(Output::Alert {
+                        mac: f.old,
+                        cluster,
+                        message: format!(
+                            "no eligible node to replace {what} node {} in {}/{}; corral keeps trying as nodes appear",
+                            f.old, slot.cluster, slot.slot
+                        ),
+                    });
+                    if let Some(x) = self.running.get_mut(&slot) {
+                        x.alerted = true;
+                    }
+                }
+                if f.slow {
+                    // A slow node that lost its slot and got no replacement: nothing to follow.
+                    self.running.remove(&slot);
+                }
+                out
+            }
+            (Some(new), prev) if prev.map(|p| p.0) != Some(new) => {
+                // A replacement was chosen (first, or after another failed).
+                let attempts = f.attempts + 1;
+                if let Some(x) = self.running.get_mut(&slot) {
+                    x.new = Some((new, now));
+                    x.attempts = attempts;
+                }
+                vec![
+                    Output::Event {
+                        kind: EventKind::FailoverAssign,
+                        mac: new,
+                        cluster,
+                        message: format!(
+                            "{new} takes over {}/{} from {} (attempt {attempts} of {})",
+                            slot.cluster, slot.slot, f.old, rules.attempts
+                        ),
+                        secs: None,
+                    },
+                    Output::Wake(new),
+                ]
+            }
+            (Some(new), Some((_, since))) => {
+                // The replacement's boot clock starts once it may boot: not while the old node is
+                // still being fenced or drained.
+                if !view.bootable {
+                    if let Some(x) = self.running.get_mut(&slot) {
+                        x.new = Some((new, now));
+                    }
+                    return vec![];
+                }
+                if view.confirmed {
+                    let total = now.saturating_sub(f.failed_ms) as f64 / 1000.0;
+                    let detect = f.detected_ms.saturating_sub(f.failed_ms) as f64 / 1000.0;
+                    self.running.remove(&slot);
+                    return vec![
+                        Output::Event {
+                            kind: EventKind::FailoverDone,
+                            mac: new,
+                            cluster,
+                            message: format!(
+                                "{}/{} runs on {new} again ({}: {}): {total:.2} s from the failure, detected after {detect:.2} s, {:.3} s of server-side work",
+                                slot.cluster,
+                                slot.slot,
+                                if f.slow { "was slow" } else { "failed" },
+                                f.reason,
+                                f.server.as_secs_f64()
+                            ),
+                            secs: Some(total),
+                        },
+                        Output::Done,
+                    ];
+                }
+                if now.saturating_sub(since) <= rules.boot_timeout_ms || view.moving {
+                    return vec![];
+                }
+                // The replacement never came up: it is failed (and fenced: it may yet come up late),
+                // and another is tried.
+                let mut out = vec![
+                    Output::Event {
+                        kind: EventKind::NodeFailed,
+                        mac: new,
+                        cluster: cluster.clone(),
+                        message: format!(
+                            "{new} did not come up in {}/{} within {} s",
+                            slot.cluster,
+                            slot.slot,
+                            rules.boot_timeout_ms / 1000
+                        ),
+                        secs: None,
+                    },
+                    Output::Hold {
+                        mac: new,
+                        slot: slot.clone(),
+                    },
+                    Output::MarkFailed {
+                        mac: new,
+                        quarantine: false,
+                        reason: "did not come up as a replacement".into(),
+                    },
+                    Output::Fence {
+                        mac: new,
+                        slot: slot.clone(),
+                    },
+                ];
+                if f.attempts >= rules.attempts {
+                    out.push(Output::Alert {
+                        mac: f.old,
+                        cluster,
+                        message: format!(
+                            "failover of {}/{} gave up after {} attempts",
+                            slot.cluster, slot.slot, f.attempts
+                        ),
+                    });
+                    self.running.remove(&slot);
+                }
+                out.push(Output::Plan);
+                out
+            }
+            // An owner that is the replacement already tried and no time recorded: cannot happen
+            // (`new` is always set with its time), nothing to do.
+            (Some(_), None) => vec![],
+        }
+    }
+
+    /// Records a failover of `slot` at `now`; returns how many it had within the window, this one included.
+    fn record(&mut self, slot: &SlotRef, now: u64) -> usize {
+        let list = self.history.entry(slot.clone()).or_default();
+        list.retain(|t| now.saturating_sub(*t) < CHURN_WINDOW_MS);
+        list.push(now);
+        let n = list.len();
+        if n == 1 {
+            self.churn_alerted.remove(slot);
+        }
+        n
+    }
+
+    /// Failovers of `slot` within the window so far.
+    fn recent(&self, slot: &SlotRef, now: u64) -> usize {
+        self.history.get(slot).map_or(0, |l| {
+            l.iter()
+                .filter(|t| now.saturating_sub(**t) < CHURN_WINDOW_MS)
+                .count()
+        })
+    }
+
+    /// A slow node keeps its slot: said once (`why` ends the parenthesis the message opens), looked at
+    /// again after a while.
+    fn slow_stays(&mut self, mac: Mac, slot: &SlotRef, why: &str, now: u64) -> Vec<Output> {
+        if self.slow_stay.insert(mac, now + SLOW_RETRY_MS).is_some() {
+            return vec![];
+        }
+        vec![Output::Event {
+            kind: EventKind::SlowStay,
+            mac,
+            cluster: slot.cluster.clone(),
+            message: format!(
+                "{mac} in {}/{} is slow ({why}: it keeps running",
+                slot.cluster, slot.slot
+            ),
+            secs: None,
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(n: u8) -> Mac {
+        Mac([0x52, 0x54, 0, 0, 0, n])
+    }
+    fn slot() -> SlotRef {
+        SlotRef {
+            cluster: "web".into(),
+            slot: 1,
+        }
+    }
+    const POOL: Rules = Rules {
+        on_failure: OnFailure::Pool,
+        attempts: 2,
+        boot_timeout_ms: 60_000,
+    };
+    const QUARANTINE: Rules = Rules {
+        on_failure: OnFailure::Quarantine,
+        ..POOL
+    };
+    fn kinds(out: &[Output]) -> Vec<String> {
+        out.iter()
+            .map(|o| match o {
+                Output::Event { kind, .. } => kind.to_string(),
+                Output::Alert { .. } => "ALERT".into(),
+                o => format!("{o:?}")
+                    .split([' ', '(', '{'])
+                    .next()
+                    .unwrap()
+                    .into(),
+            })
+            .collect()
+    }
+    fn failed(m: &mut Failovers, n: u8, now: u64, rules: Rules) -> Vec<Output> {
+        m.on(
+            Input::Failed {
+                mac: mac(n),
+                slot: slot(),
+                reason: "no heartbeat for 10 s".into(),
+                began_ms: now.saturating_sub(10_000),
+                rules,
+            },
+            now,
+        )
+    }
+    fn look(m: &mut Failovers, view: SlotView, now: u64) -> Vec<Output> {
+        m.on(
+            Input::Look {
+                slot: slot(),
+                view,
+                rules: POOL,
+            },
+            now,
+        )
+    }
+    fn owned(n: u8, bootable: bool, confirmed: bool) -> SlotView {
+        SlotView {
+            wanted: true,
+            owner: Some(mac(n)),
+            bootable,
+            confirmed,
+            moving: false,
+        }
+    }
+
+    #[test]
+    fn a_failed_node_is_held_then_fenced_and_its_replacement_confirmed() {
+        let mut m = Failovers::default();
+        let out = failed(&mut m, 1, 100_000, POOL);
+        assert_eq!(
+            kinds(&out),
+            [
+                "Began",
+                "health-failed",
+                "Unwatch",
+                "Hold",
+                "MarkFailed",
+                "Plan",
+                "Fence"
+            ]
+        );
+        // The hold comes before the mark and the plan: nothing can hand the disk over in between.
+        let Output::Event { secs, .. } = &out[1] else {
+            panic!()
+        };
+        assert_eq!(*secs, Some(10.0));
+        assert!(m.failing(mac(1), &slot()));
+        // The planner picked node 2; it is woken.
+        let out = look(&mut m, owned(2, false, false), 100_250);
+        assert_eq!(kinds(&out), ["failover-assign", "Wake"]);
+        // While the fence runs, the replacement's clock does not start.
+        assert_eq!(look(&mut m, owned(2, false, false), 170_000), []);
+        assert_eq!(m.running()[&slot()].new, Some((mac(2), 170_000)));
+        // The fence ends: settle, release, event, switch on again.
+        let out = m.on(
+            Input::Fenced {
+                mac: mac(1),
+                slot: slot(),
+                off: true,
+                how: "switched off".into(),
+                fixed_address: false,
+                took: Duration::from_millis(100),
+            },
+            170_100,
+        );
+        assert_eq!(kinds(&out), ["Settle", "Release", "fence", "Restart"]);
+        assert_eq!(
+            out[0],
+            Output::Settle {
+                slot: slot(),
+                until_ms: 170_100 + FENCE_SETTLE_MS
+            }
+        );
+        // Bootable, not yet up: nothing; 60 s from when it could boot is still within the timeout.
+        assert_eq!(look(&mut m, owned(2, true, false), 230_000), []);
+        m.on(
+            Input::Worked {
+                slot: slot(),
+                took: Duration::from_millis(40),
+            },
+            230_000,
+        );
+        let out = look(&mut m, owned(2, true, true), 231_000);
+        assert_eq!(kinds(&out), ["failover-done", "Done"]);
+        let Output::Event { message, secs, .. } = &out[0] else {
+            panic!()
+        };
+        assert_eq!(*secs, Some(141.0));
+        assert!(
+            message.contains("detected after 10.00 s, 0.140 s"),
+            "{message}"
+        );
+        assert!(m.running().is_empty());
+    }
+
+    #[test]
+    fn quarantine_settles_instead_of_holding_and_never_fences() {
+        let mut m = Failovers::default();
+        let out = failed(&mut m, 1, 50_000, QUARANTINE);
+        assert_eq!(
+            kinds(&out),
+            [
+                "Began",
+                "health-failed",
+                "Unwatch",
+                "Settle",
+                "MarkFailed",
+                "Plan",
+                "quarantine"
+            ]
+        );
+        assert!(out.contains(&Output::MarkFailed {
+            mac: mac(1),
+            quarantine: true,
+            reason: "no heartbeat for 10 s".into()
+        }));
+    }
+
+    #[test]
+    fn a_replacement_that_does_not_come_up_is_failed_fenced_and_another_tried_then_it_gives_up() {
+        let mut m = Failovers::default();
+        failed(&mut m, 1, 0, POOL);
+        look(&mut m, owned(2, true, false), 1_000);
+        // Moving (the mover drains it): the timeout waits.
+        let mut moving = owned(2, true, false);
+        moving.moving = true;
+        assert_eq!(look(&mut m, moving, 62_000), []);
+        let out = look(&mut m, owned(2, true, false), 62_000);
+        assert_eq!(
+            kinds(&out),
+            ["node-failed", "Hold", "MarkFailed", "Fence", "Plan"]
+        );
+        assert!(out.contains(&Output::Hold {
+            mac: mac(2),
+            slot: slot()
+        }));
+        // Attempt 2 with node 3, which also fails: that was the last allowed.
+        let out = look(&mut m, owned(3, true, false), 62_500);
+        let Output::Event { message, .. } = &out[0] else {
+            panic!()
+        };
+        assert!(message.ends_with("(attempt 2 of 2)"), "{message}");
+        let out = look(&mut m, owned(3, true, false), 123_000);
+        assert_eq!(
+            kinds(&out),
+            [
+                "node-failed",
+                "Hold",
+                "MarkFailed",
+                "Fence",
+                "ALERT",
+                "Plan"
+            ]
+        );
+        assert!(m.running().is_empty());
+    }
+
+    #[test]
+    fn no_eligible_node_alerts_once_and_keeps_trying() {
+        let mut m = Failovers::default();
+        failed(&mut m, 1, 0, POOL);
+        let none = SlotView {
+            wanted: true,
+            ..SlotView::default()
+        };
+        assert_eq!(kinds(&look(&mut m, none, 250)), ["ALERT"]);
+        assert_eq!(look(&mut m, none, 500), []);
+        assert!(m.failing(mac(1), &slot()));
+        // A node appears later: it takes over.
+        assert_eq!(
+            kinds(&look(&mut m, owned(4, true, false), 9_000)),
+            ["failover-assign", "Wake"]
+        );
+    }
+
+    #[test]
+    fn a_slot_no_longer_wanted_or_given_back_to_its_old_node_ends_silently() {
+        let mut m = Failovers::default();
+        failed(&mut m, 1, 0, POOL);
+        assert_eq!(look(&mut m, SlotView::default(), 250), []);
+        assert!(m.running().is_empty());
+        failed(&mut m, 1, 1_000, POOL);
+        assert_eq!(look(&mut m, owned(1, true, true), 1_250), []);
+        assert!(m.running().is_empty());
+    }
+
+    #[test]
+    fn churn_alerts_once_per_window() {
+        let mut m = Failovers::default();
+        for i in 0..3u64 {
+            let out = failed(&mut m, 1, 1_000 + i * 1_000, POOL);
+            assert_eq!(kinds(&out)[0] == "ALERT", i == 2, "{i}: {out:?}");
+        }
+        // A fourth within the window: said already.
+        assert_ne!(kinds(&failed(&mut m, 1, 5_000, POOL))[0], "ALERT");
+        // After the window has emptied, the count starts again.
+        let later = 5_000 + CHURN_WINDOW_MS + 1;
+        assert_ne!(kinds(&failed(&mut m, 1, later, POOL))[0], "ALERT");
+    }
+
+    #[test]
+    fn a_slow_node_moves_only_when_the_planner_found_a_capable_node() {
+        let mut m = Failovers::default();
+        let slow = |m: &mut Failovers, now| {
+            m.on(
+                Input::Slow {
+                    mac: mac(1),
+                    slot: slot(),
+                    reason: "p99 > 200 ms for 30 s".into(),
+                    began_ms: now - 30_000,
+                    rules: POOL,
+                },
+                now,
+            )
+        };
+        let planned = |m: &mut Failovers, moved, now| {
+            m.on(
+                Input::SlowPlanned {
+                    mac: mac(1),
+                    slot: slot(),
+                    reason: "p99 > 200 ms for 30 s".into(),
+                    began_ms: now - 30_000,
+                    moved,
+                },
+                now,
+            )
+        };
+        assert_eq!(
+            slow(&mut m, 40_000),
+            [Output::PlanSlow {
+                mac: mac(1),
+                slot: slot(),
+                reason: "p99 > 200 ms for 30 s".into(),
+                began_ms: 10_000,
+            }]
+        );
+        // No capable node: it stays, said once, looked at again after SLOW_RETRY_MS.
+        let out = planned(&mut m, false, 40_000);
+        assert_eq!(kinds(&out), ["slow-stay"]);
+        assert!(!m.slow_due(mac(1), 45_000));
+        assert!(m.slow_due(mac(1), 40_000 + SLOW_RETRY_MS));
+        assert_eq!(planned(&mut m, false, 50_000), []);
+        // The verdict clears: it may be said again later.
+        m.cleared(mac(1));
+        assert!(m.slow_due(mac(1), 50_001));
+        // A capable node: the slot moves; later looks find the new owner and confirm it.
+        let out = planned(&mut m, true, 60_000);
+        assert_eq!(kinds(&out), ["Began", "health-slow", "Unwatch"]);
+        assert!(m.running()[&slot()].slow);
+        // A slow verdict on a slot already failing over is ignored.
+        assert_eq!(slow(&mut m, 61_000), []);
+        look(&mut m, owned(2, true, false), 61_000);
+        let out = look(&mut m, owned(2, true, true), 75_000);
+        let Output::Event { message, .. } = &out[0] else {
+            panic!()
+        };
+        assert!(message.contains("(was slow: p99"), "{message}");
+    }
+
+    #[test]
+    fn a_slow_slot_that_churned_stays() {
+        let mut m = Failovers::default();
+        for i in 0..2 {
+            failed(&mut m, 1, 1_000 + i, POOL);
+            look(&mut m, SlotView::default(), 1_100 + i);
+        }
+        let out = m.on(
+            Input::Slow {
+                mac: mac(5),
+                slot: slot(),
+                reason: "slow".into(),
+                began_ms: 0,
+                rules: POOL,
+            },
+            2_000,
+        );
+        let Output::Event { kind, message, .. } = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(*kind, EventKind::SlowStay);
+        assert!(message.contains("already failed over 2 times"), "{message}");
+    }
+
+    #[test]
+    fn a_slow_node_with_no_replacement_alerts_and_ends() {
+        let mut m = Failovers::default();
+        m.on(
+            Input::SlowPlanned {
+                mac: mac(1),
+                slot: slot(),
+                reason: "slow".into(),
+                began_ms: 0,
+                moved: true,
+            },
+            1_000,
+        );
+        let none = SlotView {
+            wanted: true,
+            ..SlotView::default()
+        };
+        assert_eq!(kinds(&look(&mut m, none, 1_250)), ["ALERT"]);
+        assert!(m.running().is_empty());
+    }
+
+    #[test]
+    fn a_fence_that_cannot_switch_off_a_fixed_address_node_keeps_the_hold() {
+        let mut m = Failovers::default();
+        let fenced = |m: &mut Failovers, fixed_address| {
+            m.on(
+                Input::Fenced {
+                    mac: mac(1),
+                    slot: slot(),
+                    off: false,
+                    how: "no power control and no agent".into(),
+                    fixed_address,
+                    took: Duration::ZERO,
+                },
+                9_000,
+            )
+        };
+        let out = fenced(&mut m, true);
+        assert_eq!(kinds(&out), ["ALERT"]);
+        // Without a fixed address, closing the export fences it; it is not switched on again.
+        assert_eq!(
+            kinds(&fenced(&mut m, false)),
+            ["Settle", "Release", "fence"]
+        );
+    }
+
+    #[test]
+    fn restored_failovers_keep_the_running_one() {
+        let mut m = Failovers::default();
+        failed(&mut m, 1, 0, POOL);
+        let mut other = m.running()[&slot()].clone();
+        other.old = mac(9);
+        m.restore(slot(), other.clone());
+        assert_eq!(m.running()[&slot()].old, mac(1));
+        let json = serde_json::to_string(&other).unwrap();
+        let back: Failover = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, other);
+    }
+}
