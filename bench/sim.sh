@@ -6,4 +6,4 @@
 #   CORRAL_SIM_SEED=<seed> cargo test --release --test sim
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --release --test sim -- --ignored campaign --nocapture 2>&1 | grep -v '^\s*$'
+cargo test --release --test sim -- --ignored campaign --nocapture 2>&1 | grep --line-buffered -v '^\s*$'

@@ -135,8 +135,8 @@ struct Hw {
     dead_until: u64,
     /// The agent stopped heartbeating (until the node boots again).
     silent: bool,
-    /// Reports a load the slow rule counts (until it boots again).
-    slow: bool,
+    /// Reports a load the slow rule counts until then (or until it boots again): a slow spell.
+    slow_until: u64,
     /// Its BMC fails calls until then.
     bmc_bad_until: u64,
     /// The next boot hangs in firmware.
@@ -241,6 +241,8 @@ struct Figures {
     steps: u64,
     checks: u64,
     plans: u64,
+    /// Plans by what asked for them.
+    plan_why: BTreeMap<&'static str, u64>,
     /// Wall time spent in the planner.
     plan_wall: Duration,
     faults: BTreeMap<&'static str, u64>,
@@ -296,7 +298,7 @@ impl Sim {
                 attached: None,
                 dead_until: 0,
                 silent: false,
-                slow: false,
+                slow_until: 0,
                 bmc_bad_until: 0,
                 hang_next_boot: false,
                 boot_gen: 0,
@@ -349,7 +351,7 @@ impl Sim {
         h.power = Power::Booting;
         h.boot_gen += 1;
         h.silent = false;
-        h.slow = false;
+        h.slow_until = 0;
         let gen = h.boot_gen;
         if std::mem::take(&mut h.hang_next_boot) {
             return;
@@ -419,8 +421,9 @@ impl Sim {
 
     // --- the controller's shell ---------------------------------------------------------------
 
-    fn replan(&mut self) {
+    fn replan(&mut self, why: &'static str) {
         self.fig.plans += 1;
+        *self.fig.plan_why.entry(why).or_default() += 1;
         let now_s = self.now / 1000;
         let t = Instant::now();
         let actions = plan::plan(&self.policy, &self.ctl.state, now_s);
@@ -568,7 +571,7 @@ impl Sim {
                         self.fig.moves_done += 1;
                     } else {
                         self.mark_failed(m, false);
-                        self.replan();
+                        self.replan("move failed");
                     }
                 }
             }
@@ -699,7 +702,7 @@ impl Sim {
                         self.bmc(i, Call::On, Purpose::Wake);
                     }
                 }
-                failover::Output::Plan => self.replan(),
+                failover::Output::Plan => self.replan("failover"),
                 failover::Output::PlanSlow {
                     mac: m,
                     slot,
@@ -707,7 +710,7 @@ impl Sim {
                     began_ms,
                 } => {
                     self.ctl.state.slow.insert(m);
-                    self.replan();
+                    self.replan("slow");
                     self.ctl.state.slow.remove(&m);
                     let moved = self.slot_of(m) != Some(&slot);
                     self.failover(failover::Input::SlowPlanned {
@@ -791,7 +794,7 @@ impl Sim {
                 continue;
             }
             let up = self.hw[i].agent_up(self.now);
-            let slow = self.hw[i].slow;
+            let slow = self.now < self.hw[i].slow_until;
             let Some((slot, w)) = self.ctl.watches.get_mut(&m) else {
                 continue;
             };
@@ -890,7 +893,7 @@ impl Sim {
             ctl.moves.contains_key(&m)
                 || ctl.holds.contains_key(&m)
                 || h.silent
-                || h.slow
+                || now < h.slow_until
                 || now < h.dead_until
                 || h.power != Power::Up
                 || ctl
@@ -946,7 +949,7 @@ impl Sim {
                     if let Some(n) = self.ctl.state.nodes.get_mut(&m) {
                         n.healthy = true;
                     }
-                    self.replan();
+                    self.replan("node back");
                 }
                 let gen = self.hw[i].boot_gen;
                 self.at(self.now + POLL, Ev::Poll { node: i, gen });
@@ -992,8 +995,13 @@ impl Sim {
                 self.at(self.now + TICK, Ev::Tick);
             }
             Ev::Replan => {
-                self.replan();
+                self.replan("periodic");
                 self.at(self.now + REPLAN_EVERY, Ev::Replan);
+            }
+            Ev::BootDone { node, gen } if self.now < self.hw[node].dead_until => {
+                // Dead hardware does not boot; repaired, it does (as if power-cycled by the repair).
+                let at = self.hw[node].dead_until + 30 * SEC;
+                self.at(at, Ev::BootDone { node, gen });
             }
             Ev::BootDone { node, gen } | Ev::Poll { node, gen } => {
                 let h = &self.hw[node];
@@ -1115,7 +1123,7 @@ impl Sim {
                 // Dead hardware stops writing to its disk; its export stays open until fenced.
             }
             "agent silent" => self.hw[i].silent = true,
-            "node slows" => self.hw[i].slow = true,
+            "node slows" => self.hw[i].slow_until = now + self.rng.range(5 * MIN, 3 * HOUR),
             "BMC fails" => self.hw[i].bmc_bad_until = now + self.rng.range(30 * SEC, 20 * MIN),
             "boot hangs" => self.hw[i].hang_next_boot = true,
             "corral restarts" => self.restart(),
@@ -1210,7 +1218,7 @@ impl Sim {
                 "a restart lost state: before {before:?}, after {after:?}"
             ));
         }
-        self.replan();
+        self.replan("restart");
     }
 
     /// An operator edits the policy: one cluster's default changes.
@@ -1244,7 +1252,7 @@ impl Sim {
         self.policy_text.replace_range(start..end, &new);
         self.policy = Policy::parse(&self.policy_text, Path::new("sim.toml"), &|_, _| true)
             .unwrap_or_else(|d| panic!("{d:?}"));
-        self.replan();
+        self.replan("policy edit");
     }
 
     /// Checks after every step that no slot's disk has two nodes on it.
@@ -1284,10 +1292,11 @@ impl Sim {
             if self.hw.len() >= 1000 && t >= next_report {
                 next_report += 6 * HOUR;
                 eprintln!(
-                    "  {:.2} simulated days, {} steps, {} plans, wall {:.0} s",
+                    "  {:.2} simulated days, {} steps, {} plans {:?}, wall {:.0} s",
                     t as f64 / DAY as f64,
                     self.fig.steps,
                     self.fig.plans,
+                    self.fig.plan_why,
                     t0.elapsed().as_secs_f64()
                 );
             }

@@ -61,6 +61,23 @@ pub struct Failover {
     pub alerted: bool,
 }
 
+impl Failover {
+    /// A failover of `old`'s slot detected at `now`, for a failure that began at `failed_ms`.
+    pub fn begin(old: Mac, slow: bool, reason: String, failed_ms: u64, now: u64) -> Failover {
+        Failover {
+            old,
+            slow,
+            reason,
+            failed_ms,
+            detected_ms: now,
+            new: None,
+            attempts: 0,
+            server: Duration::ZERO,
+            alerted: false,
+        }
+    }
+}
+
 /// What the shell sees of a slot under failover when it looks (a few times a second).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SlotView {
@@ -288,20 +305,8 @@ impl Failovers {
                     },
                     Output::Unwatch(mac),
                 ];
-                self.running.insert(
-                    slot,
-                    Failover {
-                        old: mac,
-                        slow: true,
-                        reason,
-                        failed_ms: began_ms,
-                        detected_ms: now,
-                        new: None,
-                        attempts: 0,
-                        server: Duration::ZERO,
-                        alerted: false,
-                    },
-                );
+                self.running
+                    .insert(slot, Failover::begin(mac, true, reason, began_ms, now));
                 out
             }
             Input::Look { slot, view, rules } => self.look(slot, view, rules, now),
@@ -444,20 +449,8 @@ impl Failovers {
                 secs: None,
             });
         }
-        self.running.insert(
-            slot,
-            Failover {
-                old: mac,
-                slow: false,
-                reason,
-                failed_ms: began_ms,
-                detected_ms: now,
-                new: None,
-                attempts: 0,
-                server: Duration::ZERO,
-                alerted: false,
-            },
-        );
+        self.running
+            .insert(slot, Failover::begin(mac, false, reason, began_ms, now));
         out
     }
 

@@ -716,17 +716,13 @@ impl Controller {
             .unwrap_or(now_ms);
         self.health().failover.restore(
             slot.clone(),
-            Failover {
-                old: mac,
-                slow: false,
-                reason: "failed just before corral stopped".into(),
-                failed_ms: since_ms,
-                detected_ms: since_ms,
-                new: None,
-                attempts: 0,
-                server: Duration::ZERO,
-                alerted: false,
-            },
+            Failover::begin(
+                mac,
+                false,
+                "failed just before corral stopped".into(),
+                since_ms,
+                since_ms,
+            ),
         );
     }
 
