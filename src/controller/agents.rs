@@ -138,12 +138,18 @@ impl Controller {
         token
     }
 
+    /// Queues a changed token row for the writer ([`Controller::flush`], woken at once): the script and
+    /// heartbeat paths never wait for SQLite. A token is in memory (and answers) from this moment; it is
+    /// on disk within a commit or so. If corral is killed in between, that boot's agent is refused after
+    /// the restart and the node is treated as one whose agent went silent.
     fn store_tokens(&self, change: Option<TokenChange>) {
         if let Some(TokenChange::Put(mac, t)) = change {
             let doc = serde_json::to_string(&t).unwrap_or_default();
-            if let Err(e) = self.store.put_node_token_doc(mac, &doc) {
-                tracing::error!(error = %e, %mac, "cannot store the boot token");
-            }
+            self.tokens_due
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(mac, doc);
+            self.writer_wake.notify_one();
         }
     }
 

@@ -335,6 +335,8 @@ impl Controller {
     pub fn prune(&self, now: u64) -> anyhow::Result<()> {
         let state = self.state();
         let retention = state.config.discovery.retention;
+        // With the planner held off (`work_io`): a plan under way may be assigning one of these nodes.
+        let planner = self.work_io();
         let stale: Vec<Mac> = {
             let nodes = self.store.nodes()?;
             let f = self.fleet();
@@ -377,6 +379,7 @@ impl Controller {
             self.store
                 .apply(&[], &[NewEvent::new(now, EventKind::Prune, msg)])?;
         }
+        drop(planner);
         let before = now.saturating_sub(state.config.server.event_retention);
         let n = self.store.prune_events(before)?;
         self.trust_stats.events_pruned.add(n as u64);

@@ -389,6 +389,10 @@ pub struct Controller {
     store: Store,
     /// Requests since the last commit, merged per node: a node asking a thousand times costs one row.
     seen: Mutex<HashMap<Mac, BootsSeen>>,
+    /// Boot-token rows to write (newest per node), committed by the writer with `seen`.
+    tokens_due: Mutex<BTreeMap<Mac, String>>,
+    /// Wakes the writer ([`Controller::run_flusher`]) for work that should reach the disk soon.
+    writer_wake: tokio::sync::Notify,
     /// What the planner works on: known nodes and assignments (mirrors the store).
     fleet: Mutex<Fleet>,
     /// Scale-rule samples and what the rules decided.
@@ -413,7 +417,7 @@ pub struct Controller {
     work_dirty: tokio::sync::Notify,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Fleet {
     state: plan::State,
     /// Alerts raised by the last plan, so each is recorded once when it starts.
@@ -428,6 +432,34 @@ struct Fleet {
     manual: BTreeSet<Mac>,
     /// The last step each running move reached (an event kind), kept with the pending restart.
     steps: BTreeMap<Mac, String>,
+}
+
+/// Carries a plan's `actions` out on `fleet`, in place: new assignments; a healthy node that leaves a role
+/// it was serving must restart, and keeps its old slot's disk (a hold) until it is off. Says whether any
+/// node moves.
+fn carry_out(fleet: &mut Fleet, actions: &[Action], now: u64, decided: std::time::Instant) -> bool {
+    let mut moves = false;
+    for a in actions {
+        match a {
+            // A node that was serving another role is running it still: it must restart, and it keeps
+            // its old slot's disk until it is off. A failed node was cut off by the move that failed;
+            // nothing more to do for it here.
+            Action::Release { node, from } | Action::Preempt { node, from, .. }
+                if fleet.state.assignments.contains_key(node)
+                    && fleet.state.nodes.get(node).is_some_and(|n| n.healthy) =>
+            {
+                fleet.reboot.insert(*node, decided);
+                fleet.manual.remove(node);
+                // A node decided again before it was switched off still runs the role of its first
+                // hold: that disk stays its own.
+                fleet.holds.entry(*node).or_insert_with(|| from.clone());
+                moves = true;
+            }
+            _ => {}
+        }
+    }
+    plan::apply_to(&mut fleet.state, actions, now);
+    moves
 }
 
 /// What the planner knows of a node: iPXE's facts, overridden by the policy's `[[node]]` entry.
@@ -491,6 +523,8 @@ impl Controller {
             state: RwLock::new(Arc::new(state)),
             store,
             seen: Mutex::new(HashMap::new()),
+            tokens_due: Mutex::new(BTreeMap::new()),
+            writer_wake: tokio::sync::Notify::new(),
             fleet: Mutex::new(fleet),
             scale: Mutex::new(Default::default()),
             disks,
@@ -602,10 +636,15 @@ impl Controller {
         let Some(policy) = self.state().policy.clone() else {
             return Ok(Vec::new());
         };
+        // One planner at a time: `work_io` (first in the lock order) is held for the whole plan. Only the
+        // planner changes assignments, so a plan worked out from a copy of the fleet is still right for
+        // the fleet it is applied to; what others change meanwhile (health flags, a node booting, a new
+        // node) is kept, and the next plan sees it. The fleet lock itself is held only to copy the fleet
+        // and to apply the outcome: the plan and its commit run without it, so the script, DHCP and
+        // heartbeat paths never wait for the planner or for SQLite.
         let mut saved = self.work_io();
-        let mut fleet = self.fleet();
         let mut events: Vec<NewEvent> = Vec::new();
-        {
+        let targets = {
             let base =
                 |c: &crate::policy::Cluster| plan::base_count(c, now, policy.utc_offset_minutes);
             let mut scale = self.scale.lock().unwrap_or_else(|p| p.into_inner());
@@ -626,9 +665,14 @@ impl Controller {
                     secs: None,
                 });
             }
-            fleet.state.scale_targets = scale.targets(&policy, &base);
-        }
-        let actions = plan::plan(&policy, &fleet.state, now);
+            scale.targets(&policy, &base)
+        };
+        let copy = {
+            let mut fleet = self.fleet();
+            fleet.state.scale_targets = targets;
+            fleet.clone()
+        };
+        let actions = plan::plan(&policy, &copy.state, now);
         let mut changes = Vec::new();
         let ev = |kind, cluster: &str, node: Option<&Mac>, message| NewEvent {
             at: now,
@@ -695,7 +739,7 @@ impl Controller {
                             "cluster {cluster} is below its minimum: {current} of {min} nodes"
                         ),
                     };
-                    if !fleet.alerts.contains(&text) {
+                    if !copy.alerts.contains(&text) {
                         tracing::warn!("{text}");
                         events.push(ev(EventKind::Alert, cluster, None, text.clone()));
                     }
@@ -705,38 +749,9 @@ impl Controller {
         }
         // The plan's outcome is worked out first and stored before anything in memory changes: a node that
         // leaves a slot holds its disk from the very commit that takes the slot away.
-        let next_state = plan::apply(&fleet.state, &actions, now);
-        let mut next = Fleet {
-            state: next_state,
-            alerts: BTreeSet::new(),
-            reboot: fleet.reboot.clone(),
-            holds: fleet.holds.clone(),
-            manual: fleet.manual.clone(),
-            steps: fleet.steps.clone(),
-        };
         let decided = std::time::Instant::now();
-        let mut moves = false;
-        for a in &actions {
-            match a {
-                // A node that was serving another role is running it still: it must restart, and it
-                // keeps its old slot's disk until it is off.
-                Action::Release { node, from } | Action::Preempt { node, from, .. }
-                    if fleet.state.assignments.contains_key(node) =>
-                {
-                    // A failed node was cut off by the move that failed; nothing more to do here.
-                    let healthy = next.state.nodes.get(node).is_some_and(|n| n.healthy);
-                    if healthy {
-                        next.reboot.insert(*node, decided);
-                        next.manual.remove(node);
-                        // A node decided again before it was switched off still runs the role of its
-                        // first hold: that disk stays its own.
-                        next.holds.entry(*node).or_insert_with(|| from.clone());
-                        moves = true;
-                    }
-                }
-                _ => {}
-            }
-        }
+        let mut next = copy;
+        carry_out(&mut next, &actions, now, decided);
         let work = work::node_work(&next, agents::unix_ms());
         let work_changed = Self::work_differs(&saved, &work);
         if !changes.is_empty() || !events.is_empty() || work_changed {
@@ -753,10 +768,19 @@ impl Controller {
                 self.send_webhook(None, e.cluster.as_deref(), &e.message);
             }
         }
-        next.alerts = alerts;
-        *fleet = next;
-        drop(fleet);
+        // Applied to the fleet as it is now, so what changed while the plan ran stays.
+        let (moves, resave) = {
+            let mut fleet = self.fleet();
+            let moves = carry_out(&mut fleet, &actions, now, decided);
+            fleet.alerts = alerts;
+            let resave = Self::work_differs(&saved, &work::node_work(&fleet, agents::unix_ms()));
+            (moves, resave)
+        };
         drop(saved);
+        if resave {
+            // Something changed while the plan ran (a node booted, one failed): the saver writes it.
+            self.work_changed();
+        }
         if moves {
             self.mover_wake.notify_one();
         }
@@ -859,20 +883,44 @@ impl Controller {
         }
     }
 
-    /// Commits queued inventory updates in one transaction.
+    /// Commits what the request paths queued (inventory sightings, boot tokens) in one transaction.
     pub fn flush(&self) -> anyhow::Result<()> {
         let batch: Vec<BootsSeen> =
             std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_values()
                 .collect();
-        if !batch.is_empty() {
-            self.store.record_boots(&batch)?;
+        let tokens: Vec<(Mac, String)> =
+            std::mem::take(&mut *self.tokens_due.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        if !batch.is_empty() || !tokens.is_empty() {
+            if let Err(e) = self.store.record_boots_and_tokens(&batch, &tokens) {
+                // Put back what is not newer in the queue, so the next commit tries again.
+                let mut due = self.tokens_due.lock().unwrap_or_else(|p| p.into_inner());
+                for (mac, doc) in tokens {
+                    due.entry(mac).or_insert(doc);
+                }
+                return Err(e.into());
+            }
         }
         Ok(())
     }
 
     /// Commits the inventory queue every `period` until the task is dropped.
+    /// The writer of what the request paths queue: commits every `period`, and at once when woken (a new
+    /// boot token), so one transaction carries whatever arrived meanwhile. Runs until dropped.
     pub async fn run_flusher(self: Arc<Self>, period: Duration) {
-        every(period, "recording node inventory", move || self.flush()).await
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = self.writer_wake.notified() => {}
+            }
+            let c = self.clone();
+            match tokio::task::spawn_blocking(move || c.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "recording node inventory failed"),
+                Err(e) => tracing::error!(error = %e, "recording node inventory panicked"),
+            }
+        }
     }
 }

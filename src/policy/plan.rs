@@ -581,6 +581,12 @@ impl<'a> Pool<'a> {
 /// The state after `actions` are carried out at `now` (moved nodes get `last_moved = now`).
 pub fn apply(state: &State, actions: &[Action], now: u64) -> State {
     let mut s = state.clone();
+    apply_to(&mut s, actions, now);
+    s
+}
+
+/// [`apply`] in place: for a caller that owns the state, a 5,000-node fleet is not copied.
+pub fn apply_to(s: &mut State, actions: &[Action], now: u64) {
     let touch = |s: &mut State, m: &Mac| {
         if let Some(n) = s.nodes.get_mut(m) {
             n.last_moved = Some(now);
@@ -590,16 +596,15 @@ pub fn apply(state: &State, actions: &[Action], now: u64) -> State {
         match a {
             Action::Assign { node, to, .. } | Action::Preempt { node, to, .. } => {
                 s.assignments.insert(*node, to.clone());
-                touch(&mut s, node);
+                touch(s, node);
             }
             Action::Release { node, .. } => {
                 s.assignments.remove(node);
-                touch(&mut s, node);
+                touch(s, node);
             }
             Action::Alert { .. } => {}
         }
     }
-    s
 }
 
 #[cfg(test)]

@@ -212,8 +212,24 @@ impl Store {
     /// Records batches of boot-script requests, in one transaction. Facts that iPXE did not report keep
     /// their stored value.
     pub fn record_boots(&self, seen: &[BootsSeen]) -> Result<()> {
+        self.record_boots_and_tokens(seen, &[])
+    }
+
+    /// [`Store::record_boots`] and boot-token rows (as [`Store::put_node_token_doc`]) in one transaction:
+    /// the writer's batch of what the request paths queued.
+    pub fn record_boots_and_tokens(
+        &self,
+        seen: &[BootsSeen],
+        tokens: &[(Mac, String)],
+    ) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
+            for (mac, doc) in tokens {
+                tx.prepare_cached("INSERT OR REPLACE INTO node_tokens (mac, doc) VALUES (?1, ?2)")?
+                    .execute(params![mac.to_string(), doc])?;
+                tx.prepare_cached("DELETE FROM agent_token WHERE mac = ?1")?
+                    .execute(params![mac.to_string()])?;
+            }
             {
                 let mut st = tx.prepare_cached(
                     "INSERT INTO node (mac, uuid, serial, manufacturer, product, buildarch, platform, memsize, ip,
@@ -512,13 +528,7 @@ impl Store {
 
     /// Replaces a node's boot tokens (and drops its row of the older one-token table).
     pub fn put_node_token_doc(&self, mac: Mac, doc: &str) -> Result<()> {
-        self.with(|c| {
-            c.prepare_cached("INSERT OR REPLACE INTO node_tokens (mac, doc) VALUES (?1, ?2)")?
-                .execute(params![mac.to_string(), doc])?;
-            c.prepare_cached("DELETE FROM agent_token WHERE mac = ?1")?
-                .execute(params![mac.to_string()])?;
-            Ok(())
-        })
+        self.record_boots_and_tokens(&[], &[(mac, doc.to_string())])
     }
 
     /// CHAP secrets corral generated for slots the operator gave none (`cluster.slot` → secrets).
