@@ -133,6 +133,12 @@ fn get_script(a: &ureq::Agent, base: &str, mac: &str) -> Result<String, String> 
         .map_err(|e| e.to_string())
 }
 
+/// One request of a load, built from its sequence number; true when it succeeded.
+type Request = Arc<dyn Fn(&ureq::Agent, u64) -> bool + Send + Sync>;
+
+/// A DHCP client under way: when its DISCOVER was due, and when its REQUEST was sent.
+type InFlight = (Instant, Option<Instant>);
+
 /// Runs `rate` requests a second for `secs`, spread over `threads` threads, each request built by `req`
 /// from its sequence number; returns the latencies.
 fn open_loop(
@@ -140,7 +146,7 @@ fn open_loop(
     secs: u64,
     threads: u32,
     start: Instant,
-    req: Arc<dyn Fn(&ureq::Agent, u64) -> bool + Send + Sync>,
+    req: Request,
 ) -> std::thread::JoinHandle<Samples> {
     std::thread::spawn(move || {
         if rate == 0 {
@@ -192,8 +198,7 @@ fn dhcp_load(args: &Args, start: Instant) -> std::thread::JoinHandle<(Samples, S
         let sock = Arc::new(UdpSocket::bind(SocketAddrV4::new(relay, 67)).expect("bind the relay"));
         sock.set_read_timeout(Some(Duration::from_millis(200))).ok();
         let to = SocketAddrV4::new(server, 67);
-        // xid → (when its DISCOVER was due, when its REQUEST was sent)
-        let sent: Arc<Mutex<HashMap<u32, (Instant, Option<Instant>)>>> = Default::default();
+        let sent: Arc<Mutex<HashMap<u32, InFlight>>> = Default::default();
         let total = rate as u64 * secs;
         let done = Arc::new(AtomicU64::new(0));
         let sender = {
@@ -235,7 +240,7 @@ fn dhcp_load(args: &Args, start: Instant) -> std::thread::JoinHandle<(Samples, S
                     let m = request(
                         MessageType::Request,
                         xid,
-                        xid & 0xffff_ff,
+                        xid & 0x00ff_ffff,
                         relay,
                         Some((reply.yiaddr(), server_id)),
                     );
