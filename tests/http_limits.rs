@@ -144,13 +144,13 @@ fn connections_are_capped_per_peer_and_in_all() {
     drop(held);
     drop(mine);
     wait_open(port, 0);
-    assert_eq!(
-        metric(
-            port,
-            "corral_http_refused_busy_total{reason=\"max_connections\"}"
-        ),
-        1
+    // At least the one beyond: on a loaded machine the last probe's connection may still be counted
+    // when 127.0.0.60 connects, and then that one is refused too (seen once in a full run).
+    let refused = metric(
+        port,
+        "corral_http_refused_busy_total{reason=\"max_connections\"}",
     );
+    assert!((1..=2).contains(&refused), "{refused} refusals counted");
     assert!(common::get(&format!("http://127.0.0.1:{port}/healthz")).contains("ok"));
 }
 
