@@ -335,10 +335,10 @@ impl Controller {
     pub fn prune(&self, now: u64) -> anyhow::Result<()> {
         let state = self.state();
         let retention = state.config.discovery.retention;
+        let nodes = self.store.nodes()?;
         // With the planner held off (`work_io`): a plan under way may be assigning one of these nodes.
         let planner = self.work_io();
         let stale: Vec<Mac> = {
-            let nodes = self.store.nodes()?;
             let f = self.fleet();
             nodes
                 .into_iter()

@@ -215,11 +215,19 @@ where
     loop {
         tick.tick().await;
         let j = job.clone();
-        match tokio::task::spawn_blocking(move || j()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "{what} failed"),
-            Err(e) => tracing::error!(error = %e, "{what} panicked"),
-        }
+        on_blocking_pool(what, move || j()).await;
+    }
+}
+
+/// Runs one blocking job on the blocking pool and logs how it failed, if it did.
+async fn on_blocking_pool(
+    what: &'static str,
+    job: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
+) {
+    match tokio::task::spawn_blocking(job).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "{what} failed"),
+        Err(e) => tracing::error!(error = %e, "{what} panicked"),
     }
 }
 
@@ -906,7 +914,6 @@ impl Controller {
         Ok(())
     }
 
-    /// Commits the inventory queue every `period` until the task is dropped.
     /// The writer of what the request paths queue: commits every `period`, and at once when woken (a new
     /// boot token), so one transaction carries whatever arrived meanwhile. Runs until dropped.
     pub async fn run_flusher(self: Arc<Self>, period: Duration) {
@@ -916,11 +923,7 @@ impl Controller {
                 _ = self.writer_wake.notified() => {}
             }
             let c = self.clone();
-            match tokio::task::spawn_blocking(move || c.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "recording node inventory failed"),
-                Err(e) => tracing::error!(error = %e, "recording node inventory panicked"),
-            }
+            on_blocking_pool("recording node inventory", move || c.flush()).await;
         }
     }
 }

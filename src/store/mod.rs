@@ -215,8 +215,9 @@ impl Store {
         self.record_boots_and_tokens(seen, &[])
     }
 
-    /// [`Store::record_boots`] and boot-token rows (as [`Store::put_node_token_doc`]) in one transaction:
-    /// the writer's batch of what the request paths queued.
+    /// [`Store::record_boots`] and boot-token rows in one transaction: the writer's batch of what the
+    /// request paths queued. A token row replaces the node's tokens (and drops its row of the older
+    /// one-token table).
     pub fn record_boots_and_tokens(
         &self,
         seen: &[BootsSeen],
@@ -524,11 +525,6 @@ impl Store {
             }
             Ok(out)
         })
-    }
-
-    /// Replaces a node's boot tokens (and drops its row of the older one-token table).
-    pub fn put_node_token_doc(&self, mac: Mac, doc: &str) -> Result<()> {
-        self.record_boots_and_tokens(&[], &[(mac, doc.to_string())])
     }
 
     /// CHAP secrets corral generated for slots the operator gave none (`cluster.slot` → secrets).
