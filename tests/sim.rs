@@ -1133,7 +1133,7 @@ impl Sim {
 
     fn kept(&self) -> Kept {
         Kept {
-            assignments: self.ctl.state.assignments.clone(),
+            assignments: self.ctl.state.assignments.clone().into_iter().collect(),
             holds: self.ctl.holds.clone(),
             failed: self
                 .ctl

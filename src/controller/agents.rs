@@ -191,9 +191,18 @@ impl Controller {
         };
         let current = {
             let mut fleet = self.fleet();
-            if let Some(n) = fleet.state.nodes.get_mut(&mac) {
-                n.busy = hb.busy;
-                n.utilisation = hb.utilisation();
+            // Written (and so published) only when it changed: most heartbeats repeat the last one.
+            let utilisation = hb.utilisation();
+            let same = fleet
+                .state
+                .nodes
+                .get(&mac)
+                .is_none_or(|n| n.busy == hb.busy && n.utilisation == utilisation);
+            if !same {
+                if let Some(n) = fleet.state.nodes.get_mut(&mac) {
+                    n.busy = hb.busy;
+                    n.utilisation = utilisation;
+                }
             }
             fleet.state.assignments.get(&mac).cloned()
         };

@@ -146,7 +146,7 @@ impl Controller {
     pub fn bootable_slot_of(&self, mac: Mac) -> Option<SlotRef> {
         let slot = self.slot_of(mac)?;
         let held = self
-            .fleet()
+            .view()
             .holds
             .iter()
             .any(|(m, s)| *m != mac && *s == slot);
@@ -861,11 +861,11 @@ impl Controller {
         if self.quarantined(mac) || self.slot_of(mac).is_some() || self.moving(mac) {
             return;
         }
-        if self.fleet().holds.contains_key(&mac) {
+        let view = self.view();
+        if view.holds.contains_key(&mac) {
             return;
         }
-        let back = self
-            .fleet()
+        let back = view
             .state
             .nodes
             .get(&mac)

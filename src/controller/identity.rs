@@ -91,7 +91,7 @@ impl Controller {
 
     /// Whether corral knows `mac`: in the inventory, listed in the policy, or reserved.
     pub fn is_known(&self, mac: Mac) -> bool {
-        self.is_listed(mac) || self.fleet().state.nodes.contains_key(&mac)
+        self.is_listed(mac) || self.view().state.nodes.contains_key(&mac)
     }
 
     /// Whether the operator named `mac`: a policy `[[node]]` or a DHCP reservation.
@@ -154,7 +154,8 @@ impl Controller {
         let unassigned = if listed {
             0
         } else {
-            let f = self.fleet();
+            // Counted on the published view, without the fleet lock: only unknown nodes get here.
+            let f = self.view();
             let policy = self.state().policy.clone();
             f.state
                 .nodes

@@ -25,7 +25,8 @@ pub mod work;
 use crate::events::EventKind;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use arc_swap::ArcSwap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::boot::{Catalog, Image, Templates};
@@ -393,7 +394,8 @@ fn check_disks(
 
 /// The running controller, shared by the servers.
 pub struct Controller {
-    state: RwLock<Arc<BootState>>,
+    /// The boot state; a reload swaps it whole, and readers never wait for that.
+    state: ArcSwap<BootState>,
     store: Store,
     /// Requests since the last commit, merged per node: a node asking a thousand times costs one row.
     seen: Mutex<HashMap<Mac, BootsSeen>>,
@@ -401,8 +403,12 @@ pub struct Controller {
     tokens_due: Mutex<BTreeMap<Mac, String>>,
     /// Wakes the writer ([`Controller::run_flusher`]) for work that should reach the disk soon.
     writer_wake: tokio::sync::Notify,
-    /// What the planner works on: known nodes and assignments (mirrors the store).
+    /// What the planner works on: known nodes and assignments (mirrors the store). Changed only through
+    /// [`FleetGuard`], which publishes the outcome to `view`.
     fleet: Mutex<Fleet>,
+    /// The fleet as of its last change, for the request paths (DHCP, scripts, heartbeats, the API): they
+    /// read it without a lock, so they never wait for a writer of the fleet.
+    view: ArcSwap<FleetView>,
     /// Scale-rule samples and what the rules decided.
     scale: Mutex<crate::policy::scale::ScaleState>,
     /// Base images and slot overlays (the directories are fixed at start).
@@ -440,6 +446,51 @@ struct Fleet {
     manual: BTreeSet<Mac>,
     /// The last step each running move reached (an event kind), kept with the pending restart.
     steps: BTreeMap<Mac, String>,
+    /// Nodes discovered so far (a counter): a plan made from a copy with `arrivals = n` has seen the
+    /// first n, so a discovery it covers need not plan again.
+    arrivals: u64,
+}
+
+/// What readers see of the fleet: a copy published by each change. Copies are cheap (the planner's maps
+/// are persistent and share their trees; holds are few), so every change publishes one.
+#[derive(Default)]
+pub(crate) struct FleetView {
+    pub state: plan::State,
+    /// Nodes still holding a slot's disk they are leaving (see [`Fleet::holds`]).
+    pub holds: BTreeMap<Mac, SlotRef>,
+}
+
+/// The fleet lock, held: whoever changes the fleet publishes the new [`FleetView`] when letting go, still
+/// under the lock, so views are published in the order the changes were made.
+struct FleetGuard<'a> {
+    fleet: std::sync::MutexGuard<'a, Fleet>,
+    view: &'a ArcSwap<FleetView>,
+    changed: bool,
+}
+
+impl std::ops::Deref for FleetGuard<'_> {
+    type Target = Fleet;
+    fn deref(&self) -> &Fleet {
+        &self.fleet
+    }
+}
+
+impl std::ops::DerefMut for FleetGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Fleet {
+        self.changed = true;
+        &mut self.fleet
+    }
+}
+
+impl Drop for FleetGuard<'_> {
+    fn drop(&mut self) {
+        if self.changed {
+            self.view.store(Arc::new(FleetView {
+                state: self.fleet.state.clone(),
+                holds: self.fleet.holds.clone(),
+            }));
+        }
+    }
 }
 
 /// Carries a plan's `actions` out on `fleet`, in place: new assignments; a healthy node that leaves a role
@@ -527,13 +578,18 @@ impl Controller {
             &state.config.server.disks_dir,
             &state.config.server.state_dir,
         );
+        let view = FleetView {
+            state: fleet.state.clone(),
+            holds: fleet.holds.clone(),
+        };
         let c = Arc::new(Controller {
-            state: RwLock::new(Arc::new(state)),
+            state: ArcSwap::from_pointee(state),
             store,
             seen: Mutex::new(HashMap::new()),
             tokens_due: Mutex::new(BTreeMap::new()),
             writer_wake: tokio::sync::Notify::new(),
             fleet: Mutex::new(fleet),
+            view: ArcSwap::from_pointee(view),
             scale: Mutex::new(Default::default()),
             disks,
             agents: Mutex::new(Default::default()),
@@ -558,20 +614,29 @@ impl Controller {
 
     /// The current boot state (a cheap snapshot; a reload swaps it whole).
     pub fn state(&self) -> Arc<BootState> {
-        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.state.load_full()
     }
 
     pub fn store(&self) -> &Store {
         &self.store
     }
 
-    fn fleet(&self) -> std::sync::MutexGuard<'_, Fleet> {
-        self.fleet.lock().unwrap_or_else(|p| p.into_inner())
+    fn fleet(&self) -> FleetGuard<'_> {
+        FleetGuard {
+            fleet: self.fleet.lock().unwrap_or_else(|p| p.into_inner()),
+            view: &self.view,
+            changed: false,
+        }
+    }
+
+    /// The fleet as of its last change, without waiting for anyone.
+    pub(crate) fn view(&self) -> Arc<FleetView> {
+        self.view.load_full()
     }
 
     /// The slot a node fills, if any.
     pub fn slot_of(&self, mac: Mac) -> Option<SlotRef> {
-        self.fleet().state.assignments.get(&mac).cloned()
+        self.view.load().state.assignments.get(&mac).cloned()
     }
 
     /// The address of the slot a node fills, when its cluster's identities name addresses.
@@ -592,9 +657,9 @@ impl Controller {
         self.fleet().reboot.keys().copied().collect()
     }
 
-    /// The planner's view: nodes and assignments.
+    /// The planner's view: nodes and assignments (as last published; a copy costs next to nothing).
     pub fn fleet_state(&self) -> plan::State {
-        self.fleet().state.clone()
+        self.view.load().state.clone()
     }
 
     /// Replaces the boot state, e.g. after SIGHUP or a file change. On error the running state stays and
@@ -615,7 +680,11 @@ impl Controller {
         {
             let mut fleet = self.fleet();
             let policy = next.policy.clone();
-            for (mac, n) in fleet.state.nodes.iter_mut() {
+            let macs: Vec<Mac> = fleet.state.nodes.keys().copied().collect();
+            for mac in &macs {
+                let Some(n) = fleet.state.nodes.get_mut(mac) else {
+                    continue;
+                };
                 let facts = NodeFacts {
                     buildarch: n.arch.clone(),
                     memsize: n.memory,
@@ -626,7 +695,7 @@ impl Controller {
                 n.cpus = fresh.cpus.or(n.cpus);
             }
         }
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        self.state.store(Arc::new(next));
         let _ = self
             .store
             .apply(&[], &[NewEvent::new(now, EventKind::Reload, summary)]);
@@ -641,6 +710,13 @@ impl Controller {
     /// Runs the planner and carries out its decisions: assignments stored (with their events) before
     /// anyone is told, nodes that must restart marked, alerts recorded once when they start.
     pub fn replan(&self, now: u64) -> anyhow::Result<Vec<Action>> {
+        self.replan_covering(now, None)
+    }
+
+    /// [`Controller::replan`] for a discovery, the `arrival`-th: a plan that finished after the node was
+    /// put in the pool has already planned it, so a burst of new nodes costs one plan per planner turn
+    /// rather than one each (each new node's first request still waits for a plan that includes it).
+    fn replan_covering(&self, now: u64, arrival: Option<u64>) -> anyhow::Result<Vec<Action>> {
         let Some(policy) = self.state().policy.clone() else {
             return Ok(Vec::new());
         };
@@ -651,6 +727,9 @@ impl Controller {
         // and to apply the outcome: the plan and its commit run without it, so the script, DHCP and
         // heartbeat paths never wait for the planner or for SQLite.
         let mut saved = self.work_io();
+        if arrival.is_some_and(|a| saved.planned_arrivals >= a) {
+            return Ok(Vec::new());
+        }
         let mut events: Vec<NewEvent> = Vec::new();
         let targets = {
             let base =
@@ -680,6 +759,7 @@ impl Controller {
             fleet.state.scale_targets = targets;
             fleet.clone()
         };
+        let arrivals = copy.arrivals;
         let actions = plan::plan(&policy, &copy.state, now);
         let mut changes = Vec::new();
         let ev = |kind, cluster: &str, node: Option<&Mac>, message| NewEvent {
@@ -784,6 +864,7 @@ impl Controller {
             let resave = Self::work_differs(&saved, &work::node_work(&fleet, agents::unix_ms()));
             (moves, resave)
         };
+        saved.planned_arrivals = arrivals;
         drop(saved);
         if resave {
             // Something changed while the plan ran (a node booted, one failed): the saver writes it.
@@ -838,7 +919,12 @@ impl Controller {
                 .get(&mac)
                 .is_some_and(|n| n.arch.is_some() || facts.buildarch.is_none());
             // A node that boots on its own (not in a move) has done its restart and left its old role.
-            if !self.moving(mac) {
+            // Looked at before anything is written: most requests end nothing, and a write publishes.
+            let pending = fleet.reboot.contains_key(&mac)
+                || fleet.manual.contains(&mac)
+                || fleet.steps.contains_key(&mac)
+                || fleet.holds.contains_key(&mac);
+            if pending && !self.moving(mac) {
                 let mut ended = fleet.reboot.remove(&mac).is_some();
                 ended |= fleet.manual.remove(&mac);
                 fleet.steps.remove(&mac);
@@ -860,8 +946,10 @@ impl Controller {
                     n.busy = p.busy;
                 }
                 fleet.state.nodes.insert(mac, n);
+                fleet.arrivals += 1;
+                let arrival = fleet.arrivals;
                 drop(fleet);
-                if let Err(e) = self.replan(now) {
+                if let Err(e) = self.replan_covering(now, Some(arrival)) {
                     tracing::error!(error = %e, "planning after discovery failed");
                 }
             } else {

@@ -25,6 +25,8 @@ use crate::store::NewEvent;
 pub(crate) struct SavedWork {
     nodes: Vec<NodeWork>,
     failovers: Vec<FailoverDoc>,
+    /// `Fleet::arrivals` of the copy the last finished plan was made from.
+    pub(super) planned_arrivals: u64,
 }
 
 /// How long the saver waits after a change, so a burst of changes is one write.

@@ -46,7 +46,7 @@ fn policy(clusters: Vec<ClusterSpec>, cooldown: u64) -> Policy {
     p
 }
 
-fn nodes(n: u16) -> BTreeMap<Mac, NodeState> {
+fn nodes(n: u16) -> imbl::OrdMap<Mac, NodeState> {
     (0..n).map(|i| (mac(i), NodeState::new(mac(i)))).collect()
 }
 
