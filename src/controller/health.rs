@@ -865,12 +865,7 @@ impl Controller {
         if view.holds.contains_key(&mac) {
             return;
         }
-        let back = view
-            .state
-            .nodes
-            .get(&mac)
-            .is_some_and(|n| !n.healthy)
-            && self.mark_healthy(mac);
+        let back = view.state.nodes.get(&mac).is_some_and(|n| !n.healthy) && self.mark_healthy(mac);
         if back {
             self.event(
                 EventKind::NodeBack,

@@ -23,9 +23,9 @@ pub mod views;
 pub mod work;
 
 use crate::events::EventKind;
+use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use arc_swap::ArcSwap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
