@@ -860,13 +860,7 @@ impl Sim {
                 .find(|(_, s)| **s == slot)
                 .map(|(m, _)| *m);
             let wanted = self.policy.cluster(&slot.cluster).is_some_and(|c| {
-                slot.slot
-                    < plan::desired(
-                        c,
-                        &self.ctl.state,
-                        self.now / 1000,
-                        self.policy.utc_offset_minutes,
-                    )
+                slot.slot < plan::desired(c, &self.ctl.state, self.now / 1000, &self.policy.zone)
             });
             let view = SlotView {
                 wanted,

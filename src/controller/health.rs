@@ -596,8 +596,7 @@ impl Controller {
                 .find(|(_, s)| **s == slot)
                 .map(|(m, _)| *m);
             let wanted = policy.cluster(&slot.cluster).is_some_and(|c| {
-                slot.slot
-                    < crate::policy::plan::desired(c, &fleet, now / 1000, policy.utc_offset_minutes)
+                slot.slot < crate::policy::plan::desired(c, &fleet, now / 1000, &policy.zone)
             });
             let view = SlotView {
                 wanted,

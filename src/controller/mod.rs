@@ -732,8 +732,7 @@ impl Controller {
         }
         let mut events: Vec<NewEvent> = Vec::new();
         let targets = {
-            let base =
-                |c: &crate::policy::Cluster| plan::base_count(c, now, policy.utc_offset_minutes);
+            let base = |c: &crate::policy::Cluster| plan::base_count(c, now, &policy.zone);
             let mut scale = self.scale.lock().unwrap_or_else(|p| p.into_inner());
             for f in scale.evaluate(&policy, &base, now) {
                 let verb = if f.delta > 0 { "adds" } else { "removes" };

@@ -84,7 +84,7 @@ impl Controller {
                     })
                     .collect();
                 slots.sort_by_key(|s| s.slot);
-                let desired = plan::desired(c, &fleet, now, policy.utc_offset_minutes);
+                let desired = plan::desired(c, &fleet, now, &policy.zone);
                 let current = slots.len() as u32;
                 ClusterView {
                     name: c.spec.name.clone(),

@@ -4,6 +4,13 @@
 //! Supports `*`, numbers, ranges `a-b`, steps `*/n` and `a-b/n`, lists `a,b`, month names `jan`..`dec` and
 //! weekday names `sun`..`sat` (0 and 7 are both Sunday). As in Vixie cron, when both day-of-month and
 //! day-of-week are restricted, a day matches if either does.
+//!
+//! Local time is a [`Zone`]: a fixed offset (`settings.utc_offset`) or an IANA time zone
+//! (`settings.timezone`, from the tz database bundled into the binary by `jiff`, so a boot host's own
+//! tzdata neither has to exist nor decides the answer). With a named zone the offset is looked up at
+//! the instant being tested, so a `9-17` window follows daylight saving time: on the day clocks go
+//! forward the skipped local hour matches nothing, and on the day they go back the repeated hour
+//! matches twice, as wall-clock windows do.
 
 use std::fmt;
 
@@ -60,9 +67,9 @@ impl Cron {
         })
     }
 
-    /// Whether the minute containing `unix` (seconds, UTC shifted by `offset_minutes`) is in the window.
-    pub fn matches(&self, unix: i64, offset_minutes: i32) -> bool {
-        let t = Civil::from_unix(unix + offset_minutes as i64 * 60);
+    /// Whether the local minute containing `unix` (seconds since the epoch, UTC) is in the window.
+    pub fn matches(&self, unix: i64, zone: &Zone) -> bool {
+        let t = Civil::from_unix(unix + zone.offset_at(unix));
         let dom = self.days & (1 << t.day) != 0;
         let dow = self.weekdays & (1 << t.weekday) != 0;
         let day = match (self.dom_star, self.dow_star) {
@@ -75,6 +82,61 @@ impl Cron {
             && self.hours & (1 << t.hour) != 0
             && self.months & (1 << t.month) != 0
             && day
+    }
+}
+
+/// The site's local time for schedules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Zone {
+    /// A fixed offset from UTC in minutes (`utc_offset = "+01:00"`); never changes with the season.
+    Fixed(i32),
+    /// An IANA time zone (`timezone = "Europe/Berlin"`), with its daylight saving rules.
+    Named {
+        name: String,
+        tz: jiff::tz::TimeZone,
+    },
+}
+
+impl Default for Zone {
+    fn default() -> Self {
+        Zone::Fixed(0)
+    }
+}
+
+impl fmt::Display for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Zone::Fixed(m) => {
+                let sign = if *m < 0 { '-' } else { '+' };
+                write!(f, "UTC{sign}{:02}:{:02}", m.abs() / 60, m.abs() % 60)
+            }
+            Zone::Named { name, .. } => f.write_str(name),
+        }
+    }
+}
+
+impl Zone {
+    /// A zone from the bundled tz database by its IANA name.
+    pub fn named(name: &str) -> Result<Zone, String> {
+        let tz = jiff::tz::TimeZone::get(name).map_err(|_| {
+            format!("`{name}` is not a time zone in the tz database (e.g. `Europe/Berlin`, `UTC`)")
+        })?;
+        Ok(Zone::Named {
+            name: name.to_string(),
+            tz,
+        })
+    }
+
+    /// Seconds to add to UTC for local time at the instant `unix`.
+    pub fn offset_at(&self, unix: i64) -> i64 {
+        match self {
+            Zone::Fixed(m) => *m as i64 * 60,
+            Zone::Named { tz, .. } => match jiff::Timestamp::from_second(unix) {
+                Ok(ts) => tz.to_offset(ts).seconds() as i64,
+                // Outside jiff's range (±9999 years): no schedule is written for then.
+                Err(_) => 0,
+            },
+        }
     }
 }
 
@@ -174,6 +236,8 @@ impl Civil {
 mod tests {
     use super::*;
 
+    const UTC: Zone = Zone::Fixed(0);
+
     // 2026-11-23 is a Monday.
     const MON_0759: i64 = 1_795_420_740; // 2026-11-23 07:59:00 UTC
 
@@ -198,13 +262,47 @@ mod tests {
     #[test]
     fn weekday_office_hours() {
         let c = Cron::parse("* 8-19 * * mon-fri").unwrap();
-        assert!(!c.matches(MON_0759, 0));
-        assert!(c.matches(MON_0759 + 60, 0)); // 08:00
-        assert!(c.matches(MON_0759 + 60 + 12 * 3600 - 60, 0)); // 19:59
-        assert!(!c.matches(MON_0759 + 60 + 12 * 3600, 0)); // 20:00
-        assert!(!c.matches(MON_0759 + 60 - 2 * 86_400, 0)); // Saturday 08:00
-                                                            // A UTC+1 site: 07:59 UTC is 08:59 local.
-        assert!(c.matches(MON_0759, 60));
+        assert!(!c.matches(MON_0759, &UTC));
+        assert!(c.matches(MON_0759 + 60, &UTC)); // 08:00
+        assert!(c.matches(MON_0759 + 60 + 12 * 3600 - 60, &UTC)); // 19:59
+        assert!(!c.matches(MON_0759 + 60 + 12 * 3600, &UTC)); // 20:00
+        assert!(!c.matches(MON_0759 + 60 - 2 * 86_400, &UTC)); // Saturday 08:00
+                                                               // A UTC+1 site: 07:59 UTC is 08:59 local.
+        assert!(c.matches(MON_0759, &Zone::Fixed(60)));
+    }
+
+    #[test]
+    fn named_zones_follow_daylight_saving() {
+        let berlin = Zone::named("Europe/Berlin").unwrap();
+        let nine = Cron::parse("* 9 * * *").unwrap();
+        // Winter (CET, +01:00): 09:30 local is 08:30 UTC.
+        let jan_0830 = 1_800_001_800; // 2027-01-15 08:30:00 UTC
+        assert!(nine.matches(jan_0830, &berlin));
+        assert!(!nine.matches(jan_0830 - 3600, &berlin));
+        // Summer (CEST, +02:00): 09:30 local is 07:30 UTC; a fixed +01:00 gets this wrong.
+        let jul_0730 = 1_814_427_000; // 2027-07-01 07:30:00 UTC
+        assert!(nine.matches(jul_0730, &berlin));
+        assert!(!nine.matches(jul_0730 + 3600, &berlin));
+        assert!(!nine.matches(jul_0730, &Zone::Fixed(60)));
+        assert!(nine.matches(jul_0730 + 3600, &Zone::Fixed(60)));
+        // Spring forward (2027-03-28 01:00 UTC, 02:00 CET becomes 03:00 CEST): local 02:xx never happens.
+        let two = Cron::parse("* 2 * * *").unwrap();
+        let spring = 1_806_195_600; // 2027-03-28 01:00:00 UTC
+        assert!((-7200..7200)
+            .step_by(60)
+            .all(|d| !two.matches(spring + d, &berlin)));
+        // Fall back (2027-10-31 01:00 UTC, 03:00 CEST becomes 02:00 CET): local 02:xx happens twice.
+        let fall = 1_824_944_400; // 2027-10-31 01:00:00 UTC
+        let hits = (-7200..7200)
+            .step_by(60)
+            .filter(|d| two.matches(fall + d, &berlin))
+            .count();
+        assert_eq!(hits, 120);
+        assert_eq!(berlin.to_string(), "Europe/Berlin");
+        assert_eq!(Zone::Fixed(-330).to_string(), "UTC-05:30");
+        assert!(Zone::named("Mars/Olympus")
+            .unwrap_err()
+            .contains("not a time zone"));
     }
 
     #[test]
@@ -224,8 +322,8 @@ mod tests {
     fn dom_or_dow_when_both_restricted() {
         let c = Cron::parse("0 0 1 * mon").unwrap();
         let mon_midnight = MON_0759 - 7 * 3600 - 59 * 60;
-        assert!(c.matches(mon_midnight, 0)); // a Monday, not the 1st
-        assert!(c.matches(1_798_761_600, 0)); // 2027-01-01 00:00 (a Friday, the 1st)
+        assert!(c.matches(mon_midnight, &UTC)); // a Monday, not the 1st
+        assert!(c.matches(1_798_761_600, &UTC)); // 2027-01-01 00:00 (a Friday, the 1st)
     }
 
     #[test]

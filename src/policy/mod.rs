@@ -20,6 +20,7 @@ use std::path::Path;
 
 use crate::config::diag::{parse_toml_lenient, Diagnostics};
 use crate::domain::Mac;
+pub use cron::Zone;
 
 /// A span of time written as `30s`, `5m`, `2h`, `1d` or a number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -76,8 +77,11 @@ pub struct PolicyFile {
 pub struct Settings {
     /// A node that was moved is not moved again within this time (no thrashing).
     pub cooldown: Secs,
-    /// Offset of the site's local time from UTC for schedules, e.g. `+01:00`.
+    /// Offset of the site's local time from UTC for schedules, e.g. `+01:00` (fixed all year).
     pub utc_offset: String,
+    /// The site's IANA time zone for schedules, e.g. `Europe/Berlin`: windows follow daylight saving
+    /// time. Replaces `utc_offset`; setting both is an error.
+    pub timezone: Option<String>,
     /// When a node's running work may be taken away (released or moved to another cluster): cron
     /// patterns, one of which must match the minute; empty = any time. A cluster's own `maintenance`
     /// replaces this one.
@@ -98,6 +102,7 @@ impl Default for Settings {
         Settings {
             cooldown: Secs(300),
             utc_offset: "+00:00".into(),
+            timezone: None,
             maintenance: Vec::new(),
             power_off_timeout: Secs(60),
             boot_timeout: Secs(300),
@@ -407,7 +412,8 @@ pub struct Policy {
     pub clusters: Vec<Cluster>,
     pub nodes: BTreeMap<Mac, NodeSpec>,
     pub cooldown: u64,
-    pub utc_offset_minutes: i32,
+    /// Local time for schedules and maintenance windows.
+    pub zone: Zone,
     pub power_off_timeout: u64,
     pub boot_timeout: u64,
     pub heartbeat_interval: u64,
@@ -460,10 +466,25 @@ fn build(
     image_exists: &dyn Fn(&str, Option<&str>) -> bool,
     errs: &mut Vec<(Vec<String>, String)>,
 ) -> Policy {
-    let utc_offset_minutes = parse_offset(&file.settings.utc_offset).unwrap_or_else(|e| {
+    let fixed = parse_offset(&file.settings.utc_offset).unwrap_or_else(|e| {
         errs.push((p(&["settings", "utc_offset"]), e));
         0
     });
+    let zone = match &file.settings.timezone {
+        None => Zone::Fixed(fixed),
+        Some(name) => {
+            if fixed != 0 {
+                errs.push((
+                    p(&["settings", "timezone"]),
+                    "set `timezone` or `utc_offset`, not both".into(),
+                ));
+            }
+            Zone::named(name).unwrap_or_else(|e| {
+                errs.push((p(&["settings", "timezone"]), e));
+                Zone::default()
+            })
+        }
+    };
     // Nodes.
     let mut nodes = BTreeMap::new();
     let mut names = BTreeMap::new();
@@ -753,7 +774,7 @@ fn build(
         clusters,
         nodes,
         cooldown: file.settings.cooldown.0,
-        utc_offset_minutes,
+        zone,
         power_off_timeout: file.settings.power_off_timeout.0,
         boot_timeout: file.settings.boot_timeout.0,
         heartbeat_interval: file.settings.heartbeat_interval.0,
@@ -1136,6 +1157,33 @@ on_failure = \"quarantine\"
         assert_eq!(parse_offset("-05:30").unwrap(), -330);
         assert!(parse_offset("01:00").is_err());
         let _ = any_image("a", None);
+    }
+
+    #[test]
+    fn time_zones_by_name_with_positions() {
+        let ok = parse("[settings]\ntimezone = \"America/New_York\"\n").unwrap();
+        assert_eq!(ok.zone.to_string(), "America/New_York");
+        // 2027-07-01 12:00 UTC is 08:00 EDT (-04:00); 2027-01-15 12:00 UTC is 07:00 EST (-05:00).
+        assert_eq!(ok.zone.offset_at(1_814_443_200), -4 * 3600);
+        assert_eq!(ok.zone.offset_at(1_800_014_400), -5 * 3600);
+        assert_eq!(
+            parse("[settings]\nutc_offset = \"+05:30\"\n").unwrap().zone,
+            Zone::Fixed(330)
+        );
+        let e = parse("[settings]\ntimezone = \"Europe/Atlantis\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("policy.toml:2:12: `Europe/Atlantis` is not a time zone"),
+            "{e}"
+        );
+        let e = parse("[settings]\nutc_offset = \"+01:00\"\ntimezone = \"Europe/Paris\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("policy.toml:3:12: set `timezone` or `utc_offset`, not both"),
+            "{e}"
+        );
     }
 
     #[test]

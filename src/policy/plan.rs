@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use super::cron::Zone;
 use super::{Cluster, Policy};
 use crate::domain::Mac;
 pub use crate::domain::SlotRef;
@@ -113,21 +114,21 @@ pub enum Action {
 }
 
 /// A cluster's count before scale rules: the first schedule window matching `now`, else its default.
-pub fn base_count(c: &Cluster, now: u64, utc_offset_minutes: i32) -> u32 {
+pub fn base_count(c: &Cluster, now: u64, zone: &Zone) -> u32 {
     c.windows
         .iter()
-        .find(|(cr, _)| cr.matches(now as i64, utc_offset_minutes))
+        .find(|(cr, _)| cr.matches(now as i64, zone))
         .map(|(_, n)| *n)
         .unwrap_or(c.default)
 }
 
 /// Desired count of one cluster at `now`: a scale-rule target, else the base count; within [min, max].
-pub fn desired(c: &Cluster, state: &State, now: u64, utc_offset_minutes: i32) -> u32 {
+pub fn desired(c: &Cluster, state: &State, now: u64, zone: &Zone) -> u32 {
     let base = state
         .scale_targets
         .get(&c.spec.name)
         .copied()
-        .unwrap_or_else(|| base_count(c, now, utc_offset_minutes));
+        .unwrap_or_else(|| base_count(c, now, zone));
     base.clamp(c.spec.min, c.spec.max)
 }
 
@@ -163,12 +164,9 @@ fn size_key(n: &NodeState) -> (u32, u64, Mac) {
 
 /// Whether a node of cluster `c` may have its work taken away at `now`: it is not busy (or the cluster
 /// lets busy nodes be taken) and one of the cluster's maintenance windows is open (or it has none).
-pub fn may_take(c: &Cluster, n: &NodeState, now: u64, utc_offset_minutes: i32) -> bool {
+pub fn may_take(c: &Cluster, n: &NodeState, now: u64, zone: &Zone) -> bool {
     (!n.busy || c.spec.drain.take_busy)
-        && (c.maintenance.is_empty()
-            || c.maintenance
-                .iter()
-                .any(|cr| cr.matches(now as i64, utc_offset_minutes)))
+        && (c.maintenance.is_empty() || c.maintenance.iter().any(|cr| cr.matches(now as i64, zone)))
 }
 
 /// Known facts (CPUs, memory) that both nodes have, as (candidate, current) pairs.
@@ -212,9 +210,7 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
     let mut assigned: HashMap<Mac, (usize, u32)> = HashMap::new();
 
     let node = |m: &Mac| state.nodes.get(m);
-    let takeable = |c: &Cluster, m: &Mac| {
-        node(m).is_none_or(|n| may_take(c, n, now, policy.utc_offset_minutes))
-    };
+    let takeable = |c: &Cluster, m: &Mac| node(m).is_none_or(|n| may_take(c, n, now, &policy.zone));
 
     // 1. Assignments the policy no longer has room for, and failed nodes (their slot is refilled below,
     //    keeping its identity).
@@ -270,7 +266,7 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
                     let ok = fits(n)
                         && v.spec.priority < c.spec.priority
                         && slots[vi].len() > v.spec.min as usize
-                        && may_take(v, n, now, policy.utc_offset_minutes)
+                        && may_take(v, n, now, &policy.zone)
                         && !in_cooldown(n, now, policy.cooldown);
                     ok.then_some((n, vi, vslot))
                 })
@@ -328,7 +324,7 @@ pub fn plan(policy: &Policy, state: &State, now: u64) -> Vec<Action> {
     let want: Vec<u32> = policy
         .clusters
         .iter()
-        .map(|c| desired(c, state, now, policy.utc_offset_minutes))
+        .map(|c| desired(c, state, now, &policy.zone))
         .collect();
 
     // 3. Scale down: highest slots first; busy nodes and nodes outside their maintenance windows stay.
@@ -489,7 +485,7 @@ impl Fill<'_> {
                     let n = self.state.nodes.get(mac)?;
                     let ok = v.spec.priority < c.spec.priority
                         && self.slots[vi].len() > v.spec.min as usize
-                        && may_take(v, n, now, policy.utc_offset_minutes)
+                        && may_take(v, n, now, &policy.zone)
                         && n.healthy
                         && !self.moved.contains(mac)
                         && !in_cooldown(n, now, policy.cooldown)

@@ -219,7 +219,7 @@ fn schedule_windows_change_desired_at_the_minute() {
     }];
     let pol = policy(vec![c], 0);
     let st = State::default();
-    let d = |t| desired(&pol.clusters[0], &st, t, 0);
+    let d = |t| desired(&pol.clusters[0], &st, t, &Zone::default());
     assert_eq!(d(MON_0759), 2);
     assert_eq!(d(MON_0759 + 59), 2);
     assert_eq!(d(MON_0759 + 60), 8);
@@ -230,7 +230,10 @@ fn schedule_windows_change_desired_at_the_minute() {
         scale_targets: [("web".to_string(), 20)].into(),
         ..Default::default()
     };
-    assert_eq!(desired(&pol.clusters[0], &st, MON_0759, 0), 8);
+    assert_eq!(
+        desired(&pol.clusters[0], &st, MON_0759, &Zone::default()),
+        8
+    );
 }
 
 #[test]
@@ -502,7 +505,7 @@ proptest! {
         // A cluster short of its desired count leaves no usable node behind: no idle compatible node, and
         // (if it may preempt) no compatible, movable node in a lower-priority cluster above its min.
         for h in &pol.clusters {
-            let want = desired(h, &st, now, 0) as usize;
+            let want = desired(h, &st, now, &Zone::default()) as usize;
             if after_counts[&h.spec.name] >= want {
                 continue;
             }
