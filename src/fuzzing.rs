@@ -392,23 +392,23 @@ pub fn http_request(data: &[u8]) {
         let path = uri.path();
         let query = uri.query().unwrap_or("");
         let t = tree();
-        let rel = path.strip_prefix("/ipxe/").or_else(|| {
-            path.strip_prefix("/images/")?
-                .split_once('/')
-                .map(|(_, f)| f)
-        });
-        if let Some(rel) = rel {
-            let decoded = crate::http::percent_decode(rel);
-            if let Some(full) = confine(&t.root, &decoded) {
-                assert!(
-                    full.starts_with(&t.canonical),
-                    "{path:?} resolved to {full:?}, outside the root"
-                );
-                assert!(!full.ends_with("secret"), "{path:?} reached a secret");
+        // Through the real routing table: whatever file parameter it extracts stays under the root.
+        if let crate::http::routes::Resolved::Route(_, params) =
+            crate::http::routes::resolve(&hyper::Method::GET, path)
+        {
+            if let Some(rel) = params.get("file") {
+                let decoded = crate::http::decode_path(rel);
+                if let Some(full) = confine(&t.root, &decoded) {
+                    assert!(
+                        full.starts_with(&t.canonical),
+                        "{path:?} resolved to {full:?}, outside the root"
+                    );
+                    assert!(!full.ends_with("secret"), "{path:?} reached a secret");
+                }
             }
-        }
-        if let Some(mac) = path.strip_prefix("/boot/") {
-            let _ = Mac::parse(mac);
+            if let Some(mac) = params.get("mac") {
+                let _ = Mac::parse(mac);
+            }
         }
         let peer = "10.77.0.100:1234".parse().expect("address");
         let f = crate::http::facts_from_query(query, peer);

@@ -1,7 +1,7 @@
 //! HTTP: the iPXE entry script, each node's own script, boot files (kernels, initrds, iPXE binaries for UEFI
 //! HTTP boot), the read-only API and metrics. hyper (HTTP/1.1) on tokio.
 //!
-//! Routes:
+//! Routes (the table, with each route's listener, methods and credential, is [`routes`]):
 //! - `GET /boot.ipxe` — entry script; chains to `/boot/<mac>` with iPXE's facts in the query string.
 //! - `GET /boot/<mac>?uuid=&serial=&manufacturer=&product=&buildarch=&platform=&memsize=` — the node's script
 //!   (image, parked or error), and the node is recorded in the inventory.
@@ -11,7 +11,15 @@
 //! - `GET /api/v1/nodes`, `/api/v1/clusters`, `/api/v1/events` — JSON. `POST /api/v1/metrics` — scale-rule
 //!   samples (bearer token). `GET /metrics` — Prometheus text. `GET /healthz`.
 
+mod agent;
+mod api;
 pub mod limits;
+pub mod routes;
+mod script;
+mod stats;
+
+pub use script::{facts_from_query, hostname_for};
+pub use stats::HttpStats;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -19,117 +27,20 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
-use crate::boot::{self, NodeVars};
-use crate::controller::{BootDecision, Controller};
-use crate::domain::{Mac, NodeFacts};
+use crate::controller::Controller;
+use crate::domain::Mac;
 use crate::files;
-use crate::metrics::{write_counter, Counter, Registry, Report};
-
-/// The operator dashboard: one static page that reads the API.
-const DASHBOARD: &str = include_str!("dashboard.html");
+use crate::metrics::Registry;
+use routes::{Resolved, Route, Surface};
 
 /// Every response body: whole buffers or streamed files.
 pub type HttpBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
-
-/// Request counters.
-#[derive(Default)]
-pub struct HttpStats {
-    pub requests: Counter,
-    pub scripts: Counter,
-    pub files: Counter,
-    pub not_found: Counter,
-    pub bad_requests: Counter,
-    pub unauthorized: Counter,
-    /// Connections closed at once: `max_connections` reached.
-    pub refused_full: Counter,
-    /// Connections closed at once: `max_connections_per_peer` reached.
-    pub refused_per_peer: Counter,
-    /// Connections closed for a request head (or first request) that did not arrive in `header_timeout`.
-    pub header_timeouts: Counter,
-    /// Connections closed after `idle_timeout` with nothing happening.
-    pub idle_closed: Counter,
-    /// Connections open now, from both listeners.
-    pub open: std::sync::OnceLock<[Arc<crate::conn::Gate>; 2]>,
-}
-
-impl Report for HttpStats {
-    fn report(&self, out: &mut String) {
-        write_counter(
-            out,
-            "corral_http_requests_total",
-            "HTTP requests received",
-            self.requests.get(),
-        );
-        write_counter(
-            out,
-            "corral_http_node_scripts_total",
-            "Per-node iPXE scripts served",
-            self.scripts.get(),
-        );
-        write_counter(
-            out,
-            "corral_http_files_total",
-            "Boot file responses",
-            self.files.get(),
-        );
-        write_counter(
-            out,
-            "corral_http_not_found_total",
-            "Responses 404",
-            self.not_found.get(),
-        );
-        write_counter(
-            out,
-            "corral_http_bad_requests_total",
-            "Responses 400",
-            self.bad_requests.get(),
-        );
-        write_counter(
-            out,
-            "corral_http_unauthorized_total",
-            "API requests refused for a missing or wrong bearer token",
-            self.unauthorized.get(),
-        );
-        out.push_str(
-            "# HELP corral_http_refused_busy_total HTTP connections closed at once because a cap was reached\n# TYPE corral_http_refused_busy_total counter\n",
-        );
-        for (reason, v) in [
-            ("max_connections", &self.refused_full),
-            ("max_connections_per_peer", &self.refused_per_peer),
-        ] {
-            out.push_str(&format!(
-                "corral_http_refused_busy_total{{reason=\"{reason}\"}} {}\n",
-                v.get()
-            ));
-        }
-        write_counter(
-            out,
-            "corral_http_header_timeouts_total",
-            "HTTP connections closed for a request head not sent within header_timeout",
-            self.header_timeouts.get(),
-        );
-        write_counter(
-            out,
-            "corral_http_idle_closed_total",
-            "HTTP connections closed after idle_timeout with no request or no byte moving",
-            self.idle_closed.get(),
-        );
-        if let Some(gates) = self.open.get() {
-            crate::metrics::write_gauge(
-                out,
-                "corral_http_connections_open",
-                "HTTP connections open now (boot and operator listeners)",
-                gates.iter().map(|g| g.open() as u64).sum(),
-            );
-        }
-    }
-}
 
 struct Ctx {
     controller: Arc<Controller>,
@@ -141,21 +52,6 @@ struct Ctx {
     /// Connection caps of the boot listeners (shared by all their workers) and of the operator listener.
     boot_gate: Arc<crate::conn::Gate>,
     operator_gate: Arc<crate::conn::Gate>,
-}
-
-/// Which listener a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Surface {
-    /// `[http]`: firmware, nodes, agents (and operators too when there is no operator listener).
-    Boot,
-    /// `[api]`: operators only.
-    Operator,
-}
-
-/// Paths for operators (the API but the agents' part, the dashboard, metrics), as opposed to the boot path.
-fn operator_path(path: &str) -> bool {
-    matches!(path, "/" | "/dashboard" | "/metrics")
-        || (path.starts_with("/api/") && !path.starts_with("/api/v1/agent/"))
 }
 
 /// The bound HTTP server: one listener per worker thread.
@@ -463,43 +359,50 @@ async fn handle(
     ctx.stats.requests.inc();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    let operator = operator_path(&path);
+    let resolved = routes::resolve(&method, &path);
     // With an operator listener, each listener serves its own paths only: the boot network never reaches
     // the API, and operators' TLS listener serves no boot files.
-    if ctx.split && operator != (surface == Surface::Operator) {
-        ctx.stats.not_found.inc();
-        let where_ = if operator {
-            "the operator listener (api.listen)"
-        } else {
-            "the boot listener (http.listen)"
+    let elsewhere = resolved
+        .spec()
+        .filter(|s| ctx.split && s.surface != surface);
+    let resp = if let Some(spec) = elsewhere {
+        let where_ = match spec.surface {
+            Surface::Operator => "the operator listener (api.listen)",
+            Surface::Boot => "the boot listener (http.listen)",
         };
-        return text(
+        text(
             StatusCode::NOT_FOUND,
             &format!("not found here: served on {where_}\n"),
-        );
-    }
-    if operator
-        && (method == Method::GET || method == Method::HEAD)
-        && path != "/"
-        && path != "/dashboard"
-    {
-        if let Some(refused) = refuse_reader(ctx, &req) {
-            return refused;
-        }
-    }
-    let release = path
-        .strip_prefix("/api/v1/nodes/")
-        .and_then(|r| r.strip_suffix("/release"))
-        .map(str::to_string);
-    let resp = if method == Method::POST && path == "/api/v1/metrics" {
-        post_metrics(ctx, req).await
-    } else if let (true, Some(mac)) = (method == Method::POST, release) {
-        release_node(ctx, &req, &mac)
-    } else if let Some(what) = path.strip_prefix("/api/v1/agent/") {
-        agent_api(ctx, &method, what, &query, req).await
+        )
     } else {
-        route(ctx, &method, &path, &query, &req, peer).await
+        match resolved {
+            Resolved::NotFound => text(StatusCode::NOT_FOUND, "not found\n"),
+            Resolved::WrongMethod(spec) => {
+                let mut r = text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("{path} takes {} only\n", spec.allow),
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(spec.allow));
+                r
+            }
+            Resolved::Route(spec, params) => match api::refuse(ctx, spec.access, &req) {
+                Some(refused) => refused,
+                None => {
+                    let param = |k: &str| params.get(k).unwrap_or("").to_string();
+                    dispatch(
+                        ctx,
+                        spec.route,
+                        param("mac"),
+                        param("image"),
+                        param("file"),
+                        req,
+                        peer,
+                    )
+                    .await
+                }
+            },
+        }
     };
     match resp.status() {
         StatusCode::NOT_FOUND => ctx.stats.not_found.inc(),
@@ -513,311 +416,91 @@ async fn handle(
     resp
 }
 
-async fn route(
+/// Runs the handler of a route the table let through (method and credential already checked).
+async fn dispatch(
     ctx: &Ctx,
-    method: &Method,
-    path: &str,
-    query: &str,
-    req: &Request<Incoming>,
+    route: Route,
+    mac: String,
+    image: String,
+    file: String,
+    req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<HttpBody> {
-    let is_get = method == Method::GET || method == Method::HEAD;
-    if !is_get {
-        let mut r = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET and HEAD are served here (and POST /api/v1/metrics)\n",
-        );
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return r;
-    }
+    let query = req.uri().query().unwrap_or("").to_string();
     let state = ctx.controller.state();
-    let base_url = state.config.public_url();
-    if path == "/boot.ipxe" {
-        return typed(
-            state.templates.entry.render(&[("base_url", &base_url)]),
+    match route {
+        Route::Entry => typed(
+            state
+                .templates
+                .entry
+                .render(&[("base_url", &state.config.public_url())]),
             "text/plain; charset=utf-8",
-        );
-    }
-    if let Some(mac) = path.strip_prefix("/boot/") {
-        let Some(mac) = Mac::parse(mac) else {
-            return text(
+        ),
+        Route::NodeScript => match Mac::parse(&mac) {
+            Some(mac) => script::node_script(ctx, mac, &query, peer),
+            None => text(
                 StatusCode::BAD_REQUEST,
                 &format!("`{mac}` is not a MAC address; expected /boot/aa-bb-cc-dd-ee-ff\n"),
-            );
-        };
-        return node_script(ctx, mac, query, peer);
-    }
-    if let Some(rest) = path.strip_prefix("/images/") {
-        let Some((name, file)) = rest.split_once('/') else {
-            return text(StatusCode::NOT_FOUND, "not found\n");
-        };
-        let Some(image) = state.catalog.get(name) else {
-            return text(StatusCode::NOT_FOUND, &format!("no image named `{name}`\n"));
-        };
-        let Some(full) = files::confine(&image.dir, &percent_decode(file)) else {
-            return text(StatusCode::NOT_FOUND, "not found\n");
-        };
-        ctx.stats.files.inc();
-        return files::serve(&ctx.cache, full, method, req.headers()).await;
-    }
-    if let Some(file) = path.strip_prefix("/ipxe/") {
-        let Some(full) = files::confine(&state.config.tftp.root, &percent_decode(file)) else {
-            return text(StatusCode::NOT_FOUND, "not found\n");
-        };
-        ctx.stats.files.inc();
-        return files::serve(&ctx.cache, full, method, req.headers()).await;
-    }
-    match path {
-        "/" | "/dashboard" => {
-            let mut r = typed(DASHBOARD.to_string(), "text/html; charset=utf-8");
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            r
+            ),
+        },
+        Route::ImageFile => {
+            let Some(img) = state.catalog.get(&image) else {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    &format!("no image named `{image}`\n"),
+                );
+            };
+            serve_file(ctx, &img.dir, &file, &req).await
         }
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/metrics" => typed(
+        Route::IpxeFile => serve_file(ctx, &state.config.tftp.root, &file, &req).await,
+        Route::Health => text(StatusCode::OK, "ok\n"),
+        Route::Dashboard => api::dashboard(),
+        Route::Metrics => typed(
             ctx.metrics.get().map(|m| m.render()).unwrap_or_default(),
             "text/plain; version=0.0.4",
         ),
-        "/api/v1/nodes" => {
-            let ctl = ctx.controller.clone();
-            match tokio::task::spawn_blocking(move || ctl.nodes_view()).await {
-                Ok(Ok(nodes)) => json(&nodes),
-                _ => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "cannot read the inventory\n",
-                ),
-            }
-        }
-        "/api/v1/clusters" => json(&ctx.controller.clusters_view(crate::unix_now())),
-        "/api/v1/events" => {
-            let limit = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("limit="))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(100u32)
-                .min(10_000);
-            let store = ctx.controller.store().clone();
-            match tokio::task::spawn_blocking(move || store.events(limit)).await {
-                Ok(Ok(events)) => json(&events),
-                _ => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot read events\n"),
-            }
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    }
-}
-
-/// The agents' API (see `agent::proto`): heartbeats, orders (a long poll) and acks, each authenticated by
-/// the token of the node's current boot.
-async fn agent_api(
-    ctx: &Ctx,
-    method: &Method,
-    what: &str,
-    query: &str,
-    req: Request<Incoming>,
-) -> Response<HttpBody> {
-    use crate::agent::proto::{Ack, Heartbeat};
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string())
-        .unwrap_or_default();
-    let unauthorized = || {
-        text(
-            StatusCode::UNAUTHORIZED,
-            "unknown token, or the token of an earlier boot\n",
-        )
-    };
-    match (method.clone(), what) {
-        (Method::GET, "orders") => {
-            let Ok((_, waker)) = ctx.controller.agent_waiter(&token) else {
-                return unauthorized();
-            };
-            let wait = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("wait="))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-                .min(60);
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
-            loop {
-                // Registered before looking, so an order queued in between still wakes us.
-                let notified = waker.notified();
-                match ctx.controller.take_order(&token) {
-                    Ok(Some(order)) => return json(&order),
-                    Ok(None) => {}
-                    // The node booted again meanwhile: this request belongs to a dead boot.
-                    Err(_) => return unauthorized(),
-                }
-                if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                    return Response::builder()
-                        .status(StatusCode::NO_CONTENT)
-                        .body(Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
-                        .unwrap_or_else(|_| text(StatusCode::NO_CONTENT, ""));
-                }
-            }
-        }
-        (Method::POST, "heartbeat") | (Method::POST, "ack") => {
-            let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB\n"),
-            };
-            let now_ms = crate::controller::agents::unix_ms();
-            if what == "heartbeat" {
-                let hb = match serde_json::from_slice::<Heartbeat>(&body) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        return text(StatusCode::BAD_REQUEST, &format!("bad heartbeat: {e}\n"))
-                    }
-                };
-                match ctx.controller.agent_heartbeat(&token, hb, now_ms) {
-                    Ok(reply) => json(&reply),
-                    Err(_) => unauthorized(),
-                }
-            } else {
-                let ack = match serde_json::from_slice::<Ack>(&body) {
-                    Ok(a) => a,
-                    Err(e) => return text(StatusCode::BAD_REQUEST, &format!("bad ack: {e}\n")),
-                };
-                match ctx.controller.agent_ack(&token, ack) {
-                    Ok(()) => text(StatusCode::OK, "ok\n"),
-                    Err(_) => unauthorized(),
-                }
-            }
-        }
-        _ => text(
+        Route::Nodes => api::nodes(ctx).await,
+        Route::Clusters => json(&ctx.controller.clusters_view(crate::unix_now())),
+        Route::Events => api::events(ctx, &query).await,
+        Route::Samples => api::post_metrics(ctx, req).await,
+        Route::Release => api::release_node(ctx, &mac),
+        Route::AgentOrders => agent::orders(ctx, &agent::token(&req), &query).await,
+        Route::AgentHeartbeat => agent::heartbeat(ctx, req).await,
+        Route::AgentAck => agent::ack(ctx, req).await,
+        Route::AgentUnknown => text(
             StatusCode::NOT_FOUND,
             "agent API: POST heartbeat, GET orders?wait=SECS, POST ack\n",
         ),
     }
 }
 
-/// The bearer token a request carries ("" without one).
-fn bearer(req: &Request<Incoming>) -> &str {
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or("")
+/// A file under `root` by its path as requested (percent-encoded; never outside `root`).
+async fn serve_file(
+    ctx: &Ctx,
+    root: &std::path::Path,
+    file: &str,
+    req: &Request<Incoming>,
+) -> Response<HttpBody> {
+    let Some(full) = files::confine(root, &decode_path(file)) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    ctx.stats.files.inc();
+    files::serve(&ctx.cache, full, req.method(), req.headers()).await
 }
 
-/// Writes need the admin token (`Authorization: Bearer ...`); without one configured they are disabled.
-/// Compared in constant time.
-fn refuse_writer(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<HttpBody>> {
-    let state = ctx.controller.state();
-    let Some(token) = state.config.tokens.admin.as_deref() else {
-        return Some(text(
-            StatusCode::FORBIDDEN,
-            "writes are disabled: set an admin token (http.admin_token_file)\n",
-        ));
-    };
-    if crate::controller::trust::same_secret(bearer(req), token) {
-        return None;
-    }
-    ctx.stats.unauthorized.inc();
-    Some(text(
-        StatusCode::UNAUTHORIZED,
-        "missing or wrong bearer token\n",
-    ))
+/// A path's `%XX` escapes decoded (`+` is a plus in a path, unlike in a query); invalid UTF-8 is
+/// replaced, which then names no file.
+pub fn decode_path(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
-/// With a read token configured, reads need it (or the admin token); without one they are open.
-fn refuse_reader(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<HttpBody>> {
-    let state = ctx.controller.state();
-    let t = &state.config.tokens;
-    let read = t.read.as_deref()?;
-    let got = bearer(req);
-    let admin_ok = t
-        .admin
-        .as_deref()
-        .is_some_and(|a| crate::controller::trust::same_secret(got, a));
-    if crate::controller::trust::same_secret(got, read) || admin_ok {
-        return None;
-    }
-    ctx.stats.unauthorized.inc();
-    let mut r = text(
-        StatusCode::UNAUTHORIZED,
-        "this corral's API needs its read token: Authorization: Bearer <token>\n",
-    );
-    r.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    Some(r)
-}
-
-/// `POST /api/v1/nodes/<mac>/release`: a quarantined or failed node goes back to the pool.
-fn release_node(ctx: &Ctx, req: &Request<Incoming>, mac: &str) -> Response<HttpBody> {
-    if let Some(refused) = refuse_writer(ctx, req) {
-        return refused;
-    }
-    let Some(mac) = Mac::parse(mac) else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            &format!("`{mac}` is not a MAC address\n"),
-        );
-    };
-    match ctx.controller.release_node(mac) {
-        Ok(msg) => text(StatusCode::OK, &format!("{msg}\n")),
-        Err(e) => text(StatusCode::CONFLICT, &format!("{e}\n")),
-    }
-}
-
-/// `POST /api/v1/metrics` with `{"cluster": "web", "metric": "rt_ms", "value": 640.0}` (or a list of such):
-/// samples for the cluster's scale rules. Needs `Authorization: Bearer <http.api_token>`.
-async fn post_metrics(ctx: &Ctx, req: Request<Incoming>) -> Response<HttpBody> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Sample {
-        cluster: String,
-        metric: String,
-        value: f64,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Body {
-        One(Sample),
-        Many(Vec<Sample>),
-    }
-    if let Some(refused) = refuse_writer(ctx, &req) {
-        return refused;
-    }
-    // Samples are small; a larger body is a mistake or an attack.
-    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB\n"),
-    };
-    let samples = match serde_json::from_slice::<Body>(&body) {
-        Ok(Body::One(s)) => vec![s],
-        Ok(Body::Many(v)) => v,
-        Err(e) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                &format!("expected {{\"cluster\", \"metric\", \"value\"}}: {e}\n"),
-            )
-        }
-    };
-    let now = crate::unix_now();
-    for s in &samples {
-        if let Err(e) = ctx
-            .controller
-            .record_metric(&s.cluster, &s.metric, s.value, now)
-        {
-            return text(StatusCode::BAD_REQUEST, &format!("{e}\n"));
-        }
-    }
-    text(
-        StatusCode::OK,
-        &format!("{} sample(s) recorded\n", samples.len()),
-    )
+/// The first value of `key` in a query string, decoded as a form (`+` is a space).
+pub fn query_value(query: &str, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Response<HttpBody> {
@@ -827,308 +510,19 @@ fn json<T: serde::Serialize>(v: &T) -> Response<HttpBody> {
     )
 }
 
-/// The iPXE error script with `message`, as a refusal: 403, so iPXE does not run it and a tool sees it.
-fn refused_script(
-    state: &crate::controller::BootState,
-    mac: Mac,
-    message: &str,
-) -> Response<HttpBody> {
-    let msg = boot::ipxe_safe(message);
-    let mut r = typed(
-        state.templates.error.render(&[
-            ("base_url", &state.config.public_url()),
-            ("mac", &mac.to_string()),
-            ("poll", &state.config.boot.park_poll.to_string()),
-            ("message", &msg),
-        ]),
-        "text/plain; charset=utf-8",
-    );
-    *r.status_mut() = StatusCode::FORBIDDEN;
-    r
-}
-
-/// A node's script. Only a request from the node's own address (as corral's DHCP knows it, see
-/// `controller::trust`) gets a script that carries its secrets (agent token, CHAP) or changes anything
-/// (discovery, facts, holds, move confirmations, a failed node's return); under a policy every other
-/// request is refused (403), counted and logged with its peer. Without a policy a script carries no
-/// secret unless its image says so, and is served to anyone, but only the node's own requests are
-/// recorded.
-fn node_script(ctx: &Ctx, mac: Mac, query: &str, peer: SocketAddr) -> Response<HttpBody> {
-    let state = ctx.controller.state();
-    let now = crate::unix_now();
-    let from_node = ctx.controller.is_from_node(mac, peer.ip());
-    if state.policy.is_some() && !from_node {
-        ctx.controller
-            .refuse_foreign(mac, peer.ip(), "a node script");
-        return refused_script(
-            &state,
-            mac,
-            "corral serves this node's script only to the node itself, from the address its DHCP knows it by",
-        );
-    }
-    let facts = facts_from_query(query, peer);
-    let slot = if state.policy.is_some() {
-        if !ctx.controller.is_known(mac) {
-            if let Err(why) = ctx.controller.may_discover(mac, peer.ip(), now) {
-                // Not an attack on a node (the request is from its address), only a node corral will not
-                // take in (yet): the error script asks again later, when it may be listed.
-                let msg = boot::ipxe_safe(&format!(
-                    "corral does not take this node in: {}",
-                    why.as_str()
-                ));
-                return typed(
-                    state.templates.error.render(&[
-                        ("base_url", &state.config.public_url()),
-                        ("mac", &mac.to_string()),
-                        ("poll", &state.config.boot.park_poll.to_string()),
-                        ("message", &msg),
-                    ]),
-                    "text/plain; charset=utf-8",
-                );
-            }
-        }
-        // Discovery (and planning for a new node) happens here, so its first request gets its role.
-        ctx.controller.node_seen(mac, facts.clone(), now);
-        // Parked while the slot's disk is still held by the node it is taken from.
-        ctx.controller.bootable_slot_of(mac)
-    } else {
-        None
-    };
-    let decision = state.decide(mac, &facts, now, slot.as_ref());
-    if state.policy.is_none() {
-        if let BootDecision::Image(image, _) = &decision {
-            if image.spec.secret && !from_node {
-                ctx.controller
-                    .refuse_foreign(mac, peer.ip(), "a secret image's script");
-                return refused_script(
-                    &state,
-                    mac,
-                    "this image's script is served only to the node itself, from the address corral knows it by",
-                );
-            }
-        }
-        if from_node {
-            ctx.controller.node_seen(mac, facts, now);
-        }
-    }
-    ctx.stats.scripts.inc();
-    let base_url = state.config.public_url();
-    let mac_s = mac.to_string();
-    let poll = state.config.boot.park_poll.to_string();
-    let body = match &decision {
-        BootDecision::Image(image, role) => {
-            let server = state.config.server.address.to_string();
-            let (hostname, cluster, slot, address) = match role {
-                Some(r) => (
-                    r.identity.hostname.clone(),
-                    r.slot.cluster.clone(),
-                    r.slot.slot.to_string(),
-                    r.identity
-                        .address
-                        .map(|a| a.to_string())
-                        .unwrap_or_default(),
-                ),
-                None => (
-                    hostname_for(&state.config, mac),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                ),
-            };
-            let has_disk = role.as_ref().is_some_and(|r| {
-                state
-                    .policy
-                    .as_ref()
-                    .and_then(|p| p.cluster(&r.slot.cluster))
-                    .is_some_and(|c| c.spec.disk.is_some())
-            });
-            let (disk, disk_export) = if has_disk && state.config.nbd.enabled {
-                let export = format!("{cluster}/{slot}");
-                let port = state.config.nbd.listen.port();
-                (format!("nbd:{server}:{port}:{export}"), export)
-            } else {
-                (String::new(), String::new())
-            };
-            // Every boot into a role gets its own token (the same however often this boot fetches its
-            // script): the agent of this boot, and only it, speaks for the node.
-            let agent = if state.policy.is_some() {
-                let token = ctx
-                    .controller
-                    .script_token(mac, role.as_ref().map(|r| &r.slot), now);
-                format!("corral.api={base_url} corral.token={token}")
-            } else {
-                String::new()
-            };
-            // The slot's NBD key, for clients that speak TLS-PSK (qemu, libnbd); the kernel's nbd-client
-            // cannot, which is why `optional` still serves plain connections.
-            let nbd_psk = if !disk.is_empty() && state.config.nbd.tls != crate::config::NbdTls::Off
-            {
-                ctx.controller
-                    .slot_psk(&cluster, &slot)
-                    .map(|p| format!("corral.nbd_psk={}", p.psk_line()))
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            };
-            let v = NodeVars {
-                agent: &agent,
-                nbd_psk: &nbd_psk,
-                base_url: &base_url,
-                server: &server,
-                mac: &mac_s,
-                hostname: &hostname,
-                cluster: &cluster,
-                slot: &slot,
-                address: &address,
-                disk: &disk,
-                disk_export: &disk_export,
-            };
-            tracing::debug!(%mac, image = %image.name, "node script: image");
-            match image.spec.kind {
-                boot::ImageKind::Kernel => boot::node_script(&state.templates, image, &v),
-                // The policy check makes sure a sanboot image's cluster has a disk and iSCSI is on.
-                boot::ImageKind::Sanboot => {
-                    let iscsi = &state.config.iscsi;
-                    let root_path = format!(
-                        "iscsi:{server}::{}::{}",
-                        iscsi.listen.port(),
-                        iscsi.target_iqn(&cluster, &slot)
-                    );
-                    let chap = ctx.controller.slot_chap(&cluster, &slot);
-                    let san = boot::SanVars {
-                        root_path: &root_path,
-                        initiator_iqn: &iscsi.initiator_iqn(&mac),
-                        chap: chap.as_ref(),
-                    };
-                    boot::sanboot_script(&state.templates, image, &v, &san)
-                }
-            }
-        }
-        BootDecision::Park => {
-            tracing::debug!(%mac, "node script: parked");
-            // Parked for want of a role (not while waiting for its slot's disk to be freed).
-            if ctx.controller.slot_of(mac).is_none() {
-                ctx.controller
-                    .move_input(mac, crate::controller::moves::Input::Parked);
-            }
-            state.templates.parked.render(&[
-                ("base_url", &base_url),
-                ("mac", &mac_s),
-                ("poll", &poll),
-            ])
-        }
-        BootDecision::Error(msg) => {
-            tracing::warn!(%mac, reason = %msg, "node script: cannot boot");
-            let msg = boot::ipxe_safe(msg);
-            state.templates.error.render(&[
-                ("base_url", &base_url),
-                ("mac", &mac_s),
-                ("poll", &poll),
-                ("message", &msg),
-            ])
-        }
-    };
-    typed(body, "text/plain; charset=utf-8")
-}
-
-/// The node's hostname: its DHCP reservation's, else one derived from its MAC.
-pub fn hostname_for(cfg: &crate::config::Config, mac: Mac) -> String {
-    cfg.dhcp
-        .reservation
-        .iter()
-        .find(|r| Mac::parse(&r.mac) == Some(mac))
-        .and_then(|r| r.hostname.clone())
-        .unwrap_or_else(|| format!("node-{}", mac.to_string().replace(':', "")))
-}
-
-/// Reads iPXE's facts from the query string. Empty values (iPXE expands unknown settings to nothing) are
-/// absent facts; overlong ones are cut so a hostile client cannot bloat the inventory.
-pub fn facts_from_query(query: &str, peer: SocketAddr) -> NodeFacts {
-    let mut f = NodeFacts {
-        ip: Some(peer.ip().to_string()),
-        ..Default::default()
-    };
-    for pair in query.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v);
-        let v: String = v.chars().filter(|c| !c.is_control()).take(128).collect();
-        if v.is_empty() {
-            continue;
-        }
-        match k {
-            "uuid" => f.uuid = Some(v),
-            "serial" => f.serial = Some(v),
-            "manufacturer" => f.manufacturer = Some(v),
-            "product" => f.product = Some(v),
-            "buildarch" => f.buildarch = Some(v),
-            "platform" => f.platform = Some(v),
-            "memsize" => f.memsize = v.parse().ok(),
-            _ => {}
-        }
-    }
-    f
-}
-
-/// Decodes `%XX` escapes and `+` (iPXE's `uristring` escapes spaces as `%20`, forms use `+`).
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn facts_parse_and_sanitise() {
-        let peer: SocketAddr = "10.0.0.9:1234".parse().unwrap();
-        let f = facts_from_query(
-            "uuid=abc&serial=S%201&memsize=512&platform=&buildarch=x86_64&junk=1",
-            peer,
-        );
-        assert_eq!(f.uuid.as_deref(), Some("abc"));
-        assert_eq!(f.serial.as_deref(), Some("S 1"));
-        assert_eq!(f.memsize, Some(512));
-        assert_eq!(f.platform, None);
-        assert_eq!(f.buildarch.as_deref(), Some("x86_64"));
-        assert_eq!(f.ip.as_deref(), Some("10.0.0.9"));
-        let long = format!("serial={}", "x".repeat(1000));
-        assert_eq!(facts_from_query(&long, peer).serial.unwrap().len(), 128);
-    }
-
-    #[test]
-    fn percent_decoding_tolerates_garbage() {
-        assert_eq!(percent_decode("a%2Fb"), "a/b");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    fn paths_and_queries_decode() {
+        assert_eq!(decode_path("a%2Fb"), "a/b");
+        assert_eq!(decode_path("a+b%20c"), "a+b c");
+        assert_eq!(decode_path("100%"), "100%");
+        assert_eq!(decode_path("%zz%4"), "%zz%4");
+        assert_eq!(query_value("limit=5&wait=9", "wait").as_deref(), Some("9"));
+        assert_eq!(query_value("a=x+y%21", "a").as_deref(), Some("x y!"));
+        assert_eq!(query_value("a", "a").as_deref(), Some(""));
+        assert_eq!(query_value("b=1", "a"), None);
     }
 }
