@@ -52,27 +52,28 @@ pub(super) async fn orders(ctx: &Ctx, token: &str, query: &str) -> Response<Http
     }
 }
 
-/// The body of a POST, or the response refusing it.
-async fn body(req: Request<Incoming>) -> Result<Bytes, Response<HttpBody>> {
-    match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+/// A POST's JSON body as `T`, or the response refusing it (too large, or not a `what`).
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    what: &str,
+) -> Result<T, Response<HttpBody>> {
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
     {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(_) => Err(text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB\n")),
-    }
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Err(text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB\n")),
+    };
+    serde_json::from_slice::<T>(&body)
+        .map_err(|e| text(StatusCode::BAD_REQUEST, &format!("bad {what}: {e}\n")))
 }
 
 /// `POST heartbeat`: the node is alive, with its load; the reply says what corral expects of it.
 pub(super) async fn heartbeat(ctx: &Ctx, req: Request<Incoming>) -> Response<HttpBody> {
     let token = token(&req);
-    let body = match body(req).await {
-        Ok(b) => b,
-        Err(refused) => return refused,
-    };
-    let hb = match serde_json::from_slice::<Heartbeat>(&body) {
+    let hb = match json_body::<Heartbeat>(req, "heartbeat").await {
         Ok(h) => h,
-        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("bad heartbeat: {e}\n")),
+        Err(refused) => return refused,
     };
     let now_ms = crate::controller::agents::unix_ms();
     match ctx.controller.agent_heartbeat(&token, hb, now_ms) {
@@ -84,13 +85,9 @@ pub(super) async fn heartbeat(ctx: &Ctx, req: Request<Incoming>) -> Response<Htt
 /// `POST ack`: an order was carried out (or could not be).
 pub(super) async fn ack(ctx: &Ctx, req: Request<Incoming>) -> Response<HttpBody> {
     let token = token(&req);
-    let body = match body(req).await {
-        Ok(b) => b,
-        Err(refused) => return refused,
-    };
-    let ack = match serde_json::from_slice::<Ack>(&body) {
+    let ack = match json_body::<Ack>(req, "ack").await {
         Ok(a) => a,
-        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("bad ack: {e}\n")),
+        Err(refused) => return refused,
     };
     match ctx.controller.agent_ack(&token, ack) {
         Ok(()) => text(StatusCode::OK, "ok\n"),

@@ -15,8 +15,19 @@ fn refused_script(
     mac: Mac,
     message: &str,
 ) -> Response<HttpBody> {
+    let mut r = error_script(state, mac, message);
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    r
+}
+
+/// The iPXE error script showing `message`, which asks again after the park poll.
+fn error_script(
+    state: &crate::controller::BootState,
+    mac: Mac,
+    message: &str,
+) -> Response<HttpBody> {
     let msg = boot::ipxe_safe(message);
-    let mut r = typed(
+    typed(
         state.templates.error.render(&[
             ("base_url", &state.config.public_url()),
             ("mac", &mac.to_string()),
@@ -24,9 +35,7 @@ fn refused_script(
             ("message", &msg),
         ]),
         "text/plain; charset=utf-8",
-    );
-    *r.status_mut() = StatusCode::FORBIDDEN;
-    r
+    )
 }
 
 /// A node's script. Only a request from the node's own address (as corral's DHCP knows it, see
@@ -59,18 +68,10 @@ pub(super) fn node_script(
             if let Err(why) = ctx.controller.may_discover(mac, peer.ip(), now) {
                 // Not an attack on a node (the request is from its address), only a node corral will not
                 // take in (yet): the error script asks again later, when it may be listed.
-                let msg = boot::ipxe_safe(&format!(
-                    "corral does not take this node in: {}",
-                    why.as_str()
-                ));
-                return typed(
-                    state.templates.error.render(&[
-                        ("base_url", &state.config.public_url()),
-                        ("mac", &mac.to_string()),
-                        ("poll", &state.config.boot.park_poll.to_string()),
-                        ("message", &msg),
-                    ]),
-                    "text/plain; charset=utf-8",
+                return error_script(
+                    &state,
+                    mac,
+                    &format!("corral does not take this node in: {}", why.as_str()),
                 );
             }
         }
