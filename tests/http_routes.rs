@@ -154,6 +154,21 @@ fn listeners_methods_and_tokens() {
     let (code, _, _) = curl(&[&format!("{boot}/api/v1/agent/orders")]);
     assert_eq!(code, 401, "orders need a boot's token");
 
+    // Parameters are matched on the raw path and decoded once: no traversal reaches a system file.
+    for p in [
+        "/images/../../../../etc/passwd",
+        "/images/testos/..%2f..%2f..%2f..%2fetc%2fpasswd",
+        "/images/testos/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/images/%2e%2e%2f%2e%2e%2fetc/passwd",
+        "/ipxe/../../../etc/passwd",
+        "/ipxe//etc/passwd",
+        "/images/testos/vmlinuz%00.txt",
+        "/boot/../api/v1/nodes",
+    ] {
+        let (code, _, body) = curl(&["--path-as-is", &format!("{boot}{p}")]);
+        assert!(code != 200 && !body.contains("root:"), "{p}: {code} {body}");
+    }
+
     // Every refusal was counted.
     let (_, _, metrics) = curl(&["-H", &read, &format!("{api}/metrics")]);
     let value = |name: &str| -> u64 {
