@@ -15,6 +15,10 @@
 //! answers it. A replacement that does not within `boot_timeout` is marked failed and another is tried,
 //! up to `failover_attempts`; then, and whenever no node is eligible, an alert is raised (event, log,
 //! webhook) and the planner keeps trying as nodes appear.
+//!
+//! Long because health's jobs (verdicts, probes, fencing, alerts and webhooks, failover records across a
+//! restart, releasing quarantined nodes) still share the controller's state; the single-owner core of
+//! issue 16 will take them out, as `failover` already holds the decisions.
 
 use crate::events::EventKind;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -10,6 +10,9 @@
 //! Inventory writes are batched: a script request updates an in-memory queue that a background task
 //! commits to the store every few hundred milliseconds, so a burst of booting nodes costs one transaction,
 //! not one fsync per request.
+//!
+//! Long because the controller's shared state still lives here; the single-owner core of issue 16 (a pure
+//! core returning effects) is what will take it out.
 
 pub mod agents;
 pub mod disks;

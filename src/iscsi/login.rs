@@ -10,6 +10,9 @@
 //!
 //! A login ends in the full feature phase with the negotiated [`Params`], or with an error status and
 //! the connection closed.
+//!
+//! Long because both login stages' key rules (RFC 7143 section 13, key by key) are answered here; only the
+//! tests live in their own file.
 
 use md5::{Digest, Md5};
 

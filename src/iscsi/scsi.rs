@@ -9,6 +9,9 @@
 //! SENSE(6/10) (caching and control pages), UNMAP, WRITE SAME(10/16) (with and without UNMAP), START STOP
 //! UNIT and PREVENT ALLOW MEDIUM REMOVAL (accepted, nothing to do). Anything else: CHECK CONDITION,
 //! ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE.
+//!
+//! Long because every supported command (listed above) is decoded and answered here over one LUN's shared
+//! range and sense checks; only the tests live in their own file.
 
 use std::sync::Arc;
 

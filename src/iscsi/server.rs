@@ -7,6 +7,9 @@
 //! session core's CmdSN window and its liveness check, for which the shell owns only the timer: the
 //! socket's read timeout, set to the core's [`Session::patience`] when that changes (not per PDU), whose
 //! running out is handed to [`Session::quiet`].
+//!
+//! Long because the accept loop, the limits and the connection thread with its socket timeouts are one
+//! connection's lifecycle, kept in one place.
 
 use std::collections::HashMap;
 use std::io::{IoSlice, Read, Write};

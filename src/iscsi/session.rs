@@ -32,6 +32,9 @@
 //!   the target resets drop the tasks they name (ABORT TASK of a task that is gone: "task does not
 //!   exist", unless its CmdSN has not arrived yet, RFC 7143 11.5.1); Text `SendTargets` lists targets;
 //!   Logout ends the connection. Anything else gets a Reject.
+//!
+//! Long because command numbering, data accounting and liveness are one state machine over one
+//! `Session`'s fields; only the tests live in their own file.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -17,6 +17,9 @@
 //! session (blocking, like the rest of the thread) and the negotiation goes on inside it; the handshake
 //! deadline covers the TLS handshake too. In transmission over TLS there is no `sendfile` (the bytes must
 //! be encrypted): reads are copied through the reply buffer.
+//!
+//! Long because the accept loop, the limits and the connection thread with its socket timeouts are one
+//! connection's lifecycle, kept in one place.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
