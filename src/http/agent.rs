@@ -6,11 +6,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
-use super::{json, query_value, text, Ctx, HttpBody};
+use super::{json, query_value, read_body, text, Ctx, HttpBody};
 use crate::agent::proto::{Ack, Heartbeat};
-
-/// Agent bodies are small; a larger one is a mistake or an attack.
-const MAX_BODY: usize = 64 * 1024;
 
 /// The boot token a request carries ("" without one).
 pub(super) fn token(req: &Request<Incoming>) -> String {
@@ -57,13 +54,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
     what: &str,
 ) -> Result<T, Response<HttpBody>> {
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Err(text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB\n")),
-    };
+    let body = read_body(req).await?;
     serde_json::from_slice::<T>(&body)
         .map_err(|e| text(StatusCode::BAD_REQUEST, &format!("bad {what}: {e}\n")))
 }

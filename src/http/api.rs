@@ -1,13 +1,12 @@
 //! The operator API's handlers (reads of the inventory, clusters and events; the writes: scale samples and
 //! releasing a node) and the bearer-token checks the routing table asks for.
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use super::routes::Access;
-use super::{json, query_value, text, typed, Ctx, HttpBody};
+use super::{json, query_value, read_body, text, typed, Ctx, HttpBody};
 use crate::domain::Mac;
 
 /// The operator dashboard: one static page that reads the API.
@@ -142,13 +141,9 @@ pub(super) async fn post_metrics(ctx: &Ctx, req: Request<Incoming>) -> Response<
         One(Sample),
         Many(Vec<Sample>),
     }
-    // Samples are small; a larger body is a mistake or an attack.
-    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB\n"),
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
     let samples = match serde_json::from_slice::<Body>(&body) {
         Ok(Body::One(s)) => vec![s],

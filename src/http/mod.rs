@@ -380,27 +380,15 @@ async fn handle(
             Resolved::WrongMethod(spec) => {
                 let mut r = text(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    &format!("{path} takes {} only\n", spec.allow),
+                    &format!("{path} takes {} only\n", spec.allow()),
                 );
                 r.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static(spec.allow));
+                    .insert(header::ALLOW, HeaderValue::from_static(spec.allow()));
                 r
             }
             Resolved::Route(spec, params) => match api::refuse(ctx, spec.access, &req) {
                 Some(refused) => refused,
-                None => {
-                    let param = |k: &str| params.get(k).unwrap_or("").to_string();
-                    dispatch(
-                        ctx,
-                        spec.route,
-                        param("mac"),
-                        param("image"),
-                        param("file"),
-                        req,
-                        peer,
-                    )
-                    .await
-                }
+                None => dispatch(ctx, spec.route, &params, req, peer).await,
             },
         }
     };
@@ -420,12 +408,13 @@ async fn handle(
 async fn dispatch(
     ctx: &Ctx,
     route: Route,
-    mac: String,
-    image: String,
-    file: String,
+    params: &matchit::Params<'_, '_>,
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<HttpBody> {
+    // The path's parameters, as the table names them (still percent-encoded).
+    let param = |k: &str| params.get(k).unwrap_or("");
+    let (mac, image, file) = (param("mac"), param("image"), param("file"));
     let query = req.uri().query().unwrap_or("").to_string();
     let state = ctx.controller.state();
     match route {
@@ -436,7 +425,7 @@ async fn dispatch(
                 .render(&[("base_url", &state.config.public_url())]),
             "text/plain; charset=utf-8",
         ),
-        Route::NodeScript => match Mac::parse(&mac) {
+        Route::NodeScript => match Mac::parse(mac) {
             Some(mac) => script::node_script(ctx, mac, &query, peer),
             None => text(
                 StatusCode::BAD_REQUEST,
@@ -444,15 +433,15 @@ async fn dispatch(
             ),
         },
         Route::ImageFile => {
-            let Some(img) = state.catalog.get(&image) else {
+            let Some(img) = state.catalog.get(image) else {
                 return text(
                     StatusCode::NOT_FOUND,
                     &format!("no image named `{image}`\n"),
                 );
             };
-            serve_file(ctx, &img.dir, &file, &req).await
+            serve_file(ctx, &img.dir, file, &req).await
         }
-        Route::IpxeFile => serve_file(ctx, &state.config.tftp.root, &file, &req).await,
+        Route::IpxeFile => serve_file(ctx, &state.config.tftp.root, file, &req).await,
         Route::Health => text(StatusCode::OK, "ok\n"),
         Route::Dashboard => api::dashboard(),
         Route::Metrics => typed(
@@ -463,7 +452,7 @@ async fn dispatch(
         Route::Clusters => json(&ctx.controller.clusters_view(crate::unix_now())),
         Route::Events => api::events(ctx, &query).await,
         Route::Samples => api::post_metrics(ctx, req).await,
-        Route::Release => api::release_node(ctx, &mac),
+        Route::Release => api::release_node(ctx, mac),
         Route::AgentOrders => agent::orders(ctx, &agent::token(&req), &query).await,
         Route::AgentHeartbeat => agent::heartbeat(ctx, req).await,
         Route::AgentAck => agent::ack(ctx, req).await,
@@ -501,6 +490,20 @@ pub fn query_value(query: &str, key: &str) -> Option<String> {
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.into_owned())
+}
+
+/// API request bodies (scale samples, heartbeats, acks) are small; a larger one is a mistake or an attack.
+const MAX_BODY: usize = 64 * 1024;
+
+/// A POST's whole body, or the 413 refusing it when it is over [`MAX_BODY`].
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<HttpBody>> {
+    match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB\n")),
+    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Response<HttpBody> {

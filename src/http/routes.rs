@@ -73,8 +73,17 @@ pub struct Spec {
     pub access: Access,
     /// GET also allows HEAD.
     pub methods: &'static [Method],
-    /// The `Allow` header for a 405.
-    pub allow: &'static str,
+}
+
+impl Spec {
+    /// The `Allow` header for a 405 (every route takes either GET and HEAD, or POST).
+    pub fn allow(&self) -> &'static str {
+        if self.methods == POST {
+            "POST"
+        } else {
+            "GET, HEAD"
+        }
+    }
 }
 
 const GET: &[Method] = &[Method::GET];
@@ -91,7 +100,6 @@ fn rows() -> Vec<(&'static str, Spec)> {
         surface,
         access,
         methods,
-        allow: if methods == POST { "POST" } else { "GET, HEAD" },
     };
     vec![
         ("/boot.ipxe", row(Entry, Boot, Open, GET)),
@@ -214,11 +222,11 @@ mod tests {
         assert_eq!(route(Method::HEAD, "/ipxe/ipxe.efi"), Some(Route::IpxeFile));
         // A known path with another method: 405 with what it allows.
         match resolve(&Method::POST, "/images/testos/vmlinuz") {
-            Resolved::WrongMethod(s) => assert_eq!(s.allow, "GET, HEAD"),
+            Resolved::WrongMethod(s) => assert_eq!(s.allow(), "GET, HEAD"),
             other => panic!("{other:?}"),
         }
         match resolve(&Method::GET, "/api/v1/metrics") {
-            Resolved::WrongMethod(s) => assert_eq!(s.allow, "POST"),
+            Resolved::WrongMethod(s) => assert_eq!(s.allow(), "POST"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
