@@ -77,8 +77,8 @@ pub struct PolicyFile {
 pub struct Settings {
     /// A node that was moved is not moved again within this time (no thrashing).
     pub cooldown: Secs,
-    /// Offset of the site's local time from UTC for schedules, e.g. `+01:00` (fixed all year).
-    pub utc_offset: String,
+    /// Offset of the site's local time from UTC for schedules, e.g. `+01:00` (fixed all year); unset: UTC.
+    pub utc_offset: Option<String>,
     /// The site's IANA time zone for schedules, e.g. `Europe/Berlin`: windows follow daylight saving
     /// time. Replaces `utc_offset`; setting both is an error.
     pub timezone: Option<String>,
@@ -101,7 +101,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             cooldown: Secs(300),
-            utc_offset: "+00:00".into(),
+            utc_offset: None,
             timezone: None,
             maintenance: Vec::new(),
             power_off_timeout: Secs(60),
@@ -466,14 +466,16 @@ fn build(
     image_exists: &dyn Fn(&str, Option<&str>) -> bool,
     errs: &mut Vec<(Vec<String>, String)>,
 ) -> Policy {
-    let fixed = parse_offset(&file.settings.utc_offset).unwrap_or_else(|e| {
-        errs.push((p(&["settings", "utc_offset"]), e));
-        0
+    let fixed = file.settings.utc_offset.as_deref().map(|o| {
+        parse_offset(o).unwrap_or_else(|e| {
+            errs.push((p(&["settings", "utc_offset"]), e));
+            0
+        })
     });
     let zone = match &file.settings.timezone {
-        None => Zone::Fixed(fixed),
+        None => Zone::Fixed(fixed.unwrap_or(0)),
         Some(name) => {
-            if fixed != 0 {
+            if fixed.is_some() {
                 errs.push((
                     p(&["settings", "timezone"]),
                     "set `timezone` or `utc_offset`, not both".into(),
@@ -1177,13 +1179,17 @@ on_failure = \"quarantine\"
             e.contains("policy.toml:2:12: `Europe/Atlantis` is not a time zone"),
             "{e}"
         );
-        let e = parse("[settings]\nutc_offset = \"+01:00\"\ntimezone = \"Europe/Paris\"\n")
+        for offset in ["+01:00", "+00:00"] {
+            let e = parse(&format!(
+                "[settings]\nutc_offset = \"{offset}\"\ntimezone = \"Europe/Paris\"\n"
+            ))
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("policy.toml:3:12: set `timezone` or `utc_offset`, not both"),
-            "{e}"
-        );
+            assert!(
+                e.contains("policy.toml:3:12: set `timezone` or `utc_offset`, not both"),
+                "{offset}: {e}"
+            );
+        }
     }
 
     #[test]
