@@ -81,6 +81,7 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let http =
         corral::http::HttpServer::bind(config.http.listen, controller.clone(), workers()).await?;
     metrics.add(http.stats());
+    metrics.add(controller.store().writer_stats());
     tracing::info!(listen = %http.local_addr(), url = %config.public_url(), "http ready");
 
     if config.tftp.enabled {

@@ -3,9 +3,12 @@
 //!
 //! The store is the only place state outlives the process. Rooms call its typed methods; nothing outside this
 //! module writes SQL, so a distributed backend (etcd) can later sit behind the same methods. Commits use WAL.
-//! Leases and assignments (what a DHCP ACK or a node's script promises) are fsynced before the call returns
-//! (`synchronous=FULL`); everything else uses `synchronous=NORMAL`: it survives a crash of corral (the
-//! process), and the last few commits may be lost only if the whole machine loses power.
+//!
+//! Every write goes through one writer thread ([`writer`]), which commits whatever has queued as one
+//! transaction; reads use their own connection and never wait for a commit. Leases and assignments (what a
+//! DHCP ACK or a node's script promises) are fsynced before the call returns (`synchronous=FULL`);
+//! everything else uses `synchronous=NORMAL`: it survives a crash of corral (the process), and the last few
+//! commits may be lost only if the whole machine loses power.
 //!
 //! The schema is versioned ([`schema`]); in-flight work (holds, restarts, failovers) is kept in [`work`] so
 //! a restart resumes it.
@@ -14,6 +17,7 @@
 
 pub mod schema;
 pub mod work;
+pub mod writer;
 
 use crate::events::EventKind;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -50,7 +54,10 @@ pub struct BootsSeen {
 /// Handle to the database; cheap to clone, safe to share across tasks.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    /// The connection reads use (for a file, not the writer's: WAL readers see the last commit and never
+    /// wait for the next).
+    read: Arc<Mutex<Connection>>,
+    writer: Arc<writer::Writer>,
 }
 
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
@@ -86,40 +93,72 @@ impl Store {
         }
         let opened = Connection::open(&path)
             .map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
-        Self::init(opened).map_err(|e| anyhow::anyhow!("database {}: {e}", path.display()))
+        let writes = Self::prepare(opened)
+            .map_err(|e| anyhow::anyhow!("database {}: {e}", path.display()))?;
+        let read = Connection::open(&path)
+            .and_then(|c| {
+                c.busy_timeout(std::time::Duration::from_secs(5))?;
+                c.pragma_update(None, "query_only", "ON")?;
+                Ok(c)
+            })
+            .map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+        Self::start(Arc::new(Mutex::new(writes)), Arc::new(Mutex::new(read)))
     }
 
-    /// A private in-memory database, for tests.
+    /// A private in-memory database, for tests: one connection, which the writer and the readers share.
     pub fn in_memory() -> anyhow::Result<Store> {
-        Self::init(Connection::open_in_memory()?)
+        let conn = Arc::new(Mutex::new(Self::prepare(Connection::open_in_memory()?)?));
+        Self::start(conn.clone(), conn)
     }
 
-    fn init(mut conn: Connection) -> anyhow::Result<Store> {
+    fn prepare(mut conn: Connection) -> anyhow::Result<Connection> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::migrate(&mut conn)?;
+        Ok(conn)
+    }
+
+    fn start(
+        writes: Arc<Mutex<Connection>>,
+        read: Arc<Mutex<Connection>>,
+    ) -> anyhow::Result<Store> {
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
+            read,
+            writer: Arc::new(writer::Writer::start(writes)?),
         })
     }
 
-    /// Runs `f` with every commit fsynced (`synchronous=FULL`): for writes a reply promises, a DHCP ACK's
-    /// lease and an assignment the node is told about. Other writes (inventory, events, tokens) stay at
+    /// Runs `f` in the writer's next transaction and waits until it is committed. `durable` asks for
+    /// that commit to be fsynced (`synchronous=FULL`): for writes a reply promises, a DHCP ACK's lease
+    /// and an assignment the node is told about. Other writes (inventory, events, tokens) are committed at
     /// `NORMAL`: in WAL mode they survive a crash of corral and may lose the last commits only when the
     /// machine loses power.
-    fn durably<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        self.with(|c| {
-            c.pragma_update(None, "synchronous", "FULL")?;
-            let r = f(c);
-            c.pragma_update(None, "synchronous", "NORMAL")?;
-            r
-        })
+    fn write<T: Send + 'static>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.writer.submit(durable, f).wait()
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut c)
+    /// Queues `f` for the writer's next transaction without waiting; the ticket tells when it is done.
+    pub fn submit<T: Send + 'static>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> writer::Ticket<T> {
+        self.writer.submit(durable, f)
+    }
+
+    /// What the writer has committed so far (for the metrics).
+    pub fn writer_stats(&self) -> Arc<writer::WriterStats> {
+        self.writer.stats.clone()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let c = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        f(&c)
     }
 
     /// Every stored lease, expired ones included (the DHCP core decides what expiry means).
@@ -176,9 +215,9 @@ impl Store {
         if changes.is_empty() {
             return Ok(());
         }
-        self.durably(|c| {
-            let tx = c.transaction()?;
-            for change in changes {
+        let changes = changes.to_vec();
+        self.write(true, move |tx| {
+            for change in &changes {
                 match change {
                     LeaseChange::Put(lease) => {
                         tx.prepare_cached("DELETE FROM lease WHERE mac = ?1 AND ip <> ?2")?
@@ -200,7 +239,7 @@ impl Store {
                     }
                 }
             }
-            tx.commit()
+            Ok(())
         })
     }
 
@@ -223,9 +262,9 @@ impl Store {
         seen: &[BootsSeen],
         tokens: &[(Mac, String)],
     ) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            for (mac, doc) in tokens {
+        let (seen, tokens) = (seen.to_vec(), tokens.to_vec());
+        self.write(false, move |tx| {
+            for (mac, doc) in &tokens {
                 tx.prepare_cached("INSERT OR REPLACE INTO node_tokens (mac, doc) VALUES (?1, ?2)")?
                     .execute(params![mac.to_string(), doc])?;
                 tx.prepare_cached("DELETE FROM agent_token WHERE mac = ?1")?
@@ -248,7 +287,7 @@ impl Store {
                         last_seen = excluded.last_seen,
                         boot_count = boot_count + excluded.boot_count",
                 )?;
-                for b in seen {
+                for b in &seen {
                     let f = &b.facts;
                     st.execute(params![
                         b.mac.to_string(),
@@ -266,7 +305,7 @@ impl Store {
                     ])?;
                 }
             }
-            tx.commit()
+            Ok(())
         })
     }
 
@@ -390,9 +429,10 @@ impl Store {
         events: &[NewEvent],
         work: Option<&[work::NodeWork]>,
     ) -> Result<()> {
-        let run = |c: &mut Connection| {
-            let tx = c.transaction()?;
-            for ch in changes {
+        let durable = !changes.is_empty() || work.is_some();
+        let (changes, events, work) = (changes.to_vec(), events.to_vec(), work.map(<[_]>::to_vec));
+        self.write(durable, move |tx| {
+            for ch in &changes {
                 match ch {
                     AssignmentChange::Remove(mac) => {
                         tx.prepare_cached("DELETE FROM assignment WHERE mac = ?1")?
@@ -412,20 +452,15 @@ impl Store {
                     }
                 }
             }
-            for e in events {
+            for e in &events {
                 tx.prepare_cached("INSERT INTO event (at, kind, cluster, node, message, secs) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
                     .execute(params![e.at as i64, e.kind, e.cluster, e.node, e.message, e.secs])?;
             }
-            if let Some(w) = work {
-                work::replace_node_work(&tx, w)?;
+            if let Some(w) = &work {
+                work::replace_node_work(tx, w)?;
             }
-            tx.commit()
-        };
-        if changes.is_empty() && work.is_none() {
-            self.with(run)
-        } else {
-            self.durably(run)
-        }
+            Ok(())
+        })
     }
 
     /// The newest events first, at most `limit`.
@@ -494,7 +529,8 @@ impl Store {
 
     /// Replaces a node's boot token.
     pub fn put_agent_token(&self, t: &AgentToken) -> Result<()> {
-        self.with(|c| {
+        let t = t.clone();
+        self.write(false, move |c| {
             c.prepare_cached("INSERT OR REPLACE INTO agent_token (mac, token, cluster, slot, issued) VALUES (?1, ?2, ?3, ?4, ?5)")?
                 .execute(params![
                     t.mac.to_string(),
@@ -572,8 +608,11 @@ impl Store {
         slot: &str,
         v: &T,
     ) -> Result<()> {
-        let doc = serde_json::to_string(v).unwrap_or_default();
-        self.with(|c| {
+        let (doc, slot) = (
+            serde_json::to_string(v).unwrap_or_default(),
+            slot.to_string(),
+        );
+        self.write(false, move |c| {
             c.prepare_cached(&format!(
                 "INSERT OR REPLACE INTO {table} (slot, doc) VALUES (?1, ?2)"
             ))?
@@ -584,7 +623,7 @@ impl Store {
 
     /// Deletes events older than `before` (unix seconds); returns how many.
     pub fn prune_events(&self, before: u64) -> Result<usize> {
-        self.with(|c| {
+        self.write(false, move |c| {
             c.prepare_cached("DELETE FROM event WHERE at < ?1")?
                 .execute(params![before as i64])
         })
@@ -592,15 +631,15 @@ impl Store {
 
     /// Deletes nodes from the inventory (with their tokens).
     pub fn forget_nodes(&self, macs: &[Mac]) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            for m in macs {
+        let macs = macs.to_vec();
+        self.write(false, move |tx| {
+            for m in &macs {
                 let m = m.to_string();
                 for table in ["node", "node_tokens", "agent_token"] {
                     tx.execute(&format!("DELETE FROM {table} WHERE mac = ?1"), params![m])?;
                 }
             }
-            tx.commit()
+            Ok(())
         })
     }
 }
@@ -693,8 +732,9 @@ impl Store {
 
     /// Flags a node (replacing an earlier flag) or, with `None`, clears its flag.
     pub fn set_node_flag(&self, mac: Mac, flag: Option<&NodeFlag>) -> Result<()> {
-        self.with(|c| {
-            match flag {
+        let flag = flag.cloned();
+        self.write(false, move |c| {
+            match &flag {
                 Some(f) => c
                     .prepare_cached("INSERT OR REPLACE INTO node_flag (mac, state, since, reason) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![

@@ -106,19 +106,19 @@ impl Store {
 
     /// Replaces all in-flight work at once: the nodes' and the failovers'.
     pub fn save_work(&self, nodes: &[NodeWork], failovers: &[FailoverDoc]) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            replace_node_work(&tx, nodes)?;
+        let (nodes, failovers) = (nodes.to_vec(), failovers.to_vec());
+        self.write(false, move |tx| {
+            replace_node_work(tx, &nodes)?;
             tx.execute("DELETE FROM failover", [])?;
             {
                 let mut st = tx.prepare_cached(
                     "INSERT INTO failover (cluster, slot, doc) VALUES (?1, ?2, ?3)",
                 )?;
-                for f in failovers {
+                for f in &failovers {
                     st.execute(params![f.cluster, f.slot as i64, f.doc])?;
                 }
             }
-            tx.commit()
+            Ok(())
         })
     }
 }
