@@ -280,6 +280,19 @@ fn a_slow_node_moves_only_when_the_planner_found_a_capable_node() {
     assert!(!m.slow_due(mac(1), 45_000));
     assert!(m.slow_due(mac(1), 40_000 + SLOW_RETRY_MS));
     assert_eq!(planned(&mut m, false, 50_000), []);
+    // Each further look that finds nobody waits twice as long, up to SLOW_RETRY_MAX_MS.
+    assert!(!m.slow_due(mac(1), 50_000 + 2 * SLOW_RETRY_MS - 1));
+    assert!(m.slow_due(mac(1), 50_000 + 2 * SLOW_RETRY_MS));
+    let mut at = 50_000;
+    let mut wait = 2 * SLOW_RETRY_MS;
+    for _ in 0..10 {
+        at += wait;
+        assert_eq!(planned(&mut m, false, at), [], "said once");
+        wait = (wait * 2).min(SLOW_RETRY_MAX_MS);
+        assert!(!m.slow_due(mac(1), at + wait - 1));
+        assert!(m.slow_due(mac(1), at + wait));
+    }
+    assert_eq!(wait, SLOW_RETRY_MAX_MS);
     // The verdict clears: it may be said again later.
     m.cleared(mac(1));
     assert!(m.slow_due(mac(1), 50_001));
