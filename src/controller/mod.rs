@@ -15,6 +15,7 @@
 //! core returning effects) is what will take it out.
 
 pub mod agents;
+pub mod boot_plan;
 pub mod disks;
 pub mod failover;
 pub mod health;

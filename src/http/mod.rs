@@ -18,7 +18,7 @@ pub mod routes;
 mod script;
 mod stats;
 
-pub use script::{facts_from_query, hostname_for};
+pub use script::facts_from_query;
 pub use stats::HttpStats;
 
 use bytes::Bytes;

@@ -5,8 +5,8 @@ use hyper::{Response, StatusCode};
 use std::net::SocketAddr;
 
 use super::{typed, Ctx, HttpBody};
-use crate::boot::{self, NodeVars};
-use crate::controller::BootDecision;
+use crate::boot;
+use crate::controller::boot_plan::BootPlan;
 use crate::domain::{Mac, NodeFacts};
 
 /// The iPXE error script with `message`, as a refusal: 403, so iPXE does not run it and a tool sees it.
@@ -38,195 +38,41 @@ fn error_script(
     )
 }
 
-/// A node's script. Only a request from the node's own address (as corral's DHCP knows it, see
-/// `controller::trust`) gets a script that carries its secrets (agent token, CHAP) or changes anything
-/// (discovery, facts, holds, move confirmations, a failed node's return); under a policy every other
-/// request is refused (403), counted and logged with its peer. Without a policy a script carries no
-/// secret unless its image says so, and is served to anyone, but only the node's own requests are
-/// recorded.
+/// A node's script: the controller's [`BootPlan`] for this request, rendered with the templates of the
+/// boot state it was decided under. Who may have it and what it carries are the controller's decision.
 pub(super) fn node_script(
     ctx: &Ctx,
     mac: Mac,
     query: &str,
     peer: SocketAddr,
 ) -> Response<HttpBody> {
-    let state = ctx.controller.state();
-    let now = crate::unix_now();
-    let from_node = ctx.controller.is_from_node(mac, peer.ip());
-    if state.policy.is_some() && !from_node {
-        ctx.controller
-            .refuse_foreign(mac, peer.ip(), "a node script");
-        return refused_script(
-            &state,
-            mac,
-            "corral serves this node's script only to the node itself, from the address its DHCP knows it by",
-        );
-    }
     let facts = facts_from_query(query, peer);
-    let slot = if state.policy.is_some() {
-        if !ctx.controller.is_known(mac) {
-            if let Err(why) = ctx.controller.may_discover(mac, peer.ip(), now) {
-                // Not an attack on a node (the request is from its address), only a node corral will not
-                // take in (yet): the error script asks again later, when it may be listed.
-                return error_script(
-                    &state,
-                    mac,
-                    &format!("corral does not take this node in: {}", why.as_str()),
-                );
+    let (state, plan) = ctx
+        .controller
+        .boot_plan(mac, facts, peer.ip(), crate::unix_now());
+    let body = match &plan {
+        BootPlan::Refused(why) => return refused_script(&state, mac, why),
+        BootPlan::NotTaken(why) => return error_script(&state, mac, why),
+        BootPlan::Boot { image, vars, san } => match san {
+            Some(san) => {
+                boot::sanboot_script(&state.templates, image, &vars.as_vars(), &san.as_vars())
             }
-        }
-        // Discovery (and planning for a new node) happens here, so its first request gets its role.
-        ctx.controller.node_seen(mac, facts.clone(), now);
-        // Parked while the slot's disk is still held by the node it is taken from.
-        ctx.controller.bootable_slot_of(mac)
-    } else {
-        None
+            None => boot::node_script(&state.templates, image, &vars.as_vars()),
+        },
+        BootPlan::Park => state.templates.parked.render(&[
+            ("base_url", &state.config.public_url()),
+            ("mac", &mac.to_string()),
+            ("poll", &state.config.boot.park_poll.to_string()),
+        ]),
+        BootPlan::Error(why) => return counted(ctx, error_script(&state, mac, why)),
     };
-    let decision = state.decide(mac, &facts, now, slot.as_ref());
-    if state.policy.is_none() {
-        if let BootDecision::Image(image, _) = &decision {
-            if image.spec.secret && !from_node {
-                ctx.controller
-                    .refuse_foreign(mac, peer.ip(), "a secret image's script");
-                return refused_script(
-                    &state,
-                    mac,
-                    "this image's script is served only to the node itself, from the address corral knows it by",
-                );
-            }
-        }
-        if from_node {
-            ctx.controller.node_seen(mac, facts, now);
-        }
-    }
-    ctx.stats.scripts.inc();
-    let base_url = state.config.public_url();
-    let mac_s = mac.to_string();
-    let poll = state.config.boot.park_poll.to_string();
-    let body = match &decision {
-        BootDecision::Image(image, role) => {
-            let server = state.config.server.address.to_string();
-            let (hostname, cluster, slot, address) = match role {
-                Some(r) => (
-                    r.identity.hostname.clone(),
-                    r.slot.cluster.clone(),
-                    r.slot.slot.to_string(),
-                    r.identity
-                        .address
-                        .map(|a| a.to_string())
-                        .unwrap_or_default(),
-                ),
-                None => (
-                    hostname_for(&state.config, mac),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                ),
-            };
-            let has_disk = role.as_ref().is_some_and(|r| {
-                state
-                    .policy
-                    .as_ref()
-                    .and_then(|p| p.cluster(&r.slot.cluster))
-                    .is_some_and(|c| c.spec.disk.is_some())
-            });
-            let (disk, disk_export) = if has_disk && state.config.nbd.enabled {
-                let export = format!("{cluster}/{slot}");
-                let port = state.config.nbd.listen.port();
-                (format!("nbd:{server}:{port}:{export}"), export)
-            } else {
-                (String::new(), String::new())
-            };
-            // Every boot into a role gets its own token (the same however often this boot fetches its
-            // script): the agent of this boot, and only it, speaks for the node.
-            let agent = if state.policy.is_some() {
-                let token = ctx
-                    .controller
-                    .script_token(mac, role.as_ref().map(|r| &r.slot), now);
-                format!("corral.api={base_url} corral.token={token}")
-            } else {
-                String::new()
-            };
-            // The slot's NBD key, for clients that speak TLS-PSK (qemu, libnbd); the kernel's nbd-client
-            // cannot, which is why `optional` still serves plain connections.
-            let nbd_psk = if !disk.is_empty() && state.config.nbd.tls != crate::config::NbdTls::Off
-            {
-                ctx.controller
-                    .slot_psk(&cluster, &slot)
-                    .map(|p| format!("corral.nbd_psk={}", p.psk_line()))
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            };
-            let v = NodeVars {
-                agent: &agent,
-                nbd_psk: &nbd_psk,
-                base_url: &base_url,
-                server: &server,
-                mac: &mac_s,
-                hostname: &hostname,
-                cluster: &cluster,
-                slot: &slot,
-                address: &address,
-                disk: &disk,
-                disk_export: &disk_export,
-            };
-            tracing::debug!(%mac, image = %image.name, "node script: image");
-            match image.spec.kind {
-                boot::ImageKind::Kernel => boot::node_script(&state.templates, image, &v),
-                // The policy check makes sure a sanboot image's cluster has a disk and iSCSI is on.
-                boot::ImageKind::Sanboot => {
-                    let iscsi = &state.config.iscsi;
-                    let root_path = format!(
-                        "iscsi:{server}::{}::{}",
-                        iscsi.listen.port(),
-                        iscsi.target_iqn(&cluster, &slot)
-                    );
-                    let chap = ctx.controller.slot_chap(&cluster, &slot);
-                    let san = boot::SanVars {
-                        root_path: &root_path,
-                        initiator_iqn: &iscsi.initiator_iqn(&mac),
-                        chap: chap.as_ref(),
-                    };
-                    boot::sanboot_script(&state.templates, image, &v, &san)
-                }
-            }
-        }
-        BootDecision::Park => {
-            tracing::debug!(%mac, "node script: parked");
-            // Parked for want of a role (not while waiting for its slot's disk to be freed).
-            if ctx.controller.slot_of(mac).is_none() {
-                ctx.controller
-                    .move_input(mac, crate::controller::moves::Input::Parked);
-            }
-            state.templates.parked.render(&[
-                ("base_url", &base_url),
-                ("mac", &mac_s),
-                ("poll", &poll),
-            ])
-        }
-        BootDecision::Error(msg) => {
-            tracing::warn!(%mac, reason = %msg, "node script: cannot boot");
-            let msg = boot::ipxe_safe(msg);
-            state.templates.error.render(&[
-                ("base_url", &base_url),
-                ("mac", &mac_s),
-                ("poll", &poll),
-                ("message", &msg),
-            ])
-        }
-    };
-    typed(body, "text/plain; charset=utf-8")
+    counted(ctx, typed(body, "text/plain; charset=utf-8"))
 }
 
-/// The node's hostname: its DHCP reservation's, else one derived from its MAC.
-pub fn hostname_for(cfg: &crate::config::Config, mac: Mac) -> String {
-    cfg.dhcp
-        .reservation
-        .iter()
-        .find(|r| Mac::parse(&r.mac) == Some(mac))
-        .and_then(|r| r.hostname.clone())
-        .unwrap_or_else(|| format!("node-{}", mac.to_string().replace(':', "")))
+/// A script served (booting, parked or unable to boot: not refused, not turned away).
+fn counted(ctx: &Ctx, r: Response<HttpBody>) -> Response<HttpBody> {
+    ctx.stats.scripts.inc();
+    r
 }
 
 /// Reads iPXE's facts from the query string. Empty values (iPXE expands unknown settings to nothing) are
