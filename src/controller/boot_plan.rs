@@ -26,7 +26,8 @@ pub enum BootPlan {
     /// Boot `image` with these values.
     Boot {
         image: Arc<Image>,
-        vars: ScriptVars,
+        /// Boxed: a plan is mostly a refusal or a parked node, and those stay small.
+        vars: Box<ScriptVars>,
         /// For a `sanboot` image: the slot's iSCSI disk and how to log in to it.
         san: Option<SanPlan>,
     },
@@ -160,7 +161,11 @@ impl Controller {
             BootDecision::Image(image, role) => {
                 let (vars, san) = self.script_vars(state, mac, &image, role.as_ref(), now);
                 tracing::debug!(%mac, image = %image.name, "node script: image");
-                BootPlan::Boot { image, vars, san }
+                BootPlan::Boot {
+                    image,
+                    vars: Box::new(vars),
+                    san,
+                }
             }
             BootDecision::Park => {
                 tracing::debug!(%mac, "node script: parked");
