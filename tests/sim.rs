@@ -218,6 +218,7 @@ struct Ctl {
     settling: BTreeMap<SlotRef, u64>,
     moves: BTreeMap<Mac, Move>,
     failovers: Failovers,
+    owners: failover::SlotOwners,
     watches: HashMap<Mac, (SlotRef, NodeWatch)>,
     quarantined: BTreeSet<Mac>,
     /// Nodes in a role whose agent ran in that role (the token of the boot was used): watched again
@@ -852,13 +853,7 @@ impl Sim {
         }
         let slots: Vec<SlotRef> = self.ctl.failovers.running().keys().cloned().collect();
         for slot in slots {
-            let owner = self
-                .ctl
-                .state
-                .assignments
-                .iter()
-                .find(|(_, s)| **s == slot)
-                .map(|(m, _)| *m);
+            let owner = self.ctl.owners.owner(&self.ctl.state.assignments, &slot);
             let wanted = self.policy.cluster(&slot.cluster).is_some_and(|c| {
                 slot.slot < plan::desired(c, &self.ctl.state, self.now / 1000, &self.policy.zone)
             });
@@ -902,7 +897,9 @@ impl Sim {
     fn ask(&mut self, i: usize) {
         let m = mac(i);
         match self.slot_of(m).cloned() {
-            Some(slot) if self.bootable(m, &slot) && !self.ctl.moves.contains_key(&m) => {
+            // A node being moved into this slot boots into it too (the controller serves its script and
+            // its agent's heartbeat in the new role confirms the move).
+            Some(slot) if self.bootable(m, &slot) => {
                 self.attach(i, &slot);
                 self.hw[i].power = Power::Up;
                 self.ctl.ran.insert(m);
@@ -924,7 +921,7 @@ impl Sim {
                 self.move_input(m, moves::Input::NewRoleHeartbeat);
             }
             Some(_) => {
-                // Held or settling (or its move is under way): the parked script retries.
+                // Held or settling: the parked script retries.
                 self.hw[i].power = Power::Up;
                 let gen = self.hw[i].boot_gen;
                 self.at(self.now + POLL, Ev::Poll { node: i, gen });
@@ -1249,10 +1246,44 @@ impl Sim {
         self.replan("policy edit");
     }
 
+    /// The farm's state in a few lines (`CORRAL_SIM_DEBUG`), for a run that goes wrong without breaking
+    /// an invariant.
+    fn dump(&self) {
+        let mut power: BTreeMap<String, usize> = BTreeMap::new();
+        for h in &self.hw {
+            *power.entry(format!("{:?}", h.power)).or_default() += 1;
+        }
+        let dead = self.hw.iter().filter(|h| self.now < h.dead_until).count();
+        let attached = self.hw.iter().filter(|h| h.attached.is_some()).count();
+        let unhealthy = self.ctl.state.nodes.values().filter(|n| !n.healthy).count();
+        let faults: u64 = self.fig.faults.values().sum();
+        eprintln!(
+            "  t={} ({:.2} d, {faults} faults, {} plans {:?}) power {power:?} dead {dead} attached {attached} assigned {} unhealthy {unhealthy} quarantined {} holds {} watches {}",
+            self.now,
+            self.now as f64 / DAY as f64,
+            self.fig.plans,
+            self.fig.plan_why,
+            self.ctl.state.assignments.len(),
+            self.ctl.quarantined.len(),
+            self.ctl.holds.len(),
+            self.ctl.watches.len(),
+        );
+        for (slot, f) in self.ctl.failovers.running().iter().take(3) {
+            let owner = self
+                .ctl
+                .state
+                .assignments
+                .iter()
+                .find(|(_, s)| *s == slot)
+                .map(|(m, _)| *m);
+            eprintln!("    {}/{}: {f:?} owner {owner:?}", slot.cluster, slot.slot);
+        }
+    }
+
     /// Checks after every step that no slot's disk has two nodes on it.
     fn check_disks(&mut self) {
         self.fig.checks += 1;
-        let mut seen: HashMap<&SlotRef, usize> = HashMap::new();
+        let mut seen: HashMap<&SlotRef, usize> = HashMap::with_capacity(self.hw.len());
         for (i, h) in self.hw.iter().enumerate() {
             if let Some(s) = &h.attached {
                 if let Some(j) = seen.insert(s, i) {
@@ -1271,6 +1302,8 @@ impl Sim {
     fn run(&mut self, until: u64, wall_limit: Duration) {
         let t0 = Instant::now();
         let mut next_report = 6 * HOUR;
+        let debug = std::env::var_os("CORRAL_SIM_DEBUG").is_some();
+        let mut next_dump = 0;
         while let Some(Timed(t, _, ev)) = self.queue.pop() {
             if t > until {
                 break;
@@ -1286,13 +1319,20 @@ impl Sim {
             if self.hw.len() >= 1000 && t >= next_report {
                 next_report += 6 * HOUR;
                 eprintln!(
-                    "  {:.2} simulated days, {} steps, {} plans {:?}, wall {:.0} s",
+                    "  {:.2} simulated days, {} steps, {} plans {:?}, {} failovers and {} moves running, {} suspects, wall {:.0} s",
                     t as f64 / DAY as f64,
                     self.fig.steps,
                     self.fig.plans,
                     self.fig.plan_why,
+                    self.ctl.failovers.running().len(),
+                    self.ctl.moves.len(),
+                    self.suspects.len(),
                     t0.elapsed().as_secs_f64()
                 );
+            }
+            if debug && t >= next_dump {
+                next_dump += HOUR;
+                self.dump();
             }
             assert!(
                 t0.elapsed() < wall_limit,

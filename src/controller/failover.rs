@@ -210,6 +210,31 @@ pub enum Output {
     Done,
 }
 
+/// Who fills each slot, for the fleet's assignments as last seen: the shells look up the owner of every
+/// slot under failover on every tick, and a scan of all assignments per slot per tick was what a long
+/// simulation spent its time on. Rebuilt only when the assignments changed (the planner's persistent map
+/// is compared by its root: any change gives it a new one), which is once per plan at most.
+#[derive(Debug, Default, Clone)]
+pub struct SlotOwners {
+    seen: Option<imbl::OrdMap<Mac, SlotRef>>,
+    by_slot: std::collections::HashMap<SlotRef, Mac>,
+}
+
+impl SlotOwners {
+    /// The node `slot` is assigned to in `assignments`.
+    pub fn owner(
+        &mut self,
+        assignments: &imbl::OrdMap<Mac, SlotRef>,
+        slot: &SlotRef,
+    ) -> Option<Mac> {
+        if !self.seen.as_ref().is_some_and(|s| s.ptr_eq(assignments)) {
+            self.by_slot = assignments.iter().map(|(m, s)| (s.clone(), *m)).collect();
+            self.seen = Some(assignments.clone());
+        }
+        self.by_slot.get(slot).copied()
+    }
+}
+
 /// A slow node left where it is: when it is looked at next, and how long the last wait was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SlowStay {

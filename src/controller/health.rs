@@ -64,6 +64,8 @@ pub struct Health {
     pub counts: HealthCounts,
     /// Slots whose previous node was just fenced: the replacement waits until then.
     settling: BTreeMap<SlotRef, u64>,
+    /// Who fills each slot (for the slots under failover), rebuilt when the assignments change.
+    owners: super::failover::SlotOwners,
 }
 
 /// A verdict to act on, taken out of the lock.
@@ -594,11 +596,7 @@ impl Controller {
         let fleet = self.fleet_state();
         let slots: Vec<SlotRef> = self.health().failover.running().keys().cloned().collect();
         for slot in slots {
-            let owner = fleet
-                .assignments
-                .iter()
-                .find(|(_, s)| **s == slot)
-                .map(|(m, _)| *m);
+            let owner = self.health().owners.owner(&fleet.assignments, &slot);
             let wanted = policy.cluster(&slot.cluster).is_some_and(|c| {
                 slot.slot < crate::policy::plan::desired(c, &fleet, now / 1000, &policy.zone)
             });
