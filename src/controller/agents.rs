@@ -32,7 +32,7 @@ pub struct Beat {
 pub struct Agents {
     /// Every node's boot tokens.
     pub(super) book: TokenBook,
-    beats: HashMap<Mac, Beat>,
+    pub(super) beats: HashMap<Mac, Beat>,
     /// The token the node's last heartbeat carried: a heartbeat with another is a new boot's first.
     beat_token: HashMap<Mac, String>,
     orders: HashMap<Mac, Order>,
@@ -73,8 +73,9 @@ impl Agents {
 }
 
 impl Controller {
-    pub(super) fn agents(&self) -> std::sync::MutexGuard<'_, Agents> {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    #[track_caller]
+    pub(super) fn agents(&self) -> super::Part<'_, Agents> {
+        self.part(|c| &c.agents, |c| &mut c.agents)
     }
 
     /// Seconds between heartbeats, from the policy.
@@ -145,10 +146,7 @@ impl Controller {
     fn store_tokens(&self, change: Option<TokenChange>) {
         if let Some(TokenChange::Put(mac, t)) = change {
             let doc = serde_json::to_string(&t).unwrap_or_default();
-            self.tokens_due
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(mac, doc);
+            self.core().tokens_due.insert(mac, doc);
             self.writer_wake.notify_one();
         }
     }

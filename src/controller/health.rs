@@ -79,8 +79,9 @@ struct Acting {
 }
 
 impl Controller {
-    pub(super) fn health(&self) -> std::sync::MutexGuard<'_, Health> {
-        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    #[track_caller]
+    pub(super) fn health(&self) -> super::Part<'_, Health> {
+        self.part(|c| &c.health, |c| &mut c.health)
     }
 
     /// Appends the health counters and gauges in Prometheus text format.
@@ -244,7 +245,14 @@ impl Controller {
     /// Drops watches of nodes that left their role; returns the verdicts to act on.
     fn verdicts(&self, now: u64) -> Vec<Acting> {
         let fleet = self.fleet_state();
-        let mut h = self.health();
+        // The monitors, the running moves and the agents' last beats together, from the one core.
+        let mut core = self.core();
+        let super::Core {
+            health: h,
+            moves,
+            agents,
+            ..
+        } = &mut *core;
         let Health {
             watches, failover, ..
         } = &mut *h;
@@ -254,7 +262,7 @@ impl Controller {
         let mut out = Vec::new();
         let mut cleared = Vec::new();
         for (mac, (slot, w)) in &h.watches {
-            if self.moving(*mac) {
+            if moves.contains_key(mac) {
                 continue;
             }
             match w.check(now) {
@@ -263,7 +271,7 @@ impl Controller {
                         Verdict::Failed {
                             cause: Failure::HeartbeatLost,
                             ..
-                        } => self.last_beat(*mac).map(|b| b.at_ms).unwrap_or(now),
+                        } => agents.beats.get(mac).map(|b| b.at_ms).unwrap_or(now),
                         Verdict::Slow { .. } => w.slow_since().unwrap_or(now),
                         Verdict::Failed { .. } => now,
                     };
@@ -800,14 +808,13 @@ impl Controller {
         let Ok(flags) = self.store.node_flags() else {
             return;
         };
-        let mut fleet = self.fleet();
-        let mut h = self.health();
+        let mut core = self.core();
         for f in flags {
-            if let Some(n) = fleet.state.nodes.get_mut(&f.mac) {
+            if let Some(n) = core.fleet_mut().state.nodes.get_mut(&f.mac) {
                 n.healthy = false;
             }
             if f.quarantined {
-                h.quarantined.insert(f.mac);
+                core.health.quarantined.insert(f.mac);
             }
         }
     }

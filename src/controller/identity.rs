@@ -61,8 +61,9 @@ pub struct TrustStats {
 }
 
 impl Controller {
-    fn identity(&self) -> std::sync::MutexGuard<'_, Identity> {
-        self.identity.lock().unwrap_or_else(|p| p.into_inner())
+    #[track_caller]
+    fn identity(&self) -> super::Part<'_, Identity> {
+        self.part(|c| &c.identity, |c| &mut c.identity)
     }
 
     /// What corral's DHCP saw (called on the DHCP thread before its reply goes out: in memory only).
@@ -366,7 +367,7 @@ impl Controller {
                 f.state.nodes.remove(m);
             }
             drop(f);
-            let mut a = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+            let mut a = self.agents();
             for m in &stale {
                 a.forget(*m);
             }

@@ -396,40 +396,122 @@ fn check_disks(
     Err(Diagnostics::from_paths(&text, path, errs))
 }
 
+/// Everything the controller changes, owned in one place behind one lock ([`Controller::core`]).
+///
+/// Why one lock (as mini-redis keeps its whole database behind one `Mutex`): every change here is a few
+/// map operations in memory (no I/O is ever done under it: store writes go to the store's writer, power
+/// calls and orders to their tasks, after the lock is let go), so a single lock is never held long, and
+/// one owner means no lock order to get wrong: a path that needs the fleet and the monitors together
+/// takes both at once. The request paths do not take it at all for reading: DHCP, scripts, the NBD and
+/// iSCSI rooms and the API read the published [`FleetView`] and boot state, which never wait. Taking the
+/// core twice on one thread is a bug that would deadlock; it panics instead, naming the place.
+pub(crate) struct Core {
+    /// What the planner works on: known nodes and assignments (mirrors the store). Changed only through
+    /// [`FleetGuard`] / [`CoreGuard::fleet_mut`], which publish the outcome to the view.
+    fleet: Fleet,
+    /// Monitors, running failovers, quarantined nodes.
+    health: health::Health,
+    /// DHCP sightings, discovery rates, generated slot secrets: who each node is.
+    identity: identity::Identity,
+    /// Boot tokens, heartbeats and orders of the nodes' agents.
+    agents: agents::Agents,
+    /// Scale-rule samples and what the rules decided.
+    scale: crate::policy::scale::ScaleState,
+    /// Running moves, by node: where their inputs go.
+    moves: HashMap<Mac, tokio::sync::mpsc::UnboundedSender<moves::Input>>,
+    /// Requests since the last commit, merged per node: a node asking a thousand times costs one row.
+    seen: HashMap<Mac, BootsSeen>,
+    /// Boot-token rows to write (newest per node), committed by the writer with `seen`.
+    tokens_due: BTreeMap<Mac, String>,
+}
+
+thread_local! {
+    /// Whether this thread holds the core: a second `core()` on it would deadlock.
+    static CORE_HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The core, held. Changes to the fleet (through [`CoreGuard::fleet_mut`]) publish a new [`FleetView`]
+/// when the guard is let go, still under the lock, so views are published in the order of the changes.
+pub(crate) struct CoreGuard<'a> {
+    core: std::sync::MutexGuard<'a, Core>,
+    view: &'a ArcSwap<FleetView>,
+    fleet_changed: bool,
+}
+
+impl CoreGuard<'_> {
+    fn fleet_mut(&mut self) -> &mut Fleet {
+        self.fleet_changed = true;
+        &mut self.core.fleet
+    }
+}
+
+impl std::ops::Deref for CoreGuard<'_> {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for CoreGuard<'_> {
+    /// Everything but the fleet (which goes through [`CoreGuard::fleet_mut`], so that it is published).
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+}
+
+impl Drop for CoreGuard<'_> {
+    fn drop(&mut self) {
+        if self.fleet_changed {
+            self.view.store(Arc::new(FleetView {
+                state: self.core.fleet.state.clone(),
+                holds: self.core.fleet.holds.clone(),
+            }));
+        }
+        CORE_HELD.with(|h| h.set(false));
+    }
+}
+
+/// One part of the core, held (the whole core is locked): what `health()`, `identity()` and the like
+/// hand out, so a path that needs one part reads as before.
+pub(crate) struct Part<'a, T> {
+    core: CoreGuard<'a>,
+    get: fn(&Core) -> &T,
+    get_mut: fn(&mut Core) -> &mut T,
+}
+
+impl<T> std::ops::Deref for Part<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        (self.get)(&self.core.core)
+    }
+}
+
+impl<T> std::ops::DerefMut for Part<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        (self.get_mut)(&mut self.core.core)
+    }
+}
+
 /// The running controller, shared by the servers.
 pub struct Controller {
     /// The boot state; a reload swaps it whole, and readers never wait for that.
     state: ArcSwap<BootState>,
     store: Store,
-    /// Requests since the last commit, merged per node: a node asking a thousand times costs one row.
-    seen: Mutex<HashMap<Mac, BootsSeen>>,
-    /// Boot-token rows to write (newest per node), committed by the writer with `seen`.
-    tokens_due: Mutex<BTreeMap<Mac, String>>,
     /// Wakes the writer ([`Controller::run_flusher`]) for work that should reach the disk soon.
     writer_wake: tokio::sync::Notify,
-    /// What the planner works on: known nodes and assignments (mirrors the store). Changed only through
-    /// [`FleetGuard`], which publishes the outcome to `view`.
-    fleet: Mutex<Fleet>,
+    /// The one owner of what the controller changes (see [`Core`]).
+    core: Mutex<Core>,
     /// The fleet as of its last change, for the request paths (DHCP, scripts, heartbeats, the API): they
     /// read it without a lock, so they never wait for a writer of the fleet.
     view: ArcSwap<FleetView>,
-    /// Scale-rule samples and what the rules decided.
-    scale: Mutex<crate::policy::scale::ScaleState>,
     /// Base images and slot overlays (the directories are fixed at start).
     disks: crate::disk::DiskSet,
-    /// Boot tokens, heartbeats and orders of the nodes' agents.
-    agents: Mutex<agents::Agents>,
-    /// Running moves, by node: where their inputs go.
-    moves: Mutex<HashMap<Mac, tokio::sync::mpsc::UnboundedSender<moves::Input>>>,
     /// Wakes the mover when the planner decides a move.
     mover_wake: tokio::sync::Notify,
-    /// Monitors, running failovers, quarantined nodes.
-    health: Mutex<health::Health>,
-    /// DHCP sightings, discovery rates, generated slot secrets: who each node is.
-    identity: Mutex<identity::Identity>,
     trust_stats: identity::TrustStats,
-    /// Serialises writes of in-flight work and remembers the last one ([`work`]). Lock order: `work_io`,
-    /// then `fleet`, then `health`.
+    /// One planner at a time, and the in-flight work it last saved ([`work`]). Taken before the core,
+    /// never while holding it; held while a plan is worked out and committed (only planners and the
+    /// saver of in-flight work wait for it, never a request path).
     work_io: Mutex<work::SavedWork>,
     /// Wakes the saver of in-flight work.
     work_dirty: tokio::sync::Notify,
@@ -464,36 +546,21 @@ pub(crate) struct FleetView {
     pub holds: BTreeMap<Mac, SlotRef>,
 }
 
-/// The fleet lock, held: whoever changes the fleet publishes the new [`FleetView`] when letting go, still
-/// under the lock, so views are published in the order the changes were made.
+/// The fleet part of the core, held: a change publishes the new [`FleetView`] when it is let go.
 struct FleetGuard<'a> {
-    fleet: std::sync::MutexGuard<'a, Fleet>,
-    view: &'a ArcSwap<FleetView>,
-    changed: bool,
+    core: CoreGuard<'a>,
 }
 
 impl std::ops::Deref for FleetGuard<'_> {
     type Target = Fleet;
     fn deref(&self) -> &Fleet {
-        &self.fleet
+        &self.core.core.fleet
     }
 }
 
 impl std::ops::DerefMut for FleetGuard<'_> {
     fn deref_mut(&mut self) -> &mut Fleet {
-        self.changed = true;
-        &mut self.fleet
-    }
-}
-
-impl Drop for FleetGuard<'_> {
-    fn drop(&mut self) {
-        if self.changed {
-            self.view.store(Arc::new(FleetView {
-                state: self.fleet.state.clone(),
-                holds: self.fleet.holds.clone(),
-            }));
-        }
+        self.core.fleet_mut()
     }
 }
 
@@ -589,18 +656,20 @@ impl Controller {
         let c = Arc::new(Controller {
             state: ArcSwap::from_pointee(state),
             store,
-            seen: Mutex::new(HashMap::new()),
-            tokens_due: Mutex::new(BTreeMap::new()),
             writer_wake: tokio::sync::Notify::new(),
-            fleet: Mutex::new(fleet),
+            core: Mutex::new(Core {
+                fleet,
+                health: Default::default(),
+                identity: identity::Identity::new(state_rate),
+                agents: Default::default(),
+                scale: Default::default(),
+                moves: HashMap::new(),
+                seen: HashMap::new(),
+                tokens_due: BTreeMap::new(),
+            }),
             view: ArcSwap::from_pointee(view),
-            scale: Mutex::new(Default::default()),
             disks,
-            agents: Mutex::new(Default::default()),
-            moves: Mutex::new(HashMap::new()),
             mover_wake: tokio::sync::Notify::new(),
-            health: Mutex::new(Default::default()),
-            identity: Mutex::new(identity::Identity::new(state_rate)),
             trust_stats: Default::default(),
             work_io: Mutex::new(Default::default()),
             work_dirty: tokio::sync::Notify::new(),
@@ -625,12 +694,39 @@ impl Controller {
         &self.store
     }
 
-    fn fleet(&self) -> FleetGuard<'_> {
-        FleetGuard {
-            fleet: self.fleet.lock().unwrap_or_else(|p| p.into_inner()),
-            view: &self.view,
-            changed: false,
+    /// The core, locked (see [`Core`]: never held across I/O, never taken twice on a thread).
+    #[track_caller]
+    pub(crate) fn core(&self) -> CoreGuard<'_> {
+        if CORE_HELD.with(|h| h.replace(true)) {
+            panic!(
+                "controller core taken twice on one thread (this would deadlock): {}",
+                std::panic::Location::caller()
+            );
         }
+        CoreGuard {
+            core: self.core.lock().unwrap_or_else(|p| p.into_inner()),
+            view: &self.view,
+            fleet_changed: false,
+        }
+    }
+
+    /// One part of the core, locked.
+    #[track_caller]
+    pub(crate) fn part<T>(
+        &self,
+        get: fn(&Core) -> &T,
+        get_mut: fn(&mut Core) -> &mut T,
+    ) -> Part<'_, T> {
+        Part {
+            core: self.core(),
+            get,
+            get_mut,
+        }
+    }
+
+    #[track_caller]
+    fn fleet(&self) -> FleetGuard<'_> {
+        FleetGuard { core: self.core() }
     }
 
     /// The fleet as of its last change, without waiting for anyone.
@@ -737,7 +833,7 @@ impl Controller {
         let mut events: Vec<NewEvent> = Vec::new();
         let targets = {
             let base = |c: &crate::policy::Cluster| plan::base_count(c, now, &policy.zone);
-            let mut scale = self.scale.lock().unwrap_or_else(|p| p.into_inner());
+            let mut scale = self.part(|c| &c.scale, |c| &mut c.scale);
             for f in scale.evaluate(&policy, &base, now) {
                 let verb = if f.delta > 0 { "adds" } else { "removes" };
                 let msg = format!(
@@ -897,9 +993,7 @@ impl Controller {
         if !value.is_finite() {
             return Err("value must be a finite number".into());
         }
-        self.scale
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.part(|c| &c.scale, |c| &mut c.scale)
             .observe(policy, cluster, metric, value, now);
         Ok(())
     }
@@ -927,7 +1021,8 @@ impl Controller {
                 || fleet.manual.contains(&mac)
                 || fleet.steps.contains_key(&mac)
                 || fleet.holds.contains_key(&mac);
-            if pending && !self.moving(mac) {
+            // (The core is held: the running moves are read from it, not through `moving`.)
+            if pending && !fleet.core.moves.contains_key(&mac) {
                 let mut ended = fleet.reboot.remove(&mac).is_some();
                 ended |= fleet.manual.remove(&mac);
                 fleet.steps.remove(&mac);
@@ -960,7 +1055,7 @@ impl Controller {
                 self.maybe_back(mac);
             }
         }
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.part(|c| &c.seen, |c| &mut c.seen);
         match seen.get_mut(&mac) {
             Some(b) => {
                 b.last = now;
@@ -984,18 +1079,17 @@ impl Controller {
 
     /// Commits what the request paths queued (inventory sightings, boot tokens) in one transaction.
     pub fn flush(&self) -> anyhow::Result<()> {
-        let batch: Vec<BootsSeen> =
-            std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
-                .into_values()
-                .collect();
-        let tokens: Vec<(Mac, String)> =
-            std::mem::take(&mut *self.tokens_due.lock().unwrap_or_else(|p| p.into_inner()))
-                .into_iter()
-                .collect();
+        let (batch, tokens): (Vec<BootsSeen>, Vec<(Mac, String)>) = {
+            let mut core = self.core();
+            (
+                std::mem::take(&mut core.seen).into_values().collect(),
+                std::mem::take(&mut core.tokens_due).into_iter().collect(),
+            )
+        };
         if !batch.is_empty() || !tokens.is_empty() {
             if let Err(e) = self.store.record_boots_and_tokens(&batch, &tokens) {
                 // Put back what is not newer in the queue, so the next commit tries again.
-                let mut due = self.tokens_due.lock().unwrap_or_else(|p| p.into_inner());
+                let mut due = self.part(|c| &c.tokens_due, |c| &mut c.tokens_due);
                 for (mac, doc) in tokens {
                     due.entry(mac).or_insert(doc);
                 }

@@ -23,22 +23,14 @@ const TICK: Duration = Duration::from_millis(200);
 impl Controller {
     /// Hands an input to the node's running move, if it has one.
     pub(crate) fn move_input(&self, mac: Mac, input: Input) {
-        if let Some(tx) = self
-            .moves
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&mac)
-        {
+        if let Some(tx) = self.core().moves.get(&mac) {
             let _ = tx.send(input);
         }
     }
 
     /// Whether the node is being moved.
     pub fn moving(&self, mac: Mac) -> bool {
-        self.moves
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&mac)
+        self.core().moves.contains_key(&mac)
     }
 
     /// Ends the node's hold on its old slot's disk; the NBD room closes the export within a second.
@@ -116,10 +108,7 @@ impl Controller {
             boot_timeout_ms: policy.boot_timeout * 1000,
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.moves
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(mac, tx);
+        self.core().moves.insert(mac, tx);
         let slot = |s: &Option<crate::policy::plan::SlotRef>| match s {
             Some(s) => format!("{}/{}", s.cluster, s.slot),
             None => "the pool".into(),
@@ -261,10 +250,7 @@ impl Controller {
         }
         self.work_changed();
         // Only now may a new move start: the state above is settled.
-        self.moves
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&mac);
+        self.core().moves.remove(&mac);
         if !ok {
             self.mark_failed(mac, false, &message);
         }

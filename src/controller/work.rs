@@ -207,8 +207,8 @@ impl Controller {
             // A failed node still in its slot: corral stopped between marking it failed and the plan
             // that takes the slot away. It may be running the role yet, so it holds the slot's disk until
             // it is fenced (`resume_fences`), like any failed node.
-            let mut fleet = self.fleet();
             let quarantined = self.health().quarantined.clone();
+            let mut fleet = self.fleet();
             let stranded: Vec<(Mac, SlotRef)> = fleet
                 .state
                 .assignments
