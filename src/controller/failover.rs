@@ -218,20 +218,46 @@ pub enum Output {
 pub struct SlotOwners {
     seen: Option<imbl::OrdMap<Mac, SlotRef>>,
     by_slot: std::collections::HashMap<SlotRef, Mac>,
+    filled: std::collections::HashMap<String, u32>,
 }
 
 impl SlotOwners {
+    fn refresh(&mut self, assignments: &imbl::OrdMap<Mac, SlotRef>) {
+        if !self.seen.as_ref().is_some_and(|s| s.ptr_eq(assignments)) {
+            self.by_slot = assignments.iter().map(|(m, s)| (s.clone(), *m)).collect();
+            self.filled.clear();
+            for s in assignments.values() {
+                *self.filled.entry(s.cluster.clone()).or_default() += 1;
+            }
+            self.seen = Some(assignments.clone());
+        }
+    }
+
     /// The node `slot` is assigned to in `assignments`.
     pub fn owner(
         &mut self,
         assignments: &imbl::OrdMap<Mac, SlotRef>,
         slot: &SlotRef,
     ) -> Option<Mac> {
-        if !self.seen.as_ref().is_some_and(|s| s.ptr_eq(assignments)) {
-            self.by_slot = assignments.iter().map(|(m, s)| (s.clone(), *m)).collect();
-            self.seen = Some(assignments.clone());
-        }
+        self.refresh(assignments);
         self.by_slot.get(slot).copied()
+    }
+
+    /// Whether a slot under failover is still wanted, by the planner's rule: a slot below the cluster's
+    /// desired count is, while it has a node; an empty one only while the cluster has fewer nodes than
+    /// desired. (The planner fills to a count: when a slot above the desired count could not be
+    /// released yet, say its node is busy, it stands in for the empty one, and nobody is coming for
+    /// that slot; saying "no eligible node" then would be an alert with no truth in it.)
+    pub fn wanted(
+        &mut self,
+        assignments: &imbl::OrdMap<Mac, SlotRef>,
+        slot: &SlotRef,
+        desired: u32,
+    ) -> bool {
+        self.refresh(assignments);
+        slot.slot < desired
+            && (self.by_slot.contains_key(slot)
+                || self.filled.get(&slot.cluster).copied().unwrap_or(0) < desired)
     }
 }
 

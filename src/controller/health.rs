@@ -604,10 +604,15 @@ impl Controller {
         let fleet = self.fleet_state();
         let slots: Vec<SlotRef> = self.health().failover.running().keys().cloned().collect();
         for slot in slots {
-            let owner = self.health().owners.owner(&fleet.assignments, &slot);
-            let wanted = policy.cluster(&slot.cluster).is_some_and(|c| {
-                slot.slot < crate::policy::plan::desired(c, &fleet, now / 1000, &policy.zone)
-            });
+            let (owner, wanted) = {
+                let mut h = self.health();
+                let owner = h.owners.owner(&fleet.assignments, &slot);
+                let wanted = policy.cluster(&slot.cluster).is_some_and(|c| {
+                    let desired = crate::policy::plan::desired(c, &fleet, now / 1000, &policy.zone);
+                    h.owners.wanted(&fleet.assignments, &slot, desired)
+                });
+                (owner, wanted)
+            };
             let view = SlotView {
                 wanted,
                 owner,

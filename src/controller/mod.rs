@@ -9,10 +9,13 @@
 //!
 //! Inventory writes are batched: a script request updates an in-memory queue that a background task
 //! commits to the store every few hundred milliseconds, so a burst of booting nodes costs one transaction,
-//! not one fsync per request.
+//! not one fsync per request. Every store write goes through the store's one writer thread.
 //!
-//! Long because the controller's shared state still lives here; the single-owner core of issue 16 (a pure
-//! core returning effects) is what will take it out.
+//! What the controller changes has one owner, [`Core`], behind one lock (the reason is written there);
+//! the request paths read published snapshots ([`FleetView`], the boot state) and never wait for it.
+//!
+//! Long because the core, its guards and the planner's commit path live here; the core's methods are
+//! not yet pure functions returning effects (the simulator still mirrors the shell by hand).
 
 pub mod agents;
 pub mod boot_plan;

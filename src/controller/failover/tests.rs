@@ -392,3 +392,31 @@ fn restored_failovers_keep_the_running_one() {
     let back: Failover = serde_json::from_str(&json).unwrap();
     assert_eq!(back, other);
 }
+
+#[test]
+fn slot_owners_follow_the_assignments_and_say_which_empty_slots_are_wanted() {
+    let at = |s: u32| SlotRef {
+        cluster: "web".into(),
+        slot: s,
+    };
+    let mut a: imbl::OrdMap<Mac, SlotRef> = imbl::OrdMap::new();
+    for s in [0, 2, 3] {
+        a.insert(mac(s as u8 + 10), at(s));
+    }
+    let mut o = SlotOwners::default();
+    assert_eq!(o.owner(&a, &at(2)), Some(mac(12)));
+    assert_eq!(o.owner(&a, &at(1)), None);
+    // Desired 4, three nodes: the empty slot 1 is wanted (the planner will fill it).
+    assert!(o.wanted(&a, &at(1), 4));
+    // Desired 3 with slot 3 still held above it (say, busy): the count is met, nobody comes for slot 1.
+    assert!(!o.wanted(&a, &at(1), 3));
+    // A slot with a node is wanted while below the desired count; at or above it, never.
+    assert!(o.wanted(&a, &at(2), 3));
+    assert!(!o.wanted(&a, &at(3), 3));
+    // A change to the assignments is seen (the index is rebuilt), and only then.
+    a.insert(mac(11), at(1));
+    assert_eq!(o.owner(&a, &at(1)), Some(mac(11)));
+    a.remove(&mac(12));
+    assert_eq!(o.owner(&a, &at(2)), None);
+    assert!(o.wanted(&a, &at(2), 4));
+}
