@@ -93,7 +93,7 @@ EOF
   ip netns exec $c "$driver" --http 10.55.0.1:18090 --relay 10.55.0.2 --server 10.55.0.1 \
     --nodes "$NODES" --secs "$SECS" --replans 50 --scripts 200 --dhcp 100 --beat-secs 5
   # corral's own count of what DHCP received and answered, and anything it refused
-  ip netns exec $c curl -s http://10.55.0.1:18090/metrics | grep -E '^corral_dhcp_(received|replies|malformed|ignored|store_errors)' | tr '\n' ' '; echo
+  ip netns exec $c curl -s http://10.55.0.1:18090/metrics | grep -E '^corral_(dhcp_(received|replies|malformed|ignored|store_errors)|store_(commits|commits_synced|writes)_total)' | tr '\n' ' '; echo
   grep -iE ' (WARN|ERROR) ' "$W/log" | tail -3 || true
   kill $cp; wait $cp 2>/dev/null || true
 }

@@ -1443,7 +1443,7 @@ fn small_farms_a_day_each() {
     }
 }
 
-/// The scenario: 5,000 nodes, 100 clusters, a simulated week. Too slow unoptimised: run with
+/// The scenario: 5,000 nodes, 100 clusters, a simulated week (about 2.5 min). Too slow unoptimised: run with
 /// `--release` (tests/run.sh does).
 #[test]
 #[cfg_attr(debug_assertions, ignore = "run with --release (tests/run.sh does)")]
