@@ -120,6 +120,10 @@ kinds! {
     FailoverDone = "failover-done",
     /// A failover under way when corral stopped is followed again after its restart.
     FailoverResumed = "failover-resumed",
+    /// Several nodes in a row failed to boot into a slot: no node is put in it for a while.
+    SlotBlocked = "slot-blocked",
+    /// A blocked slot may be filled again (its time ran out, or the policy was reloaded).
+    SlotUnblocked = "slot-unblocked",
 }
 
 impl fmt::Display for EventKind {

@@ -181,6 +181,22 @@ enum Ev {
         epoch: u64,
     },
     Fault,
+    /// A cluster's broken image is fixed (the operator reloads the policy and power-cycles the nodes
+    /// that hung on it).
+    ImageFixed {
+        cluster: String,
+    },
+}
+
+/// A cluster whose image does not boot: every node that boots into it hangs after fetching its script.
+#[derive(Debug, Default)]
+struct Broken {
+    since: u64,
+    until: u64,
+    /// corral restarts during the episode (each forgets the slots it had blocked).
+    restarts: u64,
+    /// Nodes that hung on it, per slot.
+    hung: BTreeMap<u32, BTreeSet<usize>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +235,10 @@ struct Ctl {
     moves: BTreeMap<Mac, Move>,
     failovers: Failovers,
     owners: failover::SlotOwners,
+    /// Nodes that failed to come up in slots they were moved into (in memory, as in the controller).
+    boot_failures: failover::BootFailures,
+    /// Nodes whose running move switched them on into their new place.
+    powered_on: BTreeSet<Mac>,
     watches: HashMap<Mac, (SlotRef, NodeWatch)>,
     quarantined: BTreeSet<Mac>,
     /// Nodes in a role whose agent ran in that role (the token of the boot was used): watched again
@@ -252,6 +272,10 @@ struct Figures {
     restarts: u64,
     moves_done: u64,
     failovers_done: u64,
+    /// Slots blocked after nodes in a row failed to come up in them.
+    blocked: u64,
+    /// Nodes that hung on a broken image.
+    hung: u64,
 }
 
 struct Sim {
@@ -276,6 +300,8 @@ struct Sim {
     trail: HashMap<usize, std::collections::VecDeque<String>>,
     /// Wall-clock limit of the run: a sign the simulation is stuck, not a figure.
     fault_every: u64,
+    /// Clusters whose image does not boot now.
+    broken: BTreeMap<String, Broken>,
 }
 
 impl Sim {
@@ -326,6 +352,7 @@ impl Sim {
             fig: Figures::default(),
             trail: HashMap::new(),
             fault_every,
+            broken: BTreeMap::new(),
         };
         // Every node is switched on at the start and discovered when it first asks for a script.
         for i in 0..nodes {
@@ -427,6 +454,9 @@ impl Sim {
     fn replan(&mut self, why: &'static str) {
         self.fig.plans += 1;
         *self.fig.plan_why.entry(why).or_default() += 1;
+        for slot in self.ctl.boot_failures.expire(self.now) {
+            self.ctl.state.blocked.remove(&slot);
+        }
         let now_s = self.now / 1000;
         let t = Instant::now();
         let actions = plan::plan(&self.policy, &self.ctl.state, now_s);
@@ -514,7 +544,16 @@ impl Sim {
         }
         for c in &self.policy.clusters {
             let have = count.get(c.spec.name.as_str()).copied().unwrap_or(0);
-            if have < c.spec.min {
+            // Blocked slots (nodes in a row did not come up in them) take no node: a cluster left with
+            // fewer open slots than its minimum cannot reach it.
+            let blocked = self
+                .ctl
+                .state
+                .blocked
+                .iter()
+                .filter(|s| s.cluster == c.spec.name)
+                .count() as u32;
+            if have < c.spec.min && c.spec.max.saturating_sub(blocked) >= c.spec.min {
                 if let Some(i) = self.idle_compatible(&c.spec.name, &idle) {
                     self.violation(format!(
                         "{} has {have} < min {} nodes while {} is idle and compatible",
@@ -564,9 +603,24 @@ impl Sim {
                     self.close_export(i);
                 }
                 moves::Output::Event { kind, .. } => {
+                    if kind == corral::events::EventKind::MovePowerOn {
+                        self.ctl.powered_on.insert(m);
+                    }
                     *self.fig.events.entry(kind.to_string()).or_default() += 1
                 }
                 moves::Output::Finished { ok, .. } => {
+                    let powered_on = self.ctl.powered_on.remove(&m);
+                    if !ok && powered_on {
+                        // As the mover does: a node that did not come up counts against its slot.
+                        if let Some(slot) = self.slot_of(m).cloned() {
+                            let limit = self.rules(&slot.cluster).attempts;
+                            if self.ctl.boot_failures.failed(&slot, m, self.now, limit) {
+                                self.note(i, || format!("blocks {}/{}", slot.cluster, slot.slot));
+                                self.ctl.state.blocked.insert(slot);
+                                self.fig.blocked += 1;
+                            }
+                        }
+                    }
                     self.ctl.moves.remove(&m);
                     self.ctl.holds.remove(&m);
                     self.close_export_unless_current(i);
@@ -877,6 +931,7 @@ impl Sim {
                 self.ctl
                     .owners
                     .wanted(&self.ctl.state.assignments, &slot, desired)
+                    && !self.ctl.state.blocked.contains(&slot)
             });
             let view = SlotView {
                 wanted,
@@ -920,6 +975,20 @@ impl Sim {
         match self.slot_of(m).cloned() {
             // A node being moved into this slot boots into it too (the controller serves its script and
             // its agent's heartbeat in the new role confirms the move).
+            Some(slot) if self.bootable(m, &slot) && self.broken.contains_key(&slot.cluster) => {
+                // The image does not boot: the node fetched its script and hangs (no disk opened, no
+                // agent, no sign of it).
+                self.hw[i].power = Power::Booting;
+                self.note(i, || {
+                    format!(
+                        "hangs booting {}/{}'s broken image",
+                        slot.cluster, slot.slot
+                    )
+                });
+                if let Some(b) = self.broken.get_mut(&slot.cluster) {
+                    b.hung.entry(slot.slot).or_default().insert(i);
+                }
+            }
             Some(slot) if self.bootable(m, &slot) => {
                 self.attach(i, &slot);
                 self.hw[i].power = Power::Up;
@@ -1106,6 +1175,7 @@ impl Sim {
                     Purpose::Restart | Purpose::Wake => {}
                 }
             }
+            Ev::ImageFixed { cluster } => self.image_fixed(&cluster),
             Ev::Fault => {
                 self.fault();
                 let next = self.now + self.rng.range(1, 2 * self.fault_every);
@@ -1123,7 +1193,8 @@ impl Sim {
             60..=74 => "BMC fails",
             75..=84 => "boot hangs",
             85..=94 => "corral restarts",
-            _ => "policy edit",
+            95..=97 => "policy edit",
+            _ => "image breaks",
         };
         *self.fig.faults.entry(kind).or_default() += 1;
         self.suspects.insert(i);
@@ -1139,6 +1210,7 @@ impl Sim {
             "BMC fails" => self.hw[i].bmc_bad_until = now + self.rng.range(30 * SEC, 20 * MIN),
             "boot hangs" => self.hw[i].hang_next_boot = true,
             "corral restarts" => self.restart(),
+            "image breaks" => self.break_image(),
             _ => self.edit_policy(),
         }
     }
@@ -1172,10 +1244,16 @@ impl Sim {
     /// `controller::work::restore_work` does, and answers to calls made before are lost.
     fn restart(&mut self) {
         self.fig.restarts += 1;
+        for b in self.broken.values_mut() {
+            b.restarts += 1;
+        }
         let before = self.kept();
         self.epoch += 1;
+        // Blocked slots are in memory only, in the controller too: a restart forgets them.
+        let mut state = self.ctl.state.clone();
+        state.blocked.clear();
         let mut ctl = Ctl {
-            state: self.ctl.state.clone(),
+            state,
             holds: self.ctl.holds.clone(),
             quarantined: self.ctl.quarantined.clone(),
             ran: self.ctl.ran.clone(),
@@ -1231,6 +1309,62 @@ impl Sim {
             ));
         }
         self.replan("restart");
+    }
+
+    /// One cluster's image stops booting for a while (a bad build, a broken disk base).
+    fn break_image(&mut self) {
+        let c = self.rng.below(self.policy.clusters.len() as u64) as usize;
+        let name = self.policy.clusters[c].spec.name.clone();
+        if self.broken.contains_key(&name) {
+            return;
+        }
+        let until = self.now + self.rng.range(20 * MIN, 2 * HOUR);
+        self.broken.insert(
+            name.clone(),
+            Broken {
+                since: self.now,
+                until,
+                ..Default::default()
+            },
+        );
+        self.at(until, Ev::ImageFixed { cluster: name });
+    }
+
+    /// The image is fixed: the operator reloads the policy (which unblocks every slot, as the
+    /// controller's reload does) and power-cycles the nodes that hung. Checked: the broken image took at
+    /// most its slots' worth of nodes, a few per slot, never the pool: per slot, the cluster's attempts for
+    /// each block it needed (the first, one per block that ran out, one per corral restart that forgot
+    /// it), and the one node a plain assignment leaves hanging.
+    fn image_fixed(&mut self, cluster: &str) {
+        let Some(b) = self.broken.remove(cluster) else {
+            return;
+        };
+        let limit = self.rules(cluster).attempts as u64;
+        let blocks = 1 + (b.until - b.since) / failover::SLOT_BLOCK_MS + b.restarts;
+        let bound = limit * blocks + 1;
+        for (slot, nodes) in &b.hung {
+            self.fig.hung += nodes.len() as u64;
+            if nodes.len() as u64 > bound {
+                let list: Vec<String> = nodes.iter().map(|i| mac(*i).to_string()).collect();
+                self.violation(format!(
+                    "{cluster}/{slot}'s broken image took {} nodes (at most {bound} expected): {}",
+                    nodes.len(),
+                    list.join(" ")
+                ));
+            }
+        }
+        for slot in self.ctl.boot_failures.clear() {
+            self.ctl.state.blocked.remove(&slot);
+        }
+        for nodes in b.hung.values() {
+            for &i in nodes {
+                if self.hw[i].power == Power::Booting {
+                    self.power_off(i);
+                    self.power_on_at(i, self.now + SEC);
+                }
+            }
+        }
+        self.replan("policy edit");
     }
 
     /// An operator edits the policy: one cluster's default changes.
@@ -1410,7 +1544,7 @@ fn report(r: &Run, nodes: usize) {
     let f = &r.fig;
     let faults: u64 = f.faults.values().sum();
     println!(
-        "seed {}: {nodes} nodes, {:.1} simulated days, {} steps, {} faults {:?}, {} invariant checks, {} plans ({:.1} ms each), {} restarts, {} moves done, {} failovers done, {} alerts, wall {:.1} s",
+        "seed {}: {nodes} nodes, {:.1} simulated days, {} steps, {} faults {:?}, {} invariant checks, {} plans ({:.1} ms each), {} restarts, {} moves done, {} failovers done, {} alerts, {} slots blocked, {} nodes hung on broken images, wall {:.1} s",
         r.seed,
         r.sim_ms as f64 / DAY as f64,
         f.steps,
@@ -1423,6 +1557,8 @@ fn report(r: &Run, nodes: usize) {
         f.moves_done,
         f.failovers_done,
         f.alerts,
+        f.blocked,
+        f.hung,
         r.wall.as_secs_f64()
     );
 }
@@ -1479,12 +1615,14 @@ fn campaign() {
         total.restarts += r.fig.restarts;
         total.failovers_done += r.fig.failovers_done;
         total.moves_done += r.fig.moves_done;
+        total.blocked += r.fig.blocked;
+        total.hung += r.fig.hung;
         for (k, v) in r.fig.faults {
             *total.faults.entry(k).or_default() += v;
         }
     }
     println!(
-        "campaign: {seeds} seeds × {days} days × {nodes} nodes: {} steps, {} faults {:?}, {} invariant checks, {} restarts, {} moves, {} failovers, 0 violations, wall {:.1} s",
+        "campaign: {seeds} seeds × {days} days × {nodes} nodes: {} steps, {} faults {:?}, {} invariant checks, {} restarts, {} moves, {} failovers, {} slots blocked, {} nodes hung on broken images, 0 violations, wall {:.1} s",
         total.steps,
         total.faults.values().sum::<u64>(),
         total.faults,
@@ -1492,6 +1630,8 @@ fn campaign() {
         total.restarts,
         total.moves_done,
         total.failovers_done,
+        total.blocked,
+        total.hung,
         t0.elapsed().as_secs_f64()
     );
 }

@@ -261,6 +261,68 @@ impl SlotOwners {
     }
 }
 
+/// How long a slot stays blocked after nodes failed to boot into it (see [`BootFailures`]).
+pub const SLOT_BLOCK_MS: u64 = 30 * 60 * 1000;
+
+/// Nodes that failed to come up in a slot they were moved into ("no sign of the node after power-on"),
+/// per slot. One such failure is the node's; several different nodes in a row, within
+/// [`CHURN_WINDOW_MS`], are the slot's (its image or disk does not boot): the slot is blocked for
+/// [`SLOT_BLOCK_MS`], or until the policy is reloaded, so that the planner stops handing it node after
+/// node. Without this a slot nobody can boot into takes the whole pool, one failed node every boot
+/// timeout, each switched off and marked failed (the simulator showed half a farm lost that way).
+#[derive(Debug, Default, Clone)]
+pub struct BootFailures {
+    recent: BTreeMap<SlotRef, Vec<(Mac, u64)>>,
+    blocked: BTreeMap<SlotRef, u64>,
+}
+
+impl BootFailures {
+    /// `mac` failed to come up in `slot` at `now`; returns whether that blocks the slot (`limit`
+    /// different nodes within the window, the cluster's failover attempts).
+    pub fn failed(&mut self, slot: &SlotRef, mac: Mac, now: u64, limit: u32) -> bool {
+        if self.blocked.contains_key(slot) {
+            return false;
+        }
+        let list = self.recent.entry(slot.clone()).or_default();
+        list.retain(|(m, t)| now.saturating_sub(*t) < CHURN_WINDOW_MS && *m != mac);
+        list.push((mac, now));
+        if list.len() >= limit.max(1) as usize {
+            self.recent.remove(slot);
+            self.blocked.insert(slot.clone(), now + SLOT_BLOCK_MS);
+            return true;
+        }
+        false
+    }
+
+    /// Slots whose block ran out by `now` (they are unblocked).
+    pub fn expire(&mut self, now: u64) -> Vec<SlotRef> {
+        let done: Vec<SlotRef> = self
+            .blocked
+            .iter()
+            .filter(|(_, until)| now >= **until)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in &done {
+            self.blocked.remove(s);
+        }
+        self.recent.retain(|_, l| {
+            l.retain(|(_, t)| now.saturating_sub(*t) < CHURN_WINDOW_MS);
+            !l.is_empty()
+        });
+        done
+    }
+
+    /// Unblocks every slot (a policy reload: the image may be fixed); returns them.
+    pub fn clear(&mut self) -> Vec<SlotRef> {
+        self.recent.clear();
+        std::mem::take(&mut self.blocked).into_keys().collect()
+    }
+
+    pub fn is_blocked(&self, slot: &SlotRef) -> bool {
+        self.blocked.contains_key(slot)
+    }
+}
+
 /// A slow node left where it is: when it is looked at next, and how long the last wait was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SlowStay {

@@ -346,7 +346,7 @@ impl Controller {
         }
     }
 
-    fn event(
+    pub(super) fn event(
         &self,
         kind: EventKind,
         mac: Option<Mac>,
@@ -434,7 +434,7 @@ impl Controller {
     }
 
     /// The cluster's failover rules, from the running policy.
-    fn failover_rules(&self, cluster: &str) -> Option<Rules> {
+    pub(super) fn failover_rules(&self, cluster: &str) -> Option<Rules> {
         let state = self.state();
         let policy = state.policy.as_ref()?;
         let h = policy.cluster(cluster).map(|c| c.spec.health());
@@ -609,7 +609,9 @@ impl Controller {
                 let owner = h.owners.owner(&fleet.assignments, &slot);
                 let wanted = policy.cluster(&slot.cluster).is_some_and(|c| {
                     let desired = crate::policy::plan::desired(c, &fleet, now / 1000, &policy.zone);
+                    // A blocked slot gets no node for now: nothing to wait for.
                     h.owners.wanted(&fleet.assignments, &slot, desired)
+                        && !fleet.blocked.contains(&slot)
                 });
                 (owner, wanted)
             };

@@ -538,6 +538,9 @@ struct Fleet {
     /// Nodes discovered so far (a counter): a plan made from a copy with `arrivals = n` has seen the
     /// first n, so a discovery it covers need not plan again.
     arrivals: u64,
+    /// Nodes that did not come up in the slots they were moved into; blocked slots are mirrored in
+    /// `state.blocked` for the planner.
+    boot_failures: failover::BootFailures,
 }
 
 /// What readers see of the fleet: a copy published by each change. Copies are cheap (the planner's maps
@@ -780,6 +783,7 @@ impl Controller {
             }
         };
         let summary = describe_change(self.state().policy.as_deref(), next.policy.as_deref());
+        let mut unblocked = Vec::new();
         {
             let mut fleet = self.fleet();
             let policy = next.policy.clone();
@@ -797,6 +801,28 @@ impl Controller {
                 n.tags = fresh.tags;
                 n.cpus = fresh.cpus.or(n.cpus);
             }
+            // The policy (and with it, maybe, the image that would not boot) changed: blocked slots may
+            // be tried again.
+            for slot in fleet.boot_failures.clear() {
+                fleet.state.blocked.remove(&slot);
+                unblocked.push(slot);
+            }
+        }
+        for slot in unblocked {
+            let _ = self.store.apply(
+                &[],
+                &[NewEvent {
+                    at: now,
+                    kind: EventKind::SlotUnblocked,
+                    cluster: Some(slot.cluster.clone()),
+                    node: None,
+                    message: format!(
+                        "{}/{} may be filled again: the policy was reloaded",
+                        slot.cluster, slot.slot
+                    ),
+                    secs: None,
+                }],
+            );
         }
         self.state.store(Arc::new(next));
         let _ = self
@@ -859,6 +885,22 @@ impl Controller {
         let copy = {
             let mut fleet = self.fleet();
             fleet.state.scale_targets = targets;
+            for slot in fleet.boot_failures.expire(now * 1000) {
+                fleet.state.blocked.remove(&slot);
+                events.push(NewEvent {
+                    at: now,
+                    kind: EventKind::SlotUnblocked,
+                    cluster: Some(slot.cluster.clone()),
+                    node: None,
+                    message: format!(
+                        "{}/{} may be filled again: its block of {} min ran out",
+                        slot.cluster,
+                        slot.slot,
+                        failover::SLOT_BLOCK_MS / 60_000
+                    ),
+                    secs: None,
+                });
+            }
             fleet.clone()
         };
         let arrivals = copy.arrivals;

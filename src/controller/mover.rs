@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::agents::unix_ms;
 use super::moves::{Call, Input, Move, MoveSpec, Output};
 use super::Controller;
-use crate::domain::Mac;
+use crate::domain::{Mac, SlotRef};
 use crate::power::{PowerDriver, PowerState};
 use crate::store::NewEvent;
 
@@ -176,6 +176,9 @@ impl Controller {
         let (mut m, first) = Move::start(spec, 0);
         let mut queue: VecDeque<Output> = first.into();
         let mut fenced = false;
+        // Whether the node was switched on into its new place: a move that fails after that is a boot
+        // that did not come up (the node's fault, or the slot's when several nodes fail in a row).
+        let mut powered_on = false;
         let outcome = loop {
             let mut finished = None;
             while let Some(o) = queue.pop_front() {
@@ -211,6 +214,7 @@ impl Controller {
                         message,
                         secs,
                     } => {
+                        powered_on |= kind == EventKind::MovePowerOn;
                         self.fleet().steps.insert(mac, kind.to_string());
                         self.work_changed();
                         self.move_event(mac, cluster.clone(), kind, message, Some(secs))
@@ -252,6 +256,9 @@ impl Controller {
         // Only now may a new move start: the state above is settled.
         self.core().moves.remove(&mac);
         if !ok {
+            if let (true, Some(slot)) = (powered_on, self.slot_of(mac)) {
+                self.boot_failed_in(mac, &slot);
+            }
             self.mark_failed(mac, false, &message);
         }
         if let (true, Some(s)) = (keep_hold, held) {
@@ -284,6 +291,45 @@ impl Controller {
             if let Err(e) = self.replan(crate::unix_now()) {
                 tracing::error!(error = %e, "planning after a failed move failed");
             }
+        }
+    }
+}
+
+impl Controller {
+    /// `mac` did not come up in `slot` after a move: counted against the slot, which is blocked when
+    /// the cluster's failover attempts' worth of different nodes failed in it in a row.
+    fn boot_failed_in(&self, mac: Mac, slot: &SlotRef) {
+        let limit = self.failover_rules(&slot.cluster).map_or(3, |r| r.attempts);
+        let now_ms = unix_ms();
+        let blocked = {
+            let mut fleet = self.fleet();
+            let blocked = fleet.boot_failures.failed(slot, mac, now_ms, limit);
+            if blocked {
+                fleet.state.blocked.insert(slot.clone());
+            }
+            blocked
+        };
+        if blocked {
+            self.alert(
+                Some(mac),
+                Some(&slot.cluster),
+                format!(
+                    "{limit} nodes in a row failed to come up in {}/{} (the last: {mac}): no node is put in it for {} min or until the policy is reloaded; check its image and disk",
+                    slot.cluster,
+                    slot.slot,
+                    super::failover::SLOT_BLOCK_MS / 60_000
+                ),
+            );
+            self.event(
+                EventKind::SlotBlocked,
+                Some(mac),
+                Some(&slot.cluster),
+                format!(
+                    "{}/{} is blocked: {limit} nodes in a row failed to come up in it",
+                    slot.cluster, slot.slot
+                ),
+                None,
+            );
         }
     }
 }

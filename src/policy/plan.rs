@@ -76,6 +76,9 @@ pub struct State {
     /// Nodes the health monitors found slow: their slot moves to a node at least as capable (more
     /// capable first, where facts tell) when one is free or may be preempted; otherwise they stay.
     pub slow: BTreeSet<Mac>,
+    /// Slots no node is put in for now: several nodes in a row failed to boot into them (a broken image
+    /// or disk; see `controller::failover::BootFailures`). A cluster fills other free slots instead.
+    pub blocked: BTreeSet<SlotRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -440,7 +443,16 @@ impl Fill<'_> {
     }
 
     fn lowest_free_slot(&self, ci: usize) -> Option<u32> {
-        (0..self.policy.clusters[ci].spec.max).find(|s| !self.slots[ci].contains_key(s))
+        let name = &self.policy.clusters[ci].spec.name;
+        let blocked = |s: u32| {
+            !self.state.blocked.is_empty()
+                && self.state.blocked.contains(&SlotRef {
+                    cluster: name.clone(),
+                    slot: s,
+                })
+        };
+        (0..self.policy.clusters[ci].spec.max)
+            .find(|s| !self.slots[ci].contains_key(s) && !blocked(*s))
     }
 
     fn place(&mut self, ci: usize, slot: u32, mac: Mac) -> SlotRef {

@@ -420,3 +420,30 @@ fn slot_owners_follow_the_assignments_and_say_which_empty_slots_are_wanted() {
     assert_eq!(o.owner(&a, &at(2)), None);
     assert!(o.wanted(&a, &at(2), 4));
 }
+
+#[test]
+fn different_nodes_failing_to_come_up_in_one_slot_block_it_for_a_while() {
+    let mut b = BootFailures::default();
+    let s = slot();
+    // The same node failing again counts once; other nodes within the window add up.
+    assert!(!b.failed(&s, mac(1), 0, 3));
+    assert!(!b.failed(&s, mac(1), 1_000, 3));
+    assert!(!b.failed(&s, mac(2), 2_000, 3));
+    assert!(!b.is_blocked(&s));
+    assert!(b.failed(&s, mac(3), 3_000, 3), "the third node blocks it");
+    assert!(b.is_blocked(&s));
+    assert!(!b.failed(&s, mac(4), 4_000, 3), "blocked once");
+    assert_eq!(b.expire(3_000 + SLOT_BLOCK_MS - 1), Vec::<SlotRef>::new());
+    assert_eq!(b.expire(3_000 + SLOT_BLOCK_MS), vec![slot()]);
+    assert!(!b.is_blocked(&s));
+    // Failures spread wider than the window never add up.
+    let mut t = 10 * SLOT_BLOCK_MS;
+    for n in 10..20 {
+        assert!(!b.failed(&s, mac(n), t, 3));
+        t += CHURN_WINDOW_MS / 2 + 1;
+    }
+    // A reload unblocks everything at once.
+    b.failed(&s, mac(30), t, 1);
+    assert_eq!(b.clear(), vec![slot()]);
+    assert!(!b.is_blocked(&s));
+}

@@ -598,3 +598,31 @@ fn a_slow_node_hands_its_slot_to_a_capable_node_or_stays() {
     pol2.clusters[1].spec.min = 1;
     assert_eq!(plan(&pol2, &st, MON_0759), vec![]);
 }
+
+#[test]
+fn a_blocked_slot_gets_no_node_and_the_cluster_fills_another() {
+    let pol = policy(vec![spec("app", 1, 0, 4, 2, false)], 0);
+    let mut st = State {
+        nodes: nodes(3),
+        ..Default::default()
+    };
+    st.assignments.insert(mac(0), slot("app", 0));
+    st.blocked.insert(slot("app", 1));
+    let acts = plan(&pol, &st, 0);
+    assert_eq!(
+        acts,
+        vec![Action::Assign {
+            node: mac(1),
+            to: slot("app", 2),
+            image: "app-img".into()
+        }]
+    );
+    // With every free slot blocked the cluster stays short, and says so.
+    st.blocked.extend([slot("app", 2), slot("app", 3)]);
+    let acts = plan(&pol, &st, 0);
+    assert!(
+        acts.iter().all(|a| matches!(a, Action::Alert { .. })),
+        "{acts:?}"
+    );
+    assert!(!acts.is_empty());
+}
