@@ -130,12 +130,25 @@ impl Controller {
     /// The token for the script `mac` is fetching (from its own address) to boot into `role`: the same
     /// within one boot, a new one for a new boot (see [`TokenBook::for_script`]).
     pub fn script_token(&self, mac: Mac, role: Option<&SlotRef>, now: u64) -> String {
-        let epoch = self.dhcp_epoch(mac);
-        let (token, change) = self
-            .agents()
+        // One turn of the core: the boot DHCP counts, the token, and the row queued for the writer.
+        let mut core = self.core();
+        let epoch = core.identity.sightings.epoch(mac);
+        let (token, change) = core
+            .agents
             .book
             .for_script(mac, epoch, role, now, new_token);
-        self.store_tokens(change);
+        let queued = match change {
+            Some(TokenChange::Put(m, t)) => {
+                let doc = serde_json::to_string(&t).unwrap_or_default();
+                core.tokens_due.insert(m, doc);
+                true
+            }
+            _ => false,
+        };
+        drop(core);
+        if queued {
+            self.writer_wake.notify_one();
+        }
         token
     }
 

@@ -25,7 +25,7 @@ const SIGHTINGS_CAP: usize = 65_536;
 const RATE_PEERS: usize = 4096;
 
 pub struct Identity {
-    sightings: Sightings,
+    pub(super) sightings: Sightings,
     rate: PeerRate,
     /// With `boot.trust_request_address`: the address each node's last script request came from.
     request: HashMap<Mac, IpAddr>,

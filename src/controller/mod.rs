@@ -1053,72 +1053,86 @@ impl Controller {
 
     /// Records that a node asked for its script (committed by [`Controller::flush`]).
     pub fn node_seen(&self, mac: Mac, facts: NodeFacts, now: u64) {
-        if let Some(policy) = self.state().policy.clone() {
-            let mut fleet = self.fleet();
-            let known = fleet
-                .state
-                .nodes
-                .get(&mac)
-                .is_some_and(|n| n.arch.is_some() || facts.buildarch.is_none());
-            // A node that boots on its own (not in a move) has done its restart and left its old role.
-            // Looked at before anything is written: most requests end nothing, and a write publishes.
-            let pending = fleet.reboot.contains_key(&mac)
-                || fleet.manual.contains(&mac)
-                || fleet.steps.contains_key(&mac)
-                || fleet.holds.contains_key(&mac);
-            // (The core is held: the running moves are read from it, not through `moving`.)
-            if pending && !fleet.core.moves.contains_key(&mac) {
-                let mut ended = fleet.reboot.remove(&mac).is_some();
-                ended |= fleet.manual.remove(&mac);
-                fleet.steps.remove(&mac);
-                // A failed node keeps its hold until it is fenced; any other restart ends it.
-                if fleet.state.nodes.get(&mac).is_none_or(|n| n.healthy) {
-                    ended |= fleet.holds.remove(&mac).is_some();
-                }
-                if ended {
-                    self.work_changed();
-                }
-            }
-            if !known {
-                // Discovered (or first facts for a listed node): into the pool, and plan at once so its first
-                // request already gets its role.
-                let prior = fleet.state.nodes.get(&mac).cloned();
-                let mut n = node_state(mac, &facts, Some(&policy));
-                if let Some(p) = prior {
-                    n.last_moved = p.last_moved;
-                    n.busy = p.busy;
-                }
-                fleet.state.nodes.insert(mac, n);
-                fleet.arrivals += 1;
-                let arrival = fleet.arrivals;
-                drop(fleet);
-                if let Err(e) = self.replan_covering(now, Some(arrival)) {
-                    tracing::error!(error = %e, "planning after discovery failed");
-                }
-            } else {
-                drop(fleet);
-                self.maybe_back(mac);
-            }
-        }
-        let mut seen = self.part(|c| &c.seen, |c| &mut c.seen);
-        match seen.get_mut(&mac) {
+        let policy = self.state().policy.clone();
+        // One turn of the core for the usual request (a known node asking again): the sighting queued
+        // for the writer, a pending restart ended, and whether it may be a failed node back.
+        let mut core = self.core();
+        match core.seen.get_mut(&mac) {
             Some(b) => {
                 b.last = now;
                 b.count += 1;
-                merge_facts(&mut b.facts, facts);
+                merge_facts(&mut b.facts, facts.clone());
             }
             None => {
-                seen.insert(
+                core.seen.insert(
                     mac,
                     BootsSeen {
                         mac,
-                        facts,
+                        facts: facts.clone(),
                         first: now,
                         last: now,
                         count: 1,
                     },
                 );
             }
+        }
+        let Some(policy) = policy else {
+            return;
+        };
+        let fleet = &core.fleet;
+        let known = fleet
+            .state
+            .nodes
+            .get(&mac)
+            .is_some_and(|n| n.arch.is_some() || facts.buildarch.is_none());
+        // A node that boots on its own (not in a move) has done its restart and left its old role.
+        // Looked at before anything is written: most requests end nothing, and a write publishes.
+        let pending = fleet.reboot.contains_key(&mac)
+            || fleet.manual.contains(&mac)
+            || fleet.steps.contains_key(&mac)
+            || fleet.holds.contains_key(&mac);
+        if pending && !core.moves.contains_key(&mac) {
+            let fleet = core.fleet_mut();
+            let mut ended = fleet.reboot.remove(&mac).is_some();
+            ended |= fleet.manual.remove(&mac);
+            fleet.steps.remove(&mac);
+            // A failed node keeps its hold until it is fenced; any other restart ends it.
+            if fleet.state.nodes.get(&mac).is_none_or(|n| n.healthy) {
+                ended |= fleet.holds.remove(&mac).is_some();
+            }
+            if ended {
+                self.work_changed();
+            }
+        }
+        if !known {
+            // Discovered (or first facts for a listed node): into the pool, and plan at once so its first
+            // request already gets its role.
+            let fleet = core.fleet_mut();
+            let prior = fleet.state.nodes.get(&mac).cloned();
+            let mut n = node_state(mac, &facts, Some(&policy));
+            if let Some(p) = prior {
+                n.last_moved = p.last_moved;
+                n.busy = p.busy;
+            }
+            fleet.state.nodes.insert(mac, n);
+            fleet.arrivals += 1;
+            let arrival = fleet.arrivals;
+            drop(core);
+            if let Err(e) = self.replan_covering(now, Some(arrival)) {
+                tracing::error!(error = %e, "planning after discovery failed");
+            }
+            return;
+        }
+        // A failed node in no slot, move or hold, booting again: `maybe_back` (which writes) decides.
+        let fleet = &core.fleet;
+        let maybe_back = fleet.state.nodes.get(&mac).is_some_and(|n| !n.healthy)
+            && !fleet.state.assignments.contains_key(&mac)
+            && !fleet.holds.contains_key(&mac)
+            && !core.moves.contains_key(&mac)
+            && !core.health.quarantined.contains(&mac);
+        drop(core);
+        if maybe_back {
+            self.maybe_back(mac);
         }
     }
 
