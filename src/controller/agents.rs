@@ -9,7 +9,7 @@
 //! restart of corral does not cut its agents off.
 
 use crate::events::EventKind;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::moves::Input;
@@ -137,38 +137,30 @@ impl Controller {
             .agents
             .book
             .for_script(mac, epoch, role, now, new_token);
-        let queued = match change {
-            Some(TokenChange::Put(m, t)) => {
-                let doc = serde_json::to_string(&t).unwrap_or_default();
-                core.tokens_due.insert(m, doc);
-                true
-            }
-            _ => false,
-        };
+        let queued = queue_token_row(&mut core.tokens_due, change);
         drop(core);
-        if queued {
-            self.writer_wake.notify_one();
-        }
+        self.wake_writer_if(queued);
         token
     }
 
-    /// Queues a changed token row for the writer ([`Controller::flush`], woken at once): the script and
-    /// heartbeat paths never wait for SQLite. A token is in memory (and answers) from this moment; it is
-    /// on disk within a commit or so. If corral is killed in between, that boot's agent is refused after
-    /// the restart and the node is treated as one whose agent went silent.
-    fn store_tokens(&self, change: Option<TokenChange>) {
-        if let Some(TokenChange::Put(mac, t)) = change {
-            let doc = serde_json::to_string(&t).unwrap_or_default();
-            self.core().tokens_due.insert(mac, doc);
+    /// Wakes the writer ([`Controller::flush`]) for a token row just queued: the script and heartbeat
+    /// paths never wait for SQLite. A token is in memory (and answers) from the moment it is queued; it
+    /// is on disk within a commit or so. If corral is killed in between, that boot's agent is refused
+    /// after the restart and the node is treated as one whose agent went silent.
+    fn wake_writer_if(&self, queued: bool) {
+        if queued {
             self.writer_wake.notify_one();
         }
     }
 
     /// The node and role of a token (using it: the first use of a new boot's token retires the old one).
     fn node_of(&self, token: &str) -> Result<(Mac, Option<SlotRef>), AgentError> {
-        let found = self.agents().book.authenticate(token);
+        let mut core = self.core();
+        let found = core.agents.book.authenticate(token);
         let (mac, role, _current, change) = found.ok_or(AgentError::Unauthorized)?;
-        self.store_tokens(change);
+        let queued = queue_token_row(&mut core.tokens_due, change);
+        drop(core);
+        self.wake_writer_if(queued);
         Ok((mac, role))
     }
 
@@ -305,5 +297,16 @@ impl Controller {
             },
         );
         Ok(())
+    }
+}
+
+/// Queues the row of a changed token for the writer (the newest per node); says whether one was queued.
+fn queue_token_row(due: &mut BTreeMap<Mac, String>, change: Option<TokenChange>) -> bool {
+    match change {
+        Some(TokenChange::Put(mac, t)) => {
+            due.insert(mac, serde_json::to_string(&t).unwrap_or_default());
+            true
+        }
+        _ => false,
     }
 }
