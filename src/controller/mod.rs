@@ -598,6 +598,18 @@ fn carry_out(fleet: &mut Fleet, actions: &[Action], now: u64, decided: std::time
     moves
 }
 
+/// The event of a blocked slot that may be filled again, and why.
+fn slot_unblocked(at: u64, slot: &SlotRef, why: &str) -> NewEvent {
+    NewEvent {
+        at,
+        kind: EventKind::SlotUnblocked,
+        cluster: Some(slot.cluster.clone()),
+        node: None,
+        message: format!("{}/{} may be filled again: {why}", slot.cluster, slot.slot),
+        secs: None,
+    }
+}
+
 /// What the planner knows of a node: iPXE's facts, overridden by the policy's `[[node]]` entry.
 fn node_state(mac: Mac, facts: &NodeFacts, policy: Option<&Policy>) -> NodeState {
     let mut n = NodeState::new(mac);
@@ -808,21 +820,12 @@ impl Controller {
                 unblocked.push(slot);
             }
         }
-        for slot in unblocked {
-            let _ = self.store.apply(
-                &[],
-                &[NewEvent {
-                    at: now,
-                    kind: EventKind::SlotUnblocked,
-                    cluster: Some(slot.cluster.clone()),
-                    node: None,
-                    message: format!(
-                        "{}/{} may be filled again: the policy was reloaded",
-                        slot.cluster, slot.slot
-                    ),
-                    secs: None,
-                }],
-            );
+        if !unblocked.is_empty() {
+            let events: Vec<NewEvent> = unblocked
+                .iter()
+                .map(|s| slot_unblocked(now, s, "the policy was reloaded"))
+                .collect();
+            let _ = self.store.apply(&[], &events);
         }
         self.state.store(Arc::new(next));
         let _ = self
@@ -887,19 +890,11 @@ impl Controller {
             fleet.state.scale_targets = targets;
             for slot in fleet.boot_failures.expire(now * 1000) {
                 fleet.state.blocked.remove(&slot);
-                events.push(NewEvent {
-                    at: now,
-                    kind: EventKind::SlotUnblocked,
-                    cluster: Some(slot.cluster.clone()),
-                    node: None,
-                    message: format!(
-                        "{}/{} may be filled again: its block of {} min ran out",
-                        slot.cluster,
-                        slot.slot,
-                        failover::SLOT_BLOCK_MS / 60_000
-                    ),
-                    secs: None,
-                });
+                let why = format!(
+                    "its block of {} min ran out",
+                    failover::SLOT_BLOCK_MS / 60_000
+                );
+                events.push(slot_unblocked(now, &slot, &why));
             }
             fleet.clone()
         };
